@@ -1,0 +1,26 @@
+# Two commands on a fresh machine (only Python 3.11+ needed): `make table1` (the main job) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+export HF_HUB_OFFLINE = 1
+
+.PHONY: install test table1 figures export clean-nbs
+install: $(VENV)/.installed
+$(VENV)/.installed: setup.py settings.ini
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+table1: install
+	mkdir -p runs
+	$(BIN)/papermill -k python3 --log-output nbs/paper/run_table1.ipynb runs/run_table1.ipynb
+
+export: install
+	$(BIN)/nbdev_export
+
+clean-nbs: install
+	$(BIN)/nbdev_clean
