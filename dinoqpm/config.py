@@ -24,6 +24,9 @@ class DataConfig:
     root: Optional[str] = None        # None: $DINOQPM_DATA, else ~/tmp/Datasets
     preprocessing: str = 'paper'      # paper (dataset mean/std, then min-max to [0,1]) | imagenet
     img_size: int = 224               # input side length given to the backbone
+    synth_classes: Optional[int] = None          # SynthBirds only: classes (None = generator default)
+    synth_images_per_class: Optional[int] = None # SynthBirds only: images per class (None = generator default)
+    synth_img_size: Optional[int] = None         # SynthBirds only: generated image size (None = generator default)
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -173,5 +176,5 @@ def demo_config(**overrides) -> RunConfig:
         adapter=AdapterConfig(n_layers=2, hidden=256, n_features=64),
         dense=replace(DENSE_DEFAULTS, epochs=15),
         finetune=replace(FINETUNE_DEFAULTS, epochs=10),
-        qp=QPConfig(n_select=16, n_per_class=3, time_limit=30.0))
+        qp=QPConfig(n_select=20, n_per_class=5, time_limit=60.0))
     return update_config(cfg, overrides) if overrides else cfg

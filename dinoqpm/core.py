@@ -10,9 +10,9 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGHTS', 'DEFAULT_RUNS', 'data_root', 'weights_dir',
-           'runs_dir', 'repo_root', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'seed_everything', 'get_device', 'setup_logging', 'git_commit', 'package_versions',
-           'provenance']
+           'runs_dir', 'repo_root', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'json_safe',
+           'atomic_write_json', 'atomic_torch_save', 'seed_everything', 'get_device', 'setup_logging', 'git_commit',
+           'package_versions', 'provenance']
 
 # %% ../nbs/00_core.ipynb #c005
 ENV_DATA, ENV_WEIGHTS, ENV_RUNS = 'DINOQPM_DATA', 'DINOQPM_WEIGHTS', 'DINOQPM_RUNS'
@@ -75,9 +75,17 @@ def _json_default(o):
     if hasattr(o, 'tolist'): return o.tolist()
     raise TypeError(f'cannot write {type(o).__name__} to JSON')
 
+def json_safe(obj):
+    "`obj` with NaN/inf floats replaced by `None` (strict JSON has no NaN), recursively."
+    if isinstance(obj, dict): return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)): return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.ndarray): return json_safe(obj.tolist())
+    return obj
+
 def atomic_write_json(path, obj, indent=2):
-    "Write `obj` as JSON to `path` atomically (numpy scalars, arrays and paths are converted)."
-    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default, sort_keys=False) + '\n')
+    "Write `obj` as strict JSON to `path` atomically (numpy scalars, arrays and paths converted; NaN/inf written as null)."
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, default=_json_default, allow_nan=False) + '\n')
 
 def atomic_torch_save(obj, path):
     "`torch.save` to `path` atomically."
