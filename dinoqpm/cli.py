@@ -62,20 +62,7 @@ def _eval_mode(s: str):
 def train_config(args) -> RunConfig:
     "The run configuration of `dinoqpm train`: paper defaults (or `--demo`), then `--config`, then `--set`, then `--seed`."
     cfg = demo_config() if args.demo else RunConfig()
-    if args.config:
-        from dinoqpm.config import config_to_dict, config_from_dict
-        import yaml
-        text = Path(args.config).read_text() if Path(args.config).exists() else None
-        if text is None: raise FileNotFoundError(f'config file not found: {args.config}')
-        d = (yaml.safe_load(text) if args.config.endswith(('.yaml', '.yml')) else json.loads(text)) or {}
-        flat = {}
-        def walk(x, prefix=''):
-            for k, v in x.items():
-                if isinstance(v, dict): walk(v, f'{prefix}{k}.')
-                else: flat[prefix + k] = v
-        walk(d)
-        try: cfg = update_config(cfg, flat)
-        except ConfigError as e: raise ConfigError(f'{args.config}: {e}') from None
+    if args.config: cfg = load_config(args.config, base=cfg)
     cfg = update_config(cfg, parse_overrides(args.overrides))
     if args.seed is not None: cfg = update_config(cfg, {'seed': args.seed})
     return cfg

@@ -12,7 +12,7 @@ from typing import Any, Optional
 # %% auto #0
 __all__ = ['DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'ConfigError', 'DataConfig', 'BackboneConfig', 'AdapterConfig', 'PhaseConfig',
            'QPConfig', 'RunConfig', 'config_to_dict', 'config_from_dict', 'update_config', 'parse_overrides',
-           'config_diff', 'load_config', 'demo_config']
+           'config_diff', 'flatten_dict', 'load_config', 'demo_config']
 
 # %% ../nbs/00a_config.ipynb #c005
 class ConfigError(ValueError):
@@ -154,8 +154,16 @@ def config_diff(a: dict, b: dict, prefix='') -> list:
     return out
 
 # %% ../nbs/00a_config.ipynb #c011
-def load_config(path, cls=None):
-    "Read a YAML or JSON file into a `RunConfig` (or `cls`)."
+def flatten_dict(d: dict, prefix='') -> dict:
+    "`{'a': {'b': 1}}` → `{'a.b': 1}`."
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(flatten_dict(v, f'{prefix}{k}.'))
+        else: out[prefix + k] = v
+    return out
+
+def load_config(path, base=None):
+    "Read a YAML or JSON file of (nested) settings over `base` (default: the paper's `RunConfig()`)."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
@@ -164,7 +172,7 @@ def load_config(path, cls=None):
         d = yaml.safe_load(text) or {}
     else: d = json.loads(text)
     if not isinstance(d, dict): raise ConfigError(f"{path}: expected a mapping at the top level")
-    try: return config_from_dict(cls or RunConfig, d)
+    try: return update_config(base if base is not None else RunConfig(), flatten_dict(d))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
 
 def demo_config(**overrides) -> RunConfig:
