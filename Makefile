@@ -15,9 +15,12 @@ $(VENV)/.installed: setup.py settings.ini
 test: install
 	$(BIN)/python -m pytest -q tests
 
+# Table 1 and the paper's figures on the embedded demo (quick mode); outputs in figures/, executed notebooks in runs/
 table1: install
 	mkdir -p runs
 	$(BIN)/papermill -k python3 --log-output nbs/paper/run_table1.ipynb runs/run_table1.ipynb
+	$(BIN)/papermill -k python3 nbs/paper/run_fig_cover.ipynb runs/run_fig_cover.ipynb
+	$(BIN)/papermill -k python3 nbs/paper/run_fig_classes.ipynb runs/run_fig_classes.ipynb
 
 export: install
 	$(BIN)/nbdev_export
