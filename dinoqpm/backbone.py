@@ -4,11 +4,10 @@
 
 # %% ../nbs/02_backbone.ipynb #c002
 from __future__ import annotations
-import logging, math, os
-from dataclasses import dataclass, field
+import logging, math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -256,6 +255,7 @@ def _missing_weights_error(spec: BackboneSpec, path: Path) -> FileNotFoundError:
                              f'{spec.published_at}; {how}')
 
 def _build_timm(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> nn.Module:
+    import timm                                   # imported here: `import dinoqpm.backbone` stays cheap (timm takes ~2 s)
     kwargs = dict(spec.timm_kwargs)
     if spec.is_vit: kwargs.update(img_size=img_size, num_classes=0)
     kwargs.update(kw)

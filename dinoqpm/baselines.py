@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 import torch
 from .config import RunConfig, ConfigError, config_to_dict, config_diff, update_config
-from .core import atomic_torch_save
+from .core import atomic_torch_save, atomic_write_json
 from .adapter import DinoQPMModel, SparseHead
 from .train import train_dense, finetune, extract_features, load_model, state_fingerprint, cache_fingerprint
 from .evaluate import evaluate
@@ -84,21 +84,24 @@ class BaselineResult:
         return {'method': self.method, 'name': self.name, 'label': self.label,
                 **{k: v for k, v in self.metrics.items() if isinstance(v, (int, float, str, type(None))) and k != 'model'}}
 
+def _row_info(name: str, model: DinoQPMModel, cfg: Optional[RunConfig], evaluate_kwargs: dict) -> dict:
+    "The `run_info` of row `name`'s metrics: what the row is, the model's checksum, the evaluation settings and the config."
+    if name not in ROW_LABELS: raise ValueError(f"unknown row {name!r}; expected one of {tuple(ROW_LABELS)}")
+    settings = {k: v for k, v in evaluate_kwargs.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
+    return {'row': name, 'method': TABLE1_METHODS[name], 'label': ROW_LABELS[name], 'model_crc': state_fingerprint(model),
+            'evaluate_settings': settings, 'config': config_to_dict(cfg) if cfg is not None else None}
+
 def evaluate_row(name: str, model: DinoQPMModel, train_cache, test_cache, run_dir=None, cfg: Optional[RunConfig] = None,
                  **evaluate_kwargs) -> dict:
     """`evaluate(model, ...)` for row `name`, written to `run_dir/metrics.json`; an existing JSON is reused when it
     was computed for the same model (checksum) and evaluation settings."""
-    if name not in ROW_LABELS: raise ValueError(f"unknown row {name!r}; expected one of {tuple(ROW_LABELS)}")
-    crc = state_fingerprint(model)
-    settings = {k: v for k, v in evaluate_kwargs.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
-    info = {'row': name, 'method': TABLE1_METHODS[name], 'label': ROW_LABELS[name], 'model_crc': crc,
-            'evaluate_settings': settings, 'config': config_to_dict(cfg) if cfg is not None else None}
+    info = _row_info(name, model, cfg, evaluate_kwargs)
     out = Path(run_dir) / 'metrics.json' if run_dir is not None else None
     if out is not None and out.exists():
         try: old = json.loads(out.read_text())
         except (OSError, ValueError) as e: raise RuntimeError(f"cannot read {out}: {e}") from e
         ri = old.get('provenance', {}).get('run_info', {})
-        if ri.get('model_crc') == crc and json.loads(json.dumps(ri.get('evaluate_settings'))) == json.loads(json.dumps(settings)):
+        if ri.get('model_crc') == info['model_crc'] and json.loads(json.dumps(ri.get('evaluate_settings'))) == json.loads(json.dumps(info['evaluate_settings'])):
             log.info("%s exists for this model: metrics reused", out)
             return old
         log.info("%s was computed for another model or settings: re-evaluating", out)
@@ -126,13 +129,37 @@ def train_dense_frozen(cfg: RunConfig, train_cache, test_cache, run_dir=None, *,
     metrics = evaluate_row('dense_frozen', model, train_cache, test_cache, run_dir, pcfg, **(evaluate_kwargs or {}))
     return BaselineResult('dense_frozen', model, metrics, Path(run_dir) if run_dir else None, {'config': pcfg, 'history': history})
 
+_REUSABLE_SETTINGS = {'eval_mode', 'data_root', 'seed', 'progress', 'device', 'batch_size'}
+
+def _qpm_dense_results(dense_model, train_cache, test_cache, cfg: Optional[RunConfig], evaluate_kwargs: dict):
+    """`(results, path)` of the DINO-QPM run's own evaluation of the file `dense_model` (`results_dense.json` beside it,
+    from `dinoqpm.pipeline.evaluate_once`) when it used the same data, backbone, seed, eval mode and caches; else `None`."""
+    from dinoqpm.pipeline import saved_results, find_run_config
+    path = Path(dense_model).with_name('results_dense.json')
+    if cfg is None or not path.exists() or set(evaluate_kwargs) - _REUSABLE_SETTINGS: return None
+    try: qcfg, _ = find_run_config(dense_model)
+    except (FileNotFoundError, ConfigError): return None
+    if qcfg.data != cfg.data or qcfg.backbone != cfg.backbone or evaluate_kwargs.get('data_root') != qcfg.data.root: return None
+    res = saved_results(path, dense_model, evaluate_kwargs.get('eval_mode', 'all'), seed=evaluate_kwargs.get('seed', cfg.seed),
+                        n_train=len(train_cache.labels), n_test=len(test_cache.labels))
+    return None if res is None else (res, path)
+
 def evaluate_dense_qpm(dense_model, train_cache, test_cache, run_dir=None, cfg: Optional[RunConfig] = None,
                        evaluate_kwargs: Optional[dict] = None) -> BaselineResult:
     """Reading 2 of "Dense F^froz": the DINO-QPM dense model (a model or the path of its `dense_model.pt`) evaluated
     on its own, written to `run_dir/metrics.json`."""
     model = load_model(dense_model) if isinstance(dense_model, (str, Path)) else dense_model
     if model.head.kind != 'dense': raise ValueError(f"expected the dense DINO-QPM model, got one with a {model.head.kind!r} head")
-    metrics = evaluate_row('dense_qpm', model, train_cache, test_cache, run_dir, cfg, **(evaluate_kwargs or {}))
+    ev = dict(evaluate_kwargs or {})
+    found = _qpm_dense_results(dense_model, train_cache, test_cache, cfg, ev) if isinstance(dense_model, (str, Path)) else None
+    if found is None: metrics = evaluate_row('dense_qpm', model, train_cache, test_cache, run_dir, cfg, **ev)
+    else:                                            # the DINO-QPM run already evaluated this very file: no second evaluation
+        res, src = found
+        prov = dict(res.get('provenance') or {})
+        prov['run_info'] = {**(prov.get('run_info') or {}), **_row_info('dense_qpm', model, cfg, ev), 'reused_from': str(src)}
+        metrics = {**res, 'provenance': prov}
+        if run_dir is not None: atomic_write_json(Path(run_dir) / 'metrics.json', metrics)
+        log.info("%s already holds the evaluation of %s: metrics reused", src, dense_model)
     return BaselineResult('dense_qpm', model, metrics, Path(run_dir) if run_dir else None, {'source': str(dense_model) if isinstance(dense_model, (str, Path)) else None})
 
 def dense_readings(cfg: RunConfig, train_cache, test_cache, run_dir=None, qpm_dense_model=None, *, epochs: Optional[int] = 40,

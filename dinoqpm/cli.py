@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_cli.ipynb #c002
 from __future__ import annotations
-import argparse, json, logging, sys
+import argparse, logging, sys
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, demo_config, load_config, parse_overrides, update_config

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, json
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 # %% auto #0
 __all__ = ['DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'ConfigError', 'DataConfig', 'BackboneConfig', 'AdapterConfig', 'PhaseConfig',

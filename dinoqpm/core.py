@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #c002
 from __future__ import annotations
-import contextlib, json, logging, os, platform, random, subprocess, sys, tempfile
+import contextlib, json, logging, os, platform, random, subprocess, tempfile
 from pathlib import Path
 import numpy as np
 
@@ -75,11 +75,17 @@ def _json_default(o):
     if hasattr(o, 'tolist'): return o.tolist()
     raise TypeError(f'cannot write {type(o).__name__} to JSON')
 
+def _json_key(k):
+    "A dict key JSON accepts: numpy scalars become Python ones, anything but str/int/float/bool/None its `str`."
+    if isinstance(k, np.generic): k = k.item()
+    return k if k is None or isinstance(k, (str, int, float, bool)) else str(k)
+
 def json_safe(obj):
-    "`obj` with NaN/inf floats replaced by `None` (strict JSON has no NaN), recursively."
-    if isinstance(obj, dict): return {k: json_safe(v) for k, v in obj.items()}
+    "`obj` with NaN/inf floats replaced by `None` (strict JSON has no NaN) and numpy scalars made Python ones, recursively."
+    if isinstance(obj, dict): return {_json_key(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)): return [json_safe(v) for v in obj]
     if isinstance(obj, (float, np.floating)): return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer): return int(obj)
     if isinstance(obj, np.ndarray): return json_safe(obj.tolist())
     return obj
 

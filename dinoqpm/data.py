@@ -55,14 +55,20 @@ def _cv_linear_axis(n_src: int, n_dst: int, clamp_weights: bool):
     w1 = np.rint(f * np.float32(_COEF)).astype(np.int64)
     return np.clip(s, 0, n_src - 1), np.clip(s + 1, 0, n_src - 1), w0, w1
 
-def dilate_mask(mask: np.ndarray) -> np.ndarray:
-    "Binary dilation with a 3×3 rectangle (grow by one cell; outside the array counts as background)."
+def dilate_mask(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """Binary dilation of `[h, w]` (or a stack `[..., h, w]`, image by image) with a 3×3 rectangle, `iterations` times
+    (each grows by one cell; outside the array counts as background)."""
+    if int(iterations) < 1: raise ValueError(f'iterations must be >= 1, got {iterations}')
     m = np.asarray(mask, dtype=bool)
-    p = np.pad(m, 1)
-    out = np.zeros_like(m)
-    for dy in range(3):
-        for dx in range(3): out |= p[dy:dy + m.shape[0], dx:dx + m.shape[1]]
-    return out
+    if m.ndim < 2: raise ValueError(f'mask must be [h, w] or [..., h, w], got shape {m.shape}')
+    h, w = m.shape[-2:]
+    for _ in range(int(iterations)):
+        p = np.pad(m, [(0, 0)] * (m.ndim - 2) + [(1, 1), (1, 1)])
+        out = np.zeros_like(m)
+        for dy in range(3):
+            for dx in range(3): out |= p[..., dy:dy + h, dx:dx + w]
+        m = out
+    return m
 
 def _grid_hw(grid):
     h, w = (grid, grid) if isinstance(grid, (int, np.integer)) else tuple(grid)

@@ -183,14 +183,6 @@ def dataset_annotations(dataset: str, train_cache, test_cache, data_root=None) -
     return ann, skipped
 
 # %% ../nbs/06b_evaluate.ipynb #c017
-def _json_safe(o):
-    if isinstance(o, dict): return {str(k): _json_safe(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)): return [_json_safe(v) for v in o]
-    if isinstance(o, (float, np.floating)): return None if not np.isfinite(o) else float(o)
-    if isinstance(o, np.integer): return int(o)
-    if isinstance(o, np.ndarray): return _json_safe(o.tolist())
-    return o
-
 def evaluate(model, train_cache, test_cache, *, dataset: Optional[str] = None, data_root=None, run_info: Optional[dict] = None,
              output_json=None, eval_mode='all', seed: int = 0, batch_size: int = 256, device=None, progress: bool = False,
              max_map_bytes: float = 4e9, **annotations) -> dict:
@@ -246,6 +238,6 @@ def evaluate(model, train_cache, test_cache, *, dataset: Optional[str] = None, d
                head=getattr(model.head, 'kind', None))
     res['provenance'] = provenance(seed=seed, dataset=dataset, backbone=backbone, run_info=info)
     if output_json is not None:
-        atomic_write_json(output_json, _json_safe(res))
+        atomic_write_json(output_json, res)            # strict JSON: NaN written as null
         log.info('wrote %s', output_json)
     return res

@@ -5,7 +5,7 @@
 # %% ../nbs/06a_explain.ipynb #c003
 from __future__ import annotations
 import logging, math
-from typing import Optional, Sequence
+from typing import Optional
 import numpy as np
 from .metrics import as_numpy
 

@@ -6,14 +6,12 @@
 from __future__ import annotations
 import json, logging
 from pathlib import Path
-from typing import Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .core import atomic_path, atomic_write_json, get_device, provenance
-from .config import RunConfig
 from .pipeline import find_run_config
 
 log = logging.getLogger(__name__)

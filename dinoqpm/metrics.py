@@ -5,8 +5,7 @@
 # %% ../nbs/06_metrics.ipynb #c003
 from __future__ import annotations
 import logging, math, statistics, warnings
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -192,10 +191,8 @@ def resize_mask(mask, size) -> np.ndarray:
 
 def dilate_mask(mask, iterations: int = 1) -> np.ndarray:
     "Grow a boolean mask `[h, w]` or `[N, h, w]` by a 3×3 square `iterations` times (no growth from outside the border)."
-    from scipy.ndimage import binary_dilation
-    m = as_numpy(mask).astype(bool)
-    st = np.ones((3, 3), bool) if m.ndim == 2 else np.ones((1, 3, 3), bool)
-    return binary_dilation(m, structure=st, iterations=iterations, border_value=0)
+    from dinoqpm.data import dilate_mask as _dilate   # the cache's own dilation, so the two always agree
+    return _dilate(as_numpy(mask).astype(bool), iterations)
 
 # %% ../nbs/06_metrics.ipynb #c039
 PLAUSIBILITY_VARIANTS = ('gradcam', 'gradcam_dilated', 'max', 'max_dilated', 'gradcam_max', 'gradcam_max_dilated')
@@ -243,7 +240,7 @@ def plausibility_scores(maps, weight, preds, masks, masks_dilated=None, variants
                 out[f'gradcam_max{suffix}'][sl] = np.where(cmax > 0, mx / np.where(cmax > 0, cmax, 1), 0.0)
             if f'max{suffix}' in out:
                 inside_max = (F * Mb[:, None, :]).max(2)                   # [B, J]
-                ratio = np.where(fmax > 0, inside_max / np.where(fmax > 0, fmax, 1), 0.0)
+                ratio = np.where(fmax != 0, inside_max / np.where(fmax != 0, fmax, 1), 0.0)
                 out[f'max{suffix}'][sl] = np.where(nsel > 0, (ratio * sel).sum(1) / np.maximum(nsel, 1), 0.0)
     return out
 

@@ -4,15 +4,15 @@
 
 # %% ../nbs/11_paper.ipynb #c002
 from __future__ import annotations
-import dataclasses, json, logging, math
-from dataclasses import dataclass, replace
+import dataclasses, logging, math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .core import repo_root, provenance, atomic_write_json
-from .config import (RunConfig, DataConfig, BackboneConfig, ConfigError, config_to_dict, demo_config, update_config)
+from .core import repo_root, provenance
+from .config import (RunConfig, ConfigError, config_to_dict, demo_config, update_config)
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def cover_figure(d: FigureData, k: Optional[int] = None):
     """The paper's cover figure: (a) input, (b) the linear probe's CAM on the frozen patch tokens ("DINO GradCAM"),
     (c) DINO-QPM's local explanation (its class's features in one picture), (d) each of those features."""
     import matplotlib.pyplot as plt
-    from dinoqpm.explain import probe_cam, overlay_cam, overlay_features, feature_panels, feature_colors
+    from dinoqpm.explain import probe_cam, overlay_cam, overlay_features, feature_panels
     k = pick_examples(d)[0] if k is None else k
     img = d.image(k)
     c = int(d.test['preds'][k])

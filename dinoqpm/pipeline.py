@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CONFIG_FILE', 'default_run_dir', 'init_run_dir', 'find_run_config', 'dataset_kwargs', 'load_caches',
-           'file_sha256', 'evaluate_once', 'solve_qp_once', 'run_qpm', 'smoke_config']
+           'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'run_qpm', 'smoke_config']
 
 # %% ../nbs/09_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -27,13 +27,20 @@ def default_run_dir(cfg: RunConfig, method: str = 'qpm', runs_root=None) -> Path
     "`<runs root>/<dataset>/<backbone>/<method>/<seed>` (runs root: `$DINOQPM_RUNS` or `~/tmp/dinoqpm_runs`)."
     return runs_dir(runs_root) / cfg.data.dataset / cfg.backbone.name / method / str(cfg.seed)
 
+def _read_run_config(path) -> dict:
+    "The `config.json` at `path` as a dict; an unreadable or corrupt file raises `ConfigError` naming it."
+    try: d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e: raise ConfigError(f'cannot read the run configuration {path}: {e}') from e
+    if not isinstance(d, dict): raise ConfigError(f'{path} does not hold a run configuration (a JSON object)')
+    return d
+
 def init_run_dir(cfg: RunConfig, run_dir) -> Path:
     "Create `run_dir` with `config.json`, or check that an existing one was made with the same configuration."
     run_dir = Path(run_dir)
     path = run_dir / CONFIG_FILE
     new = config_to_dict(cfg)
     if path.exists():
-        old = json.loads(path.read_text())
+        old = _read_run_config(path)
         diff = config_diff(old, new)
         if diff:
             raise ConfigError(f"{run_dir} holds a run with another configuration (differing keys: {', '.join(diff)}); "
@@ -48,7 +55,7 @@ def find_run_config(path) -> tuple:
     if not p.exists(): raise FileNotFoundError(f'{path} does not exist')
     for d in [p if p.is_dir() else p.parent, *(p if p.is_dir() else p.parent).parents]:
         if (d / CONFIG_FILE).exists():
-            return config_from_dict(RunConfig, json.loads((d / CONFIG_FILE).read_text())), d
+            return config_from_dict(RunConfig, _read_run_config(d / CONFIG_FILE)), d
     raise FileNotFoundError(f'no {CONFIG_FILE} found in {path} or any folder above it: not a dinoqpm run directory')
 
 # %% ../nbs/09_pipeline.ipynb #c008
@@ -73,17 +80,30 @@ def file_sha256(path) -> str:
         for b in iter(lambda: f.read(1 << 22), b''): h.update(b)
     return h.hexdigest()
 
+def saved_results(output_json, model_path, eval_mode='all', sha: Optional[str] = None, **expect) -> Optional[dict]:
+    """The results in `output_json` (written by `evaluate_once`) if they were computed for exactly the file `model_path`
+    (checksum `sha`, computed if not given) with `eval_mode` and the `expect`ed values (e.g. `seed=0`); else `None`."""
+    out = Path(output_json)
+    if not out.exists(): return None
+    try: old = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        log.warning('%s is unreadable (%s): evaluating again', out, e)
+        return None
+    if not isinstance(old, dict): return None
+    same = (old.get('model_sha256') == (sha or file_sha256(model_path))
+            and old.get('eval_mode') == json.loads(json.dumps(eval_mode)) and all(old.get(k) == v for k, v in expect.items()))
+    return old if same else None
+
 def evaluate_once(model_path, train_cache, test_cache, output_json, *, seed=0, eval_mode='all', run_info=None,
                   data_root=None, progress=False) -> dict:
     "Evaluate the saved model at `model_path` unless `output_json` already holds results for exactly that file."
     from dinoqpm.evaluate import evaluate
     sha = file_sha256(model_path)
     out = Path(output_json)
-    if out.exists():
-        old = json.loads(out.read_text())
-        if old.get('model_sha256') == sha and old.get('eval_mode') == eval_mode:
-            log.info('%s exists for this model: reusing it', out)
-            return old
+    old = saved_results(out, model_path, eval_mode, sha)
+    if old is not None:
+        log.info('%s exists for this model: reusing it', out)
+        return old
     res = evaluate(str(model_path), train_cache, test_cache, data_root=data_root, seed=seed, eval_mode=eval_mode,
                    run_info=run_info, progress=progress)
     res = {**res, **(run_info or {}), 'model_path': str(model_path), 'model_sha256': sha, 'eval_mode': eval_mode}
@@ -97,7 +117,10 @@ def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progres
     sha = file_sha256(dense_model_path)
     qp_dir = Path(qp_dir)
     if (qp_dir / 'qp_result.json').exists():
-        meta = json.loads((qp_dir / 'qp_result.json').read_text())
+        try: meta = json.loads((qp_dir / 'qp_result.json').read_text())
+        except (OSError, ValueError) as e:
+            log.warning('%s is unreadable (%s): solving the QP again', qp_dir / 'qp_result.json', e)
+            meta = {}
         if meta.get('provenance', {}).get('dense_model_sha256') == sha and meta.get('provenance', {}).get('qp_config') == config_to_dict(cfg.qp):
             log.info('QP solution in %s exists for this dense model: reusing it', qp_dir)
             return QPResult.load(qp_dir)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_train.ipynb #c002
 from __future__ import annotations
-import copy, hashlib, io, logging, math, os, random, time, zlib
+import copy, hashlib, logging, math, os, random, time, zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import RunConfig, PhaseConfig, ConfigError, config_to_dict, config_diff
 from .core import atomic_torch_save, atomic_write_text, get_device, seed_everything, provenance
-from .adapter import DinoQPMModel, SparseBLDDHead, SparseHead, model_spec, model_from_spec
+from .adapter import DinoQPMModel, SparseBLDDHead, model_spec, model_from_spec
 from .losses import feature_diversity_loss, sparsity_loss
 
 log = logging.getLogger(__name__)

@@ -4,11 +4,11 @@
 
 # %% ../nbs/08_viz.ipynb #c002
 from __future__ import annotations
-import io, json, logging, math
+import io, logging, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import atomic_path, atomic_write_text, atomic_write_json, provenance
+from .core import atomic_path, atomic_write_text, atomic_write_json
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import torch
 from scipy.ndimage import binary_dilation
 
 from dinoqpm import metrics as M
-from dinoqpm.evaluate import evaluate_arrays, _json_safe, resolve_eval_mode
+from dinoqpm.evaluate import evaluate_arrays, resolve_eval_mode
+from dinoqpm.core import json_safe as _json_safe
 from dinoqpm.core import atomic_write_json
 from dinoqpm.data import resize_mask_uint8, dilate_mask as data_dilate_mask
 
@@ -49,7 +50,7 @@ def _ref_overlap(maps, W, logits, masks):
             f = fmap[sel]
             fmax = f.amax((1, 2))
             s, sd = torch.zeros(len(f)), torch.zeros(len(f))
-            v = fmax > 0
+            v = fmax != 0                      # the authors: feat_map.max() / ... if feat_map.max() != 0 else 0
             s[v] = (f * mask).amax((1, 2))[v] / fmax[v]
             sd[v] = (f * mdil).amax((1, 2))[v] / fmax[v]
             sums['max'] += float(s.mean()); sums['max_dilated'] += float(sd.mean())
