@@ -96,6 +96,68 @@ def enumerable(n_instances, seed, solvers):
     return rows
 
 
+def rlt_comparison(seed=3, pct=90, J=256, C=100, K=25, k=5):
+    """The brief's RLT suggestion, measured: LP bounds on a reduced instance with y for ALL pairs and
+    Σ_j y_ij = (K−1) s_i, y_ij ≤ s_i, y_ij ≤ s_j (RLT of the cardinality constraint), against θ-cuts alone and θ + clique cuts.
+    Built with highspy directly (a measurement, not the library), θ-cuts separated to convergence in each case. Slow (~10 min)."""
+    import highspy
+    F, y = qp.synthetic_qp_features(J, C, C * 30, n_concepts=J // 2, concepts_per_class=5, seed=seed)
+    A, R = qp.qp_constants(F, y, C)
+    iu = np.triu_indices(J, 1)
+    tau = float(np.percentile(R[iu], pct))
+    pairs = qp.penalised_pairs(R, tau)
+    srch = qp.SelectionSearch(A, pairs, None, K, k)
+    S, _ = srch.iterated(srch.local_search(srch.greedy()), seconds=5)
+    out = dict(J=J, C=C, n_select=K, n_per_class=k, tau_percentile=pct, n_pairs=len(pairs[0]), incumbent=srch.value(S))
+    ranks = [k - 1, k + 2, k + 7, k + 15, k + 30]
+    for name, cl in (('theta_only', False), ('theta_cliques', True)):
+        with qp.solver_gc_guard():
+            m = qp.TopKModel(A, pairs, None, K, k); m.add_theta_at_ranks(ranks); t0 = time.perf_counter()
+            for _ in range(1000):
+                obj, sv, vv, yv = m.solve_lp()
+                n = m.separate_theta(sv, vv)
+                if n == 0 and cl: n = m.separate_cliques(sv, yv)
+                if n == 0: break
+            out[name] = dict(bound=obj, seconds=time.perf_counter() - t0); del m
+    P = np.zeros((J, J)); P[pairs[0], pairs[1]] = pairs[2]
+    pi, pj = iu; nP = len(pi); Y0 = J + C
+    h = highspy.Highs(); h.setOptionValue('output_flag', False); inf = highspy.kHighsInf
+    scale = 1000.0 / (k * C)
+    cost = np.concatenate([np.zeros(J), np.full(C, scale), -P[pi, pj]]); n = len(cost)
+    h.addVars(n, np.concatenate([np.zeros(J), np.full(C, -inf), np.zeros(nP)]),
+              np.concatenate([np.ones(J), np.full(C, inf), np.full(nP, inf)]))
+    h.changeColsCost(n, np.arange(n, dtype=np.int32), cost); h.changeObjectiveSense(highspy.ObjSense.kMaximize)
+    def add(rows, lo, hi):
+        starts = np.cumsum([0] + [len(r[0]) for r in rows[:-1]]).astype(np.int32)
+        idx = np.concatenate([r[0] for r in rows]).astype(np.int32); val = np.concatenate([r[1] for r in rows]).astype(float)
+        h.addRows(len(rows), np.array(lo, float), np.array(hi, float), len(idx), starts, idx, val)
+    add([(np.arange(J), np.ones(J))], [K], [K])
+    add([(np.array([i, j, Y0 + p]), np.array([1., 1., -1.])) for p, (i, j) in enumerate(zip(pi, pj))], [-inf] * nP, [1.] * nP)
+    add([(np.array([Y0 + p, i]), np.array([1., -1.])) for p, i in enumerate(pi)], [-inf] * nP, [0.] * nP)
+    add([(np.array([Y0 + p, j]), np.array([1., -1.])) for p, j in enumerate(pj)], [-inf] * nP, [0.] * nP)
+    inc = [[] for _ in range(J)]
+    for p, (i, j) in enumerate(zip(pi, pj)): inc[i].append(p); inc[j].append(p)
+    add([(np.concatenate([Y0 + np.array(inc[i]), [i]]), np.concatenate([np.ones(len(inc[i])), [-(K - 1.0)]])) for i in range(J)],
+        [0.] * J, [0.] * J)
+    order = np.argsort(-A, axis=0, kind='stable'); Asorted = np.take_along_axis(A, order, 0)
+    def theta_row(c, th):
+        coef = np.maximum(A[:, c] - th, 0); nz = np.nonzero(coef)[0]
+        return (np.concatenate([[J + c], nz]), np.concatenate([[1.], -coef[nz]]), k * th)
+    rows = [theta_row(c, Asorted[r, c]) for c in range(C) for r in ranks]
+    t0 = time.perf_counter()
+    while rows:
+        add([(a, b) for a, b, _ in rows], [-inf] * len(rows), [r[2] for r in rows])
+        h.run(); obj = h.getInfo().objective_function_value; x = np.array(h.getSolution().col_value)
+        sv, vv = x[:J], x[J:J + C]
+        cap = np.cumsum(sv[order], axis=0); idx = np.minimum(np.argmax(cap >= k - 1e-9, axis=0), J - 1)
+        th = Asorted[idx, np.arange(C)]; val = k * th + (np.maximum(A - th, 0) * sv[:, None]).sum(0)
+        rows = [theta_row(c, th[c]) for c in np.nonzero(vv > val + 1e-6)[0]]
+    out['theta_rlt'] = dict(bound=obj, seconds=time.perf_counter() - t0)
+    for name in ('theta_only', 'theta_cliques', 'theta_rlt'):
+        out[name]['gap_to_incumbent'] = (out[name]['bound'] - out['incumbent']) / abs(out['incumbent'])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--quick', action='store_true', help='short version (~10 min)')
@@ -103,6 +165,8 @@ def main(argv=None):
     ap.add_argument('--time-limit', type=float, default=None, help='limit per solve (default 120, quick 60)')
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'qp.json'))
+    ap.add_argument('--rlt', action='store_true', help='also measure the RLT bound on a reduced instance (~10 min)')
+    ap.add_argument('--ablation', action='store_true', help='also run our model without clique cuts / without warm start')
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     solvers = args.solvers.split(',')
@@ -154,6 +218,19 @@ def main(argv=None):
                 log.info('  naive: %s; speed-up %s', nres.summary(), row['speedup'])
             out['runs'].append(row)
             save()
+    if args.ablation:
+        out['ablation'] = []
+        for name in [n for n in ('clique_intended', 'p91') if n in taus]:
+            for kw in (dict(cliques=False), dict(warm_start=False)):
+                res = qp.solve_qp(A, R, K, k, tau=taus[name], solver=solvers[0], time_limit=limit, seed=args.seed, **kw)
+                out['ablation'].append(dict(tau_name=name, solver=solvers[0], **{k2: str(v) for k2, v in kw.items()},
+                                            result=summarize(res)))
+                log.info('ablation %s %s: %s', name, kw, res.summary())
+                save()
+    if args.rlt:
+        out['rlt'] = rlt_comparison()
+        log.info('RLT comparison: %s', out['rlt'])
+        save()
     out['enumerable'] = enumerable(3 if args.quick else 8, args.seed + 100, solvers)
     worst = max(abs(r['rel_diff']) for r in out['enumerable'] if r['mip_gap'] < 1e-6)
     out['enumerable_summary'] = dict(max_abs_rel_diff_exact_mode=worst,

@@ -865,7 +865,7 @@ def synthetic_qp_features(n_features: int = 512, n_classes: int = 200, n_samples
     F = np.maximum(Z @ L.T + noise * rng.standard_normal((len(y), n_features)), 0)
     return F, y
 
-# %% ../nbs/05_qp.ipynb #c041
+# %% ../nbs/05_qp.ipynb #c043
 def solve_qp_exhaustive(A, R, n_select: int, n_per_class: int, *, tau: float, bias=None, max_subsets: int = 200_000) -> QPResult:
     "The exact optimum by enumerating every selection (tiny instances only)."
     t0 = time.perf_counter()
