@@ -844,7 +844,7 @@ def solve_qp(A, R, n_select: int = 50, n_per_class: int = 5, *, tau: Optional[fl
                          mip_gap=mip_gap, threads=threads, seed=seed, warm_start=warm_start, cliques=cliques,
                          heuristic_seconds=heuristic_seconds, solver_options=solver_options, progress=progress)
 
-# %% ../nbs/05_qp.ipynb #c036
+# %% ../nbs/05_qp.ipynb #c037
 def synthetic_qp_features(n_features: int = 512, n_classes: int = 200, n_samples: int = 6000, n_concepts: int = 256,
                           concepts_per_class: int = 5, noise: float = 0.7, seed: int = 0):
     """Dense features `[N, J]` and labels with the correlation structure of trained QPM features: classes are sparse sets of
@@ -865,7 +865,7 @@ def synthetic_qp_features(n_features: int = 512, n_classes: int = 200, n_samples
     F = np.maximum(Z @ L.T + noise * rng.standard_normal((len(y), n_features)), 0)
     return F, y
 
-# %% ../nbs/05_qp.ipynb #c043
+# %% ../nbs/05_qp.ipynb #c044
 def solve_qp_exhaustive(A, R, n_select: int, n_per_class: int, *, tau: float, bias=None, max_subsets: int = 200_000) -> QPResult:
     "The exact optimum by enumerating every selection (tiny instances only)."
     t0 = time.perf_counter()
