@@ -215,8 +215,12 @@ def load_meta_weights(model: nn.Module, path, spec: BackboneSpec, pos_embed_resa
     sd = _read_state_dict(path)
     if pos_embed_resample not in ('reference', 'timm'): raise ValueError(f"pos_embed_resample must be 'reference' or 'timm', got {pos_embed_resample!r}")
     if pos_embed_resample == 'reference' and 'pos_embed' in sd and sd['pos_embed'].ndim == 3:
-        try: sd['pos_embed'] = resample_pos_embed_reference(sd['pos_embed'], tuple(model.patch_embed.grid_size))
-        except ValueError: pass   # not a square Meta grid: leave it to the key/shape check below
+        grid = tuple(model.patch_embed.grid_size)
+        try: sd['pos_embed'] = resample_pos_embed_reference(sd['pos_embed'], grid)
+        except ValueError as e:   # never fall through to timm's own resampler without a word
+            raise ValueError(f"{path}: cannot resample its position embeddings {tuple(sd['pos_embed'].shape)} to the {grid} "
+                             f"grid of {spec.timm_arch} the reference way ({e}); pass pos_embed_resample='timm' to use "
+                             f"timm's resampler instead") from None
     try: sd = checkpoint_filter_fn(sd, model)
     except Exception as e: raise ValueError(f'{path} could not be converted for {spec.timm_arch} ({type(e).__name__}: {e})') from None
     _check_fits(sd, model, path, spec.timm_arch)

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 import torch
 from .config import RunConfig, ConfigError, config_to_dict, config_diff, update_config
-from .core import atomic_torch_save, atomic_write_json
+from .core import atomic_torch_save, atomic_write_json, json_safe
 from .adapter import DinoQPMModel, SparseHead
-from .train import train_dense, finetune, extract_features, load_model, state_fingerprint, cache_fingerprint
+from .train import (train_dense, finetune, extract_features, load_model, save_model, state_fingerprint,
+                           cache_fingerprint, convergence_info)
 from .evaluate import evaluate
 from .glm import (GLMConfig, FeatureSelection, GLMPath, check_glm_config, select_features, fit_path, sldd_weights,
                          qsenn_weights, array_crc)
@@ -20,10 +21,11 @@ from .glm import (GLMConfig, FeatureSelection, GLMPath, check_glm_config, select
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'QSENN_SCHEDULES', 'TABLE1_METHODS', 'ROW_LABELS', 'STAGE_FORMAT', 'BASELINES', 'linear_probe_config',
-           'dense_frozen_config', 'sldd_config', 'qsenn_schedule', 'BaselineResult', 'evaluate_row',
-           'train_linear_probe', 'train_dense_frozen', 'evaluate_dense_qpm', 'dense_readings', 'train_features',
-           'feature_selection', 'regularisation_path', 'train_sldd', 'train_qsenn', 'run_baseline']
+__all__ = ['log', 'QSENN_SCHEDULES', 'TABLE1_METHODS', 'ROW_LABELS', 'PROBE_PROTOCOLS', 'DINOV2_PROBE_LABEL', 'STAGE_FORMAT',
+           'BASELINES', 'linear_probe_config', 'dense_frozen_config', 'sldd_config', 'qsenn_schedule', 'BaselineResult',
+           'evaluate_row', 'train_linear_probe', 'train_dense_frozen', 'evaluate_dense_qpm', 'dense_readings',
+           'train_features', 'feature_selection', 'regularisation_path', 'path_convergence', 'train_sldd',
+           'train_qsenn', 'run_baseline']
 
 # %% ../nbs/07_baselines.ipynb #c006
 def _set(cfg: RunConfig, **dotted) -> RunConfig:
@@ -50,7 +52,7 @@ def sldd_config(cfg: RunConfig, dense_epochs: Optional[int] = 40, finetune_epoch
 # %% ../nbs/07_baselines.ipynb #c009
 QSENN_SCHEDULES = ('qsenn', 'reference')
 
-def qsenn_schedule(iterations: int = 4, epochs: int = 50, lr: float = 5e-3, schedule: str = 'qsenn',
+def qsenn_schedule(iterations: int = 4, epochs: int = 25, lr: float = 5e-3, schedule: str = 'reference',
                    later_epochs: int = 10, lr_decay: float = 0.9) -> list:
     "`[(epochs, lr)]` of every Q-SENN iteration."
     if schedule == 'reference': return [(epochs, lr)] * iterations
@@ -84,18 +86,21 @@ class BaselineResult:
         return {'method': self.method, 'name': self.name, 'label': self.label,
                 **{k: v for k, v in self.metrics.items() if isinstance(v, (int, float, str, type(None))) and k != 'model'}}
 
-def _row_info(name: str, model: DinoQPMModel, cfg: Optional[RunConfig], evaluate_kwargs: dict) -> dict:
+def _row_info(name: str, model: DinoQPMModel, cfg: Optional[RunConfig], evaluate_kwargs: dict, label: Optional[str] = None) -> dict:
     "The `run_info` of row `name`'s metrics: what the row is, the model's checksum, the evaluation settings and the config."
     if name not in ROW_LABELS: raise ValueError(f"unknown row {name!r}; expected one of {tuple(ROW_LABELS)}")
     settings = {k: v for k, v in evaluate_kwargs.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
-    return {'row': name, 'method': TABLE1_METHODS[name], 'label': ROW_LABELS[name], 'model_crc': state_fingerprint(model),
+    return {'row': name, 'method': TABLE1_METHODS[name], 'label': label or ROW_LABELS[name], 'model_crc': state_fingerprint(model),
             'evaluate_settings': settings, 'config': config_to_dict(cfg) if cfg is not None else None}
 
 def evaluate_row(name: str, model: DinoQPMModel, train_cache, test_cache, run_dir=None, cfg: Optional[RunConfig] = None,
+                 convergence: Optional[dict] = None, label: Optional[str] = None, extra: Optional[dict] = None,
                  **evaluate_kwargs) -> dict:
     """`evaluate(model, ...)` for row `name`, written to `run_dir/metrics.json`; an existing JSON is reused when it
-    was computed for the same model (checksum) and evaluation settings."""
-    info = _row_info(name, model, cfg, evaluate_kwargs)
+    was computed for the same model (checksum) and evaluation settings. `convergence` (`{phase: record}` of every
+    training phase behind the model) goes into the JSON as `convergence` and `converged`; `label` replaces the row's
+    standard label and `extra` adds plain fields (e.g. the probe's protocol)."""
+    info = _row_info(name, model, cfg, evaluate_kwargs, label)
     out = Path(run_dir) / 'metrics.json' if run_dir is not None else None
     if out is not None and out.exists():
         try: old = json.loads(out.read_text())
@@ -103,21 +108,46 @@ def evaluate_row(name: str, model: DinoQPMModel, train_cache, test_cache, run_di
         ri = old.get('provenance', {}).get('run_info', {})
         if ri.get('model_crc') == info['model_crc'] and json.loads(json.dumps(ri.get('evaluate_settings'))) == json.loads(json.dumps(info['evaluate_settings'])):
             log.info("%s exists for this model: metrics reused", out)
-            return old
+            new = json_safe({**old, **convergence_info(convergence or {}), 'label': info['label'], **(extra or {})})
+            if new != old: atomic_write_json(out, new)                   # run facts (convergence) kept current
+            return new
         log.info("%s was computed for another model or settings: re-evaluating", out)
     evaluate_kwargs.setdefault('seed', cfg.seed if cfg is not None else 0)
-    return evaluate(model, train_cache, test_cache, run_info=info, output_json=out, **evaluate_kwargs)
+    res = {**evaluate(model, train_cache, test_cache, run_info=info, **evaluate_kwargs), **convergence_info(convergence or {}),
+           'label': info['label'], **(extra or {})}
+    if out is not None: atomic_write_json(out, res)
+    return res
 
 # %% ../nbs/07_baselines.ipynb #c014
 def _subdir(run_dir, name): return Path(run_dir) / name if run_dir is not None else None
 
+PROBE_PROTOCOLS = ('authors', 'dinov2')
+DINOV2_PROBE_LABEL = ("DINOv2 linear evaluation protocol on the frozen CLS token (optionally ⊕ mean patch token): lr grid x "
+                      "avgpool, SGD + cosine, chosen on a held-out 10% of the training split")
+
 def train_linear_probe(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, epochs: Optional[int] = 40,
-                       head_dropout: Optional[float] = 0.2, progress: bool = True, on_epoch_end: Sequence[Callable] = (),
-                       evaluate_kwargs: Optional[dict] = None) -> BaselineResult:
-    """Train and evaluate the DINOv2 CLS linear probe in `run_dir` (model `dense_model.pt`, metrics `metrics.json`)."""
+                       head_dropout: Optional[float] = 0.2, protocol: str = 'authors', linear_eval=None, progress: bool = True,
+                       on_epoch_end: Sequence[Callable] = (), evaluate_kwargs: Optional[dict] = None) -> BaselineResult:
+    """Train and evaluate the DINOv2 CLS linear probe in `run_dir` (model `dense_model.pt`, metrics `metrics.json`).
+    `protocol='authors'` (default) is the authors' recipe; `'dinov2'` runs DINOv2's linear evaluation protocol
+    (`dinoqpm.linear_eval`, settings `linear_eval`) instead and reports the classifier it chooses."""
+    if protocol not in PROBE_PROTOCOLS: raise ConfigError(f"protocol={protocol!r}; expected one of {PROBE_PROTOCOLS}")
+    if protocol == 'dinov2':
+        from dinoqpm.linear_eval import LinearEvalConfig, dinov2_linear_eval
+        from dinoqpm.train import convergence
+        le = dinov2_linear_eval(train_cache, linear_eval or LinearEvalConfig(), seed=cfg.seed, device=cfg.device,
+                                run_dir=run_dir, progress=progress)
+        conv = {'linear_eval': convergence(le.history)}
+        if run_dir is not None:
+            save_model(le.model, Path(run_dir) / 'linear_eval_model.pt', phase='linear_eval', history=le.history,
+                       convergence=conv['linear_eval'], linear_eval=le.info(), config=config_to_dict(cfg))
+        metrics = evaluate_row('linear_probe', le.model, train_cache, test_cache, run_dir, cfg, conv, label=DINOV2_PROBE_LABEL,
+                               extra={'probe_protocol': le.info()}, **(evaluate_kwargs or {}))
+        return BaselineResult('linear_probe', le.model, metrics, Path(run_dir) if run_dir else None, {'linear_eval': le})
     pcfg = linear_probe_config(cfg, epochs, head_dropout)
     model, history = train_dense(pcfg, train_cache, test_cache, run_dir, progress=progress, on_epoch_end=on_epoch_end)
-    metrics = evaluate_row('linear_probe', model, train_cache, test_cache, run_dir, pcfg, **(evaluate_kwargs or {}))
+    metrics = evaluate_row('linear_probe', model, train_cache, test_cache, run_dir, pcfg, {'dense': model.convergence},
+                           extra={'probe_protocol': {'protocol': 'authors'}}, **(evaluate_kwargs or {}))
     return BaselineResult('linear_probe', model, metrics, Path(run_dir) if run_dir else None, {'config': pcfg, 'history': history})
 
 def train_dense_frozen(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, epochs: Optional[int] = 40,
@@ -126,7 +156,8 @@ def train_dense_frozen(cfg: RunConfig, train_cache, test_cache, run_dir=None, *,
     """Reading 1 of "Dense F^froz": a linear head on the average-pooled frozen patch tokens, trained and evaluated in `run_dir`."""
     pcfg = dense_frozen_config(cfg, epochs, head_dropout)
     model, history = train_dense(pcfg, train_cache, test_cache, run_dir, progress=progress, on_epoch_end=on_epoch_end)
-    metrics = evaluate_row('dense_frozen', model, train_cache, test_cache, run_dir, pcfg, **(evaluate_kwargs or {}))
+    metrics = evaluate_row('dense_frozen', model, train_cache, test_cache, run_dir, pcfg, {'dense': model.convergence},
+                           **(evaluate_kwargs or {}))
     return BaselineResult('dense_frozen', model, metrics, Path(run_dir) if run_dir else None, {'config': pcfg, 'history': history})
 
 _REUSABLE_SETTINGS = {'eval_mode', 'data_root', 'seed', 'progress', 'device', 'batch_size'}
@@ -152,7 +183,9 @@ def evaluate_dense_qpm(dense_model, train_cache, test_cache, run_dir=None, cfg: 
     if model.head.kind != 'dense': raise ValueError(f"expected the dense DINO-QPM model, got one with a {model.head.kind!r} head")
     ev = dict(evaluate_kwargs or {})
     found = _qpm_dense_results(dense_model, train_cache, test_cache, cfg, ev) if isinstance(dense_model, (str, Path)) else None
-    if found is None: metrics = evaluate_row('dense_qpm', model, train_cache, test_cache, run_dir, cfg, **ev)
+    if found is None:
+        conv = {'dense': getattr(model, 'convergence', None)} if getattr(model, 'convergence', None) else {}
+        metrics = evaluate_row('dense_qpm', model, train_cache, test_cache, run_dir, cfg, conv, **ev)
     else:                                            # the DINO-QPM run already evaluated this very file: no second evaluation
         res, src = found
         prov = dict(res.get('provenance') or {})
@@ -217,6 +250,17 @@ def regularisation_path(X, y, n_classes: int, glm: GLMConfig, seed: int, folder=
                                checkpoint=folder / 'path_progress.pt' if folder else None).to_dict()
     return GLMPath.from_dict(_stage(folder / 'path.pt' if folder else None, sig, compute, 'regularisation path'))
 
+def path_convergence(path: GLMPath, point: int, glm: GLMConfig) -> dict:
+    """The convergence record of the SAGA fit behind path point `point`: converged when it stopped by its own rule (no
+    objective improvement above `glm.tol` for the look-behind epochs) before `glm.max_epochs`."""
+    ep = int(path.epochs[point])
+    rec = {'epochs': ep, 'final_train_loss': float(path.loss_train[point]), 'final_train_acc': float(path.acc_train[point]),
+           'loss_rel_change': None, 'converged': 0 <= ep < glm.max_epochs,
+           'criterion': f'the SAGA fit stopped by its own rule (no improvement > {glm.tol} for the look-behind epochs) before max_epochs'}
+    if ep < 0: rec['reason'] = 'this backend does not report the epochs of its fits'
+    elif ep >= glm.max_epochs: rec['reason'] = f'the SAGA fit of path point {point} ran into max_epochs={glm.max_epochs}'
+    return rec
+
 def _sparse_head(selection, weight, bias, path: GLMPath, dropout: float) -> SparseHead:
     # μ and σ of the path (σ clamped at glm.std_min), so the head computes exactly the fitted linear model
     return SparseHead(selection, weight, bias, path.mean, path.std, trainable_norm=True, dropout=dropout)
@@ -240,15 +284,16 @@ def train_sldd(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, dense_e
     head = _sparse_head(sel.selection, W, b, path, scfg.finetune.head_dropout)
     model, history = finetune(scfg, dense, head=head, train_cache=train_cache, test_cache=test_cache,
                               run_dir=_subdir(run_dir, 'sldd'), progress=progress, phase='sldd_finetune', on_epoch_end=on_epoch_end)
-    metrics = evaluate_row('sldd', model, train_cache, test_cache, _subdir(run_dir, 'sldd'), scfg, **(evaluate_kwargs or {}))
+    conv = {'dense': dense.convergence, 'glm_path': path_convergence(path, point, glm), 'sldd_finetune': model.convergence}
+    metrics = evaluate_row('sldd', model, train_cache, test_cache, _subdir(run_dir, 'sldd'), scfg, conv, **(evaluate_kwargs or {}))
     info = {'config': scfg, 'selection': sel.selection.tolist(), 'selection_order': sel.order, 'path_point': point,
             'path_lambda': float(path.lams[point]), 'nonzeros': int((W != 0).sum()), 'history': history}
     return BaselineResult('sldd', model, metrics, Path(run_dir) if run_dir else None, info)
 
 # %% ../nbs/07_baselines.ipynb #c027
-def train_qsenn(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, iterations: int = 4, schedule: str = 'qsenn',
+def train_qsenn(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, iterations: int = 4, schedule: str = 'reference',
                 later_epochs: int = 10, lr_decay: float = 0.9, dense_epochs: Optional[int] = 40,
-                finetune_epochs: Optional[int] = 50, beta: Optional[float] = 0.196, head_dropout: Optional[float] = 0.1,
+                finetune_epochs: Optional[int] = 25, beta: Optional[float] = 0.196, head_dropout: Optional[float] = 0.1,
                 glm: GLMConfig = GLMConfig(), progress: bool = True, on_epoch_end: Sequence[Callable] = (),
                 evaluate_kwargs: Optional[dict] = None) -> BaselineResult:
     """DINO-QSENN in `run_dir`: the SLDD dense phase and selection (shared files, so SLDD and Q-SENN may share a run
@@ -261,7 +306,7 @@ def train_qsenn(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, iterat
     dense, _ = train_dense(qcfg, train_cache, test_cache, run_dir, progress=progress, on_epoch_end=on_epoch_end)
     feats = train_features(dense, train_cache, _subdir(run_dir, 'glm') / 'features_dense.pt' if run_dir else None, progress)
     sel = feature_selection(feats, qcfg.qp.n_select, C, glm, qcfg.seed, run_dir, dev, progress)
-    model, steps = dense, []
+    model, steps, conv = dense, [], {'dense': dense.convergence}
     for k, (epochs, lr) in enumerate(plan):
         if k == 0: X, y, folder = feats['features'][:, sel.selection], feats['labels'], _subdir(run_dir, 'glm')
         else:
@@ -270,14 +315,16 @@ def train_qsenn(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, iterat
             X, y = fk['features'], fk['labels']                     # the sparse model's f: the selected features, sorted
         path = regularisation_path(X, y, C, glm, qcfg.seed, folder, dev, progress)
         W, b, point = qsenn_weights(path, qcfg.qp.n_per_class)
+        conv[f'glm_path_iter{k}'] = path_convergence(path, point, glm)
         head = _sparse_head(sel.selection, W, b, path, qcfg.finetune.head_dropout)
         kcfg = update_config(qcfg, {'finetune.epochs': int(epochs), 'finetune.lr': float(lr)})
         model, history = finetune(kcfg, model, head=head, train_cache=train_cache, test_cache=test_cache, run_dir=qdir,
                                   progress=progress, phase=f'qsenn_iter{k}', on_epoch_end=on_epoch_end)
+        conv[f'qsenn_iter{k}'] = model.convergence
         steps.append({'iteration': k, 'epochs': int(epochs), 'lr': float(lr), 'path_point': point,
                       'magnitude': float(W.abs().max()), 'nonzeros': int((W != 0).sum()), 'history': history})
         log.info("Q-SENN iteration %d/%d done (%d epochs at lr %.3g)", k + 1, len(plan), epochs, lr)
-    metrics = evaluate_row('qsenn', model, train_cache, test_cache, qdir, qcfg, **(evaluate_kwargs or {}))
+    metrics = evaluate_row('qsenn', model, train_cache, test_cache, qdir, qcfg, conv, **(evaluate_kwargs or {}))
     info = {'config': qcfg, 'schedule': schedule, 'selection': sel.selection.tolist(), 'iterations': steps}
     return BaselineResult('qsenn', model, metrics, Path(run_dir) if run_dir else None, info)
 

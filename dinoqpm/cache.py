@@ -50,10 +50,10 @@ def _json_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 def feature_cache_key(dataset: str, split: str, backbone: str, weights: dict, preprocessing: str, img_size: int,
-                      samples_fingerprint: Optional[str] = None) -> dict:
-    "Everything the cached values depend on, as a JSON-able dict."
+                      samples_fingerprint: Optional[str] = None, masks: bool = False) -> dict:
+    "Everything the cached values depend on, as a JSON-able dict (`masks`: whether segmentation masks are cached too)."
     return dict(format=CACHE_FORMAT, dataset=dataset, split=split, samples=samples_fingerprint, backbone=backbone,
-                weights=weights, preprocessing=preprocessing, img_size=int(img_size))
+                weights=weights, preprocessing=preprocessing, img_size=int(img_size), masks=bool(masks))
 
 def key_hash(key: dict) -> str:
     "A short stable hash of a cache key (first 16 hex digits of SHA-256 over its sorted JSON)."
@@ -340,7 +340,8 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
     if not wfile.is_file(): raise _missing_weights_error(spec, wfile)
     ds = load_dataset(dataset, split, root=root, transform=make_transform(mode=preprocessing, dataset=dataset, img_size=img_size),
                       **(dataset_kw or {}))
-    key = feature_cache_key(dataset, split, backbone, weights_fingerprint(wfile), preprocessing, img_size, samples_fingerprint(ds))
+    key = feature_cache_key(dataset, split, backbone, weights_fingerprint(wfile), preprocessing, img_size, samples_fingerprint(ds),
+                            masks=getattr(ds, 'has_masks', False))
     folder = cache_dir(key, default_cache_root(cache_root, root))
     if folder.exists() and not rebuild:
         try:

@@ -44,6 +44,11 @@ def repo_root(start=None) -> Path:
     raise FileNotFoundError(f"no dinoqpm checkout (settings.ini + nbs/) found above {starts[0]}")
 
 # %% ../nbs/00_core.ipynb #c010
+def _umask() -> int:
+    "The process's umask (read by setting it and setting it back)."
+    m = os.umask(0o022); os.umask(m)
+    return m
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=''):
     "Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."
@@ -53,6 +58,7 @@ def atomic_path(path, suffix=''):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600 files; the result gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)

@@ -160,7 +160,7 @@ def dataset_annotations(dataset: str, train_cache, test_cache, data_root=None) -
                      'part_faithfulness': f'dataset {dataset} has no part-label maps' if dataset else 'dataset unknown'}
     try:
         from dinoqpm.data import load_dataset
-        kw = {'generate': False} if dataset == 'SynthBirds' else {}
+        kw = {'generate': False, 'require_masks': False} if dataset == 'SynthBirds' else {'require_masks': False}   # attributes only
         tr = load_dataset(dataset, 'train', root=data_root, **kw)
         te = load_dataset(dataset, 'test', root=data_root, **kw)
     except Exception as e:                       # missing archive, unreadable files, ...
@@ -225,6 +225,9 @@ def evaluate(model, train_cache, test_cache, *, dataset: Optional[str] = None, d
         ann, skipped_ann = dataset_annotations(dataset, train_cache, test_cache, data_root)
     ann.update(annotations)
     ann.setdefault('test_masks', getattr(test_cache, 'masks', None))
+    if ann['test_masks'] is None and dataset in CUB_FORMAT_DATASETS and key.get('masks') is False:
+        skipped_ann.setdefault('plausibility', f'no segmentation masks were cached: the {dataset} folder has no segmentations/ '
+                                               f'(run with data.require_masks=false)')
     ann.setdefault('test_masks_dilated', getattr(test_cache, 'masks_dilated', None))
     res = evaluate_arrays(train_features=tr['features'].numpy(), train_labels=tr['labels'].numpy(),
                           train_logits=tr['logits'].numpy(), test_logits=te['logits'].numpy(), test_labels=te['labels'].numpy(),

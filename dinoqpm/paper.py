@@ -17,10 +17,11 @@ from .config import (RunConfig, ConfigError, config_to_dict, demo_config, update
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MODES', 'PAPER_DATASETS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'PaperParams', 'paper_params',
-           'paper_config', 'run_table1_seed', 'run_table1', 'run_backbone', 'is_demo', 'table1_notes', 'write_table1',
-           'FigureData', 'figure_data', 'pick_examples', 'class_label', 'cover_figure', 'sharing_pairs',
-           'class_comparison_figure', 'assignment_overview_figure', 'params_from_namespace']
+__all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
+           'PaperParams', 'paper_params', 'steps_to_epochs', 'paper_config', 'row_run_dir', 'run_table1_seed',
+           'run_table1', 'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1', 'FigureData',
+           'figure_data', 'pick_examples', 'class_label', 'cover_figure', 'sharing_pairs', 'class_comparison_figure',
+           'assignment_overview_figure', 'params_from_namespace']
 
 # %% ../nbs/11_paper.ipynb #c005
 MODES = ('quick', 'full', 'smoke')
@@ -37,9 +38,13 @@ class PaperParams:
     mode: str = 'quick'            # quick (demo sizes) | full (the paper's settings) | smoke (seconds; tests)
     seeds: str = '0'               # comma-separated seeds
     device: str = 'auto'
+    probe_protocol: str = 'authors'  # authors (the paper's recipe) | dinov2 (DINOv2's linear evaluation protocol)
+    require_masks: bool = True     # False: a CUB folder without segmentations/ runs (Plausibility skipped, and said so)
 
     def __post_init__(self):
         if self.mode not in MODES: raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.probe_protocol not in ('authors', 'dinov2'):
+            raise ConfigError(f"probe_protocol must be 'authors' or 'dinov2', got {self.probe_protocol!r}")
         if self.dataset not in PAPER_DATASETS: raise ConfigError(f"dataset must be one of {PAPER_DATASETS}, got {self.dataset!r}")
         try: self.seed_list
         except ValueError: raise ConfigError(f"seeds must be comma-separated integers, got {self.seeds!r}") from None
@@ -64,15 +69,29 @@ def paper_params(**kw) -> PaperParams:
     return PaperParams(**{k: (str(v) if k == 'seeds' else v) for k, v in kw.items()})
 
 # %% ../nbs/11_paper.ipynb #c008
-def _recipes(mode: str) -> dict:
-    "Keyword arguments of each baseline row per mode (None = the paper's recipe)."
+QUICK_STEPS = {'probe': 7520, 'dense': 4700, 'sldd_dense': 7520, 'finetune': 2000, 'qsenn_iteration': 1000}
+
+def steps_to_epochs(steps: int, n_train: int, batch_size: int) -> int:
+    "The epochs that make at least `steps` optimizer steps over `n_train` samples in batches of `batch_size`."
+    return max(1, math.ceil(steps / max(1, math.ceil(n_train / batch_size))))
+
+def _n_train(cfg: RunConfig) -> int:
+    "Training images of the run's dataset (read from its annotation files; SynthBirds is generated if missing)."
+    from dinoqpm.data import load_dataset
+    from dinoqpm.pipeline import dataset_kwargs
+    return len(load_dataset(cfg.data.dataset, 'train', root=cfg.data.root, **dataset_kwargs(cfg)))
+
+def _recipes(mode: str, cfg: Optional[RunConfig] = None, n_train: Optional[int] = None) -> dict:
+    "Keyword arguments of each baseline row per mode (`{}` = the paper's recipe); quick mode needs `cfg` and `n_train`."
     if mode == 'full': return {'linear_probe': {}, 'dense_frozen': {}, 'sldd': {}, 'qsenn': {}}
     from dinoqpm.glm import GLMConfig
     if mode == 'quick':
-        glm = GLMConfig(max_epochs=200, select_k=30, path_k=30)
-        return {'linear_probe': {'epochs': 15}, 'dense_frozen': {'epochs': 15},
-                'sldd': {'dense_epochs': 15, 'finetune_epochs': 10, 'glm': glm},
-                'qsenn': {'dense_epochs': 15, 'finetune_epochs': 6, 'later_epochs': 3, 'glm': glm}}
+        dense_bs, ft_bs = cfg.dense.batch_size, cfg.finetune.batch_size
+        e = lambda key, bs: steps_to_epochs(QUICK_STEPS[key], n_train, bs)
+        glm = GLMConfig(select_k=30, path_k=30)
+        return {'linear_probe': {'epochs': e('probe', dense_bs)}, 'dense_frozen': {'epochs': e('probe', dense_bs)},
+                'sldd': {'dense_epochs': e('sldd_dense', dense_bs), 'finetune_epochs': e('finetune', ft_bs), 'glm': glm},
+                'qsenn': {'dense_epochs': e('sldd_dense', dense_bs), 'finetune_epochs': e('qsenn_iteration', ft_bs), 'glm': glm}}
     glm = GLMConfig(max_epochs=30, select_k=10, path_k=10)
     return {'linear_probe': {'epochs': 3}, 'dense_frozen': {'epochs': 3},
             'sldd': {'dense_epochs': 3, 'finetune_epochs': 2, 'glm': glm},
@@ -81,7 +100,7 @@ def _recipes(mode: str) -> dict:
 def paper_config(p: PaperParams, seed: int) -> RunConfig:
     "The DINO-QPM `RunConfig` of one seed for these parameters."
     data = {'data.dataset': p.dataset, 'data.root': p.data_root or None, 'backbone.name': p.backbone_name,
-            'backbone.weights_dir': p.weights_dir or None, 'seed': seed, 'device': p.device}
+            'backbone.weights_dir': p.weights_dir or None, 'seed': seed, 'device': p.device, 'data.require_masks': p.require_masks}
     if p.mode == 'full': cfg = RunConfig()
     elif p.mode == 'quick': cfg = demo_config()
     else:
@@ -95,7 +114,12 @@ def paper_config(p: PaperParams, seed: int) -> RunConfig:
         data['data.img_size'] = 224                               # 16x16 patch grid, as in the paper
     if p.dataset != 'SynthBirds':
         data.update({'data.synth_classes': None, 'data.synth_images_per_class': None, 'data.synth_img_size': None})
-    return update_config(cfg, data)
+    cfg = update_config(cfg, data)
+    if p.mode == 'quick':
+        n = _n_train(cfg)
+        cfg = update_config(cfg, {'dense.epochs': steps_to_epochs(QUICK_STEPS['dense'], n, cfg.dense.batch_size),
+                                  'finetune.epochs': steps_to_epochs(QUICK_STEPS['finetune'], n, cfg.finetune.batch_size)})
+    return cfg
 
 # %% ../nbs/11_paper.ipynb #c011
 TABLE1_ROWS = ('linear_probe', 'dense_frozen', 'dense_qpm', 'sldd', 'qsenn', 'qpm')
@@ -106,31 +130,59 @@ PUBLISHED_ROW = {'linear_probe': 'DINOv2 CLS linear probe', 'dense_frozen': 'Den
 _KEEP = ('Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness', 'Correlation', 'PartFaithfulness',
          'CUBSegmentationOverlap_gradcam', 'CUBSegmentationOverlap_gradcam_dilated')
 
+def row_run_dir(p: PaperParams, cfg: RunConfig, name: str) -> Path:
+    """The run directory of Table 1 row `name`: DINO-SLDD and DINO-QSENN share one (the same dense phase, features and
+    selection, trained once), the probe under DINOv2's protocol has its own."""
+    from dinoqpm.pipeline import default_run_dir
+    sub = {'sldd': 'sldd_qsenn', 'qsenn': 'sldd_qsenn', 'dense_qpm': 'qpm',
+           'linear_probe': 'linear_probe' if p.probe_protocol == 'authors' else 'linear_probe_dinov2'}.get(name, name)
+    return default_run_dir(cfg, sub, p.runs_path)
+
+ROW_MODEL_FILE = {'qpm': 'finetune_model.pt', 'dense_qpm': 'dense_model.pt', 'linear_probe': 'dense_model.pt',
+                  'dense_frozen': 'dense_model.pt', 'sldd': 'sldd/sldd_finetune_model.pt'}
+
+def _convergence_fields(metrics: dict) -> dict:
+    "Tidy-table fields from a result's `convergence` record: the flag, the failing phases and the last phase's numbers."
+    conv = metrics.get('convergence') or {}
+    bad = [f'{ph}: {c.get("reason", "not converged")}' for ph, c in conv.items() if not (c or {}).get('converged')]
+    last = list(conv.values())[-1] if conv else {}
+    return {'converged': bool(conv) and not bad, 'not_converged': '; '.join(bad) if conv else 'no convergence record',
+            'phases': ','.join(conv), 'train_loss': last.get('final_train_loss'), 'train_acc': last.get('final_train_acc'),
+            'loss_rel_change': last.get('loss_rel_change')}
+
 def run_table1_seed(p: PaperParams, seed: int, rows=TABLE1_ROWS, progress=True) -> list:
     "Train/evaluate every row for one seed; returns tidy records (metric fractions plus provenance fields)."
-    from dinoqpm.pipeline import run_qpm, load_caches, default_run_dir
+    from dinoqpm.pipeline import run_qpm, load_caches
     from dinoqpm.baselines import run_baseline
     cfg = paper_config(p, seed)
     caches = load_caches(cfg, progress=progress)
-    recipes = _recipes(p.mode)
+    recipes = _recipes(p.mode, cfg, len(caches[0].labels))
     records = []
-    def record(name, metrics, **extra):
+    def record(name, metrics, model_file, **extra):
+        plaus_skip = (metrics.get('skipped') or {}).get('plausibility') if metrics.get('Plausibility') is None else None
         rec = {'method': ROW_METHOD[name], 'row': name, 'seed': seed, 'dataset': cfg.data.dataset, 'backbone': cfg.backbone.name,
-               **{k: metrics.get(k) for k in _KEEP}, **extra}
+               **{k: metrics.get(k) for k in _KEEP}, **_convergence_fields(metrics), 'plausibility_skipped': plaus_skip,
+               'model_file': str(model_file), **extra}
         records.append(rec)
-        log.info('%s seed %d: %s', ROW_METHOD[name], seed, {k: rec[k] for k in ('Accuracy', 'Plausibility', 'SID@5')})
+        log.info('%s seed %d: %s; converged: %s', ROW_METHOD[name], seed, {k: rec[k] for k in ('Accuracy', 'Plausibility', 'SID@5')},
+                 rec['converged'] or rec['not_converged'])
     qpm = None
     if 'qpm' in rows or 'dense_qpm' in rows:
-        qpm = run_qpm(cfg, default_run_dir(cfg, 'qpm', p.runs_path), progress=progress)
+        qpm = run_qpm(cfg, row_run_dir(p, cfg, 'qpm'), progress=progress)
     for name in rows:
         if name == 'qpm':
             q = qpm['qp']
-            record('qpm', qpm['results'], qp_status=q.status, qp_gap=q.gap, qp_seconds=q.seconds, qp_solver=q.solver)
+            record('qpm', qpm['results'], qpm['model'], qp_status=q.status, qp_gap=q.gap, qp_mip_gap=q.mip_gap,
+                   qp_seconds=q.seconds, qp_solver=q.solver, qp_certified=q.certified, qp_certificate=q.certificate())
         elif name == 'dense_qpm':
-            record('dense_qpm', qpm['results_dense'])
+            record('dense_qpm', qpm['results_dense'], qpm['dense_model'])
         else:
-            r = run_baseline(cfg, name, default_run_dir(cfg, name, p.runs_path), caches=caches, progress=progress, **recipes[name])
-            record(name, r.metrics)
+            kw = dict(recipes[name], protocol=p.probe_protocol) if name == 'linear_probe' else recipes[name]
+            r = run_baseline(cfg, name, row_run_dir(p, cfg, name), caches=caches, progress=progress, **kw)
+            if name == 'qsenn': f = r.run_dir / 'qsenn' / f"qsenn_iter{len(r.info['iterations']) - 1}_model.pt"
+            elif name == 'linear_probe' and p.probe_protocol == 'dinov2': f = r.run_dir / 'linear_eval_model.pt'
+            else: f = r.run_dir / ROW_MODEL_FILE[name]
+            record(name, r.metrics, f, probe_protocol=(r.metrics.get('probe_protocol') or {}).get('protocol') if name == 'linear_probe' else None)
     return records
 
 def run_table1(p: PaperParams, rows=TABLE1_ROWS, progress=True) -> pd.DataFrame:
@@ -151,9 +203,27 @@ def is_demo(p: PaperParams) -> bool:
     from dinoqpm.backbone import get_backbone_spec
     return p.dataset == 'SynthBirds' or not get_backbone_spec(run_backbone(p)).is_paper_backbone
 
+def _pct(x) -> str: return f'{100 * x:.2f}%' if x is not None and np.isfinite(x) else 'unknown'
+
+def row_notes(tidy: pd.DataFrame, demo: bool) -> dict:
+    "The `note` cell of every method: demo, not converged, QP not certified, Plausibility skipped (each when it applies)."
+    out = {}
+    for m, sub in tidy.groupby('method', sort=False):
+        n = ['demo: not the paper'] if demo else []
+        if 'converged' in sub and not sub['converged'].astype(bool).all():
+            n.append(f"not converged ({int((~sub['converged'].astype(bool)).sum())}/{len(sub)} seeds)")
+        if 'qp_certified' in sub:
+            bad = sub[[c is not None and not pd.isna(c) and not bool(c) for c in sub['qp_certified']]]
+            if len(bad): n.append('QP not certified (gap ' + ', '.join(_pct(g) for g in bad['qp_gap']) + ')')
+        if 'plausibility_skipped' in sub and sub['plausibility_skipped'].notna().any(): n.append('Plausibility skipped')
+        out[m] = '; '.join(n)
+    return out
+
 def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
-    "The lines printed under Table 1: what data and backbone it is, seeds, QP status, and the demo warning."
+    """The lines printed under Table 1: what data and backbone it is, seeds, convergence of every row, the QP certificates,
+    skipped metrics, the probe's protocol, and the demo warning."""
     from dinoqpm.backbone import get_backbone_spec
+    from dinoqpm.train import CONVERGENCE_CRITERION
     bb = run_backbone(p)
     spec = get_backbone_spec(bb)
     notes = []
@@ -164,11 +234,30 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     if not spec.is_vit:
         notes.append('With a CNN backbone the "CLS" vector is the average of the patch tokens, so the CLS linear probe and '
                      'the head on average-pooled frozen tokens see the same input and coincide.')
-    notes.append(f'Mode {p.mode}; seeds {p.seeds}; values in %, mean ± std over seeds.')
+    n_seeds = len(p.seed_list)
+    notes.append(f'Mode {p.mode}; {n_seeds} seed{"s" if n_seeds != 1 else ""} ({p.seeds}); values in %, mean ± std over seeds'
+                 + (' (one seed: no std).' if n_seeds == 1 else '.'))
+    if p.mode == 'quick':
+        notes.append('Quick mode: the authors\' recipes sized in optimizer steps (' + ', '.join(f'{k} {v}' for k, v in QUICK_STEPS.items())
+                     + '; dinoqpm.paper.QUICK_STEPS), not shortened epoch counts.')
+    if 'converged' in tidy:
+        bad = tidy[~tidy['converged'].astype(bool)]
+        if len(bad) == 0: notes.append(f'Every row converged in every seed ({CONVERGENCE_CRITERION}).')
+        else:
+            notes.append(f'NOT CONVERGED ({CONVERGENCE_CRITERION}): '
+                         + '; '.join(f'{r.method} seed {int(r.seed)}: {r.not_converged}' for r in bad.itertuples()))
     q = tidy[tidy['row'] == 'qpm'] if 'row' in tidy else tidy.iloc[:0]
-    if len(q):
-        notes.append('QP: ' + '; '.join(f"seed {int(r.seed)}: {r.qp_status}, gap {100 * r.qp_gap:.2f}%, {r.qp_seconds:.1f}s ({r.qp_solver})"
-                                       for r in q.itertuples()))
+    if len(q) and 'qp_certificate' in q:
+        notes.append('QP (DINO-QPM): ' + '; '.join(f'seed {int(r.seed)}: {r.qp_certificate}' for r in q.itertuples()))
+    if 'plausibility_skipped' in tidy and tidy['plausibility_skipped'].notna().any():
+        why = sorted(set(tidy['plausibility_skipped'].dropna()))
+        notes.append('Plausibility skipped: ' + '; '.join(why))
+    if 'probe_protocol' in tidy and (tidy['probe_protocol'] == 'dinov2').any():
+        from dinoqpm.baselines import DINOV2_PROBE_LABEL
+        notes.append(f'CLS linear probe: {DINOV2_PROBE_LABEL} (probe_protocol=dinov2), not the authors\' recipe.')
+    else:
+        notes.append("CLS linear probe: the authors' recipe (schedule-free AdamW, lr 1e-3, wd 7e-4, dropout 0.2, batch 32); "
+                     "probe_protocol=dinov2 reports DINOv2's linear evaluation protocol instead.")
     notes.append("Plausibility = CUBSegmentationOverlap_gradcam_dilated (method.md §5); the paper's choice of variant is our inference.")
     return notes
 
@@ -180,13 +269,18 @@ def write_table1(tidy: pd.DataFrame, p: PaperParams, name='table1') -> dict:
     out = p.out_path
     summary = summarise_runs(tidy)
     summary.insert(0, 'backbone', run_backbone(p))
-    if is_demo(p): summary.insert(2, 'note', 'demo: not the paper')
     summary.insert(1, 'dataset', p.dataset)
+    notes = row_notes(tidy, is_demo(p))
+    summary.insert(3, 'note', [notes.get(m, '') for m in summary.index])
+    if 'converged' in tidy:
+        conv = tidy.groupby('method', sort=False)['converged'].agg(lambda v: f'{int(v.astype(bool).sum())}/{len(v)}')
+        summary.insert(4, 'converged', [conv.get(m, '') for m in summary.index])
     published = published_table1(p.dataset) if p.dataset in ('CUB2011', 'StanfordCars') else None
+    qcols = [c for c in ('seed', 'qp_status', 'qp_gap', 'qp_mip_gap', 'qp_seconds', 'qp_solver', 'qp_certified', 'qp_certificate') if c in tidy]
     prov = provenance(params=dataclasses.asdict(p), demo=is_demo(p), seeds=p.seed_list,
                       configs={s: config_to_dict(paper_config(p, s)) for s in p.seed_list},
-                      qp=tidy[tidy['row'] == 'qpm'][['seed', 'qp_status', 'qp_gap', 'qp_seconds', 'qp_solver']].to_dict('records')
-                      if 'qp_status' in tidy else [])
+                      quick_steps=QUICK_STEPS if p.mode == 'quick' else None,
+                      qp=tidy[tidy['row'] == 'qpm'][qcols].to_dict('records') if 'qp_status' in tidy else [])
     title = 'Table 1' + (' (DEMO: synthetic data / stand-in backbone — not the paper\'s numbers)' if is_demo(p) else '')
     paths = write_table(summary, name, out, caption=title, notes=table1_notes(p, tidy), provenance_record=prov, published=published)
     buf = io.StringIO(); tidy.assign(demo=is_demo(p)).to_csv(buf, index=False)
@@ -212,16 +306,16 @@ class FigureData:
 
 def figure_data(p: PaperParams, seed: Optional[int] = None, progress=True) -> FigureData:
     "Train (or reuse) DINO-QPM and the linear probe for `seed` (default: the first), and gather what the figures need."
-    from dinoqpm.pipeline import run_qpm, load_caches, default_run_dir, dataset_kwargs
+    from dinoqpm.pipeline import run_qpm, load_caches, dataset_kwargs
     from dinoqpm.baselines import run_baseline
     from dinoqpm.train import load_model, extract_features
     from dinoqpm.data import load_dataset
     seed = p.seed_list[0] if seed is None else seed
     cfg = paper_config(p, seed)
     caches = load_caches(cfg, progress=progress)
-    out = run_qpm(cfg, default_run_dir(cfg, 'qpm', p.runs_path), progress=progress)
-    probe = run_baseline(cfg, 'linear_probe', default_run_dir(cfg, 'linear_probe', p.runs_path), caches=caches,
-                         progress=progress, **_recipes(p.mode)['linear_probe']).model
+    out = run_qpm(cfg, row_run_dir(p, cfg, 'qpm'), progress=progress)
+    probe = run_baseline(cfg, 'linear_probe', row_run_dir(p, cfg, 'linear_probe'), caches=caches, progress=progress,
+                         protocol=p.probe_protocol, **_recipes(p.mode, cfg, len(caches[0].labels))['linear_probe']).model
     qpm = load_model(out['model'])
     ds = load_dataset(cfg.data.dataset, 'test', root=cfg.data.root, **dataset_kwargs(cfg))
     return FigureData(cfg, qpm, probe, extract_features(qpm, caches[1], with_maps=True), extract_features(probe, caches[1]),
@@ -229,14 +323,16 @@ def figure_data(p: PaperParams, seed: Optional[int] = None, progress=True) -> Fi
 
 # %% ../nbs/11_paper.ipynb #c015
 def pick_examples(d: FigureData, n: int = 1, classes=None) -> list:
-    """Test rows to show: correctly classified by DINO-QPM (and, when possible, by the probe), most confident first,
-    restricted to `classes` if given. A transparent rule, not a cherry-pick by a hidden score."""
+    """Test rows to show (of `classes` if given): correctly classified by DINO-QPM and the probe, else by DINO-QPM, else
+    any, most confident first. A transparent rule, not a cherry-pick by a hidden score."""
     import torch
     prob = torch.softmax(d.test['logits'], 1).max(1).values.numpy()
     ok = (d.test['preds'] == d.test['labels']).numpy()
     both = ok & (d.probe_test['preds'] == d.probe_test['labels']).numpy()
-    cand = np.where(both)[0] if both.any() else np.where(ok)[0] if ok.any() else np.arange(len(ok))
-    if classes is not None: cand = np.array([k for k in cand if int(d.test['labels'][k]) in set(classes)], dtype=int)
+    mine = np.ones(len(ok), bool) if classes is None else np.isin(d.test['labels'].numpy(), list(classes))
+    for keep in (both & mine, ok & mine, mine):                    # fall back step by step, within the asked classes
+        if keep.any(): break
+    cand = np.nonzero(keep)[0]
     return [int(k) for k in cand[np.argsort(-prob[cand], kind='stable')][:n]]
 
 def _features_of(d: FigureData, c: int) -> list:
@@ -306,8 +402,11 @@ def class_comparison_figure(d: FigureData, pair: Optional[tuple] = None):
         for pr in truth.get('pairs', []):
             a, b = pr['classes']; designed.append((a, b)); part_of[tuple(sorted((a, b)))] = pr['part']
     if pair is None:
+        ok, lab = (d.test['preds'] == d.test['labels']).numpy(), d.test['labels'].numpy()
+        correct = lambda c: bool((ok & (lab == c)).any())
         cands = [t for t in sharing_pairs(W, designed) if pick_examples(d, 1, [t[0]]) and pick_examples(d, 1, [t[1]])]
-        if not cands: raise ValueError('no class pair sharing features has a correctly classified test image for both classes')
+        cands = sorted(cands, key=lambda t: not (correct(t[0]) and correct(t[1])))   # stable: designed pairs stay first
+        if not cands: raise ValueError('no class pair sharing features has a test image of both classes')
         pair = cands[0][:2]
     a, b = pair
     fa, fb = set(_features_of(d, a)), set(_features_of(d, b))
@@ -319,7 +418,8 @@ def class_comparison_figure(d: FigureData, pair: Optional[tuple] = None):
         ks = pick_examples(d, 1, [cls])
         k = ks[0]
         img = d.image(k)
-        _axis_image(axes[row, 0], np.asarray(img), name(cls))
+        wrong = int(d.test['preds'][k]) != int(d.test['labels'][k])
+        _axis_image(axes[row, 0], np.asarray(img), name(cls) + (' (misclassified)' if wrong else ''))
         panels = feature_panels(img, d.test['maps'][k].numpy()[cols])
         mine = fa if cls == a else fb
         for i, (ax, pnl) in enumerate(zip(axes[row, 1:], panels)):

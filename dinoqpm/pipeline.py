@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import atomic_path, atomic_write_json, runs_dir
+from .core import atomic_path, atomic_write_json, json_safe, runs_dir
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS, FINETUNE_DEFAULTS,
                             ConfigError, config_to_dict, config_from_dict, config_diff)
 from dataclasses import replace
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CONFIG_FILE', 'default_run_dir', 'init_run_dir', 'find_run_config', 'dataset_kwargs', 'load_caches',
-           'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'run_qpm', 'smoke_config']
+           'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'qp_info', 'run_qpm', 'smoke_config']
 
 # %% ../nbs/09_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -60,11 +60,14 @@ def find_run_config(path) -> tuple:
 
 # %% ../nbs/09_pipeline.ipynb #c008
 def dataset_kwargs(cfg: RunConfig) -> dict:
-    "Extra keyword arguments for `load_dataset` (the SynthBirds size settings)."
+    "Extra keyword arguments for `load_dataset`: `require_masks` for the CUB-format datasets, the SynthBirds size settings."
     d = cfg.data
-    if d.dataset != 'SynthBirds': return {}
-    kw = {'n_classes': d.synth_classes, 'images_per_class': d.synth_images_per_class, 'img_size': d.synth_img_size}
-    return {k: v for k, v in kw.items() if v is not None}
+    if d.dataset not in ('CUB2011', 'SynthBirds'): return {}
+    kw = {'require_masks': d.require_masks}
+    if d.dataset == 'SynthBirds':
+        syn = {'n_classes': d.synth_classes, 'images_per_class': d.synth_images_per_class, 'img_size': d.synth_img_size}
+        kw.update({k: v for k, v in syn.items() if v is not None})
+    return kw
 
 def load_caches(cfg: RunConfig, cache_root=None, progress=True) -> tuple:
     "The train and test `FeatureCache` of `cfg` (built on first use, resumed if interrupted)."
@@ -103,16 +106,23 @@ def evaluate_once(model_path, train_cache, test_cache, output_json, *, seed=0, e
     old = saved_results(out, model_path, eval_mode, sha)
     if old is not None:
         log.info('%s exists for this model: reusing it', out)
-        return old
+        new = json_safe({**old, **(run_info or {})})   # run facts (convergence, QP) kept current
+        if new != old: atomic_write_json(out, new)
+        return new
     res = evaluate(str(model_path), train_cache, test_cache, data_root=data_root, seed=seed, eval_mode=eval_mode,
                    run_info=run_info, progress=progress)
     res = {**res, **(run_info or {}), 'model_path': str(model_path), 'model_sha256': sha, 'eval_mode': eval_mode}
     atomic_write_json(out, res)
     return json.loads(out.read_text())
 
+def _solution_settings(qp_config: dict) -> dict:
+    "The QP settings a solution depends on (`require_certified` only decides what happens with it)."
+    return {k: v for k, v in qp_config.items() if k != 'require_certified'}
+
 def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progress=False):
-    "The QP solution of `cfg.qp` on the dense model's training features, solved once and stored in `qp_dir`."
-    from dinoqpm.qp import QPResult, qp_constants, solve_qp
+    """The QP solution of `cfg.qp` on the dense model's training features, solved once and stored in `qp_dir`. A solution
+    that misses `qp.mip_gap` is a WARNING (fresh or reused), or `QPNotCertifiedError` with `qp.require_certified`."""
+    from dinoqpm.qp import QPResult, QPNotCertifiedError, qp_constants, solve_qp
     from dinoqpm.train import load_model, extract_features
     sha = file_sha256(dense_model_path)
     qp_dir = Path(qp_dir)
@@ -121,15 +131,20 @@ def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progres
         except (OSError, ValueError) as e:
             log.warning('%s is unreadable (%s): solving the QP again', qp_dir / 'qp_result.json', e)
             meta = {}
-        if meta.get('provenance', {}).get('dense_model_sha256') == sha and meta.get('provenance', {}).get('qp_config') == config_to_dict(cfg.qp):
+        if meta.get('provenance', {}).get('dense_model_sha256') == sha and _solution_settings(meta.get('provenance', {}).get('qp_config') or {}) == _solution_settings(config_to_dict(cfg.qp)):
             log.info('QP solution in %s exists for this dense model: reusing it', qp_dir)
-            return QPResult.load(qp_dir)
+            res = QPResult.load(qp_dir)
+            if not res.certified:
+                msg = f'the saved QP solution in {qp_dir} is {res.certificate()}'
+                if cfg.qp.require_certified: raise QPNotCertifiedError(msg + ' and qp.require_certified is set')
+                log.warning('%s; every table using it says so', msg)
+            return res
     model = load_model(dense_model_path)
     out = extract_features(model, train_cache, progress=progress)
     A, R = qp_constants(out['features'].numpy(), out['labels'].numpy(), int(train_cache.n_classes))
     q = cfg.qp
     res = solve_qp(A, R, q.n_select, q.n_per_class, tau=q.tau, tau_rule=q.tau_rule, solver=q.solver, time_limit=q.time_limit,
-                   mip_gap=q.mip_gap, threads=q.threads, seed=cfg.seed, progress=progress)
+                   mip_gap=q.mip_gap, threads=q.threads, seed=cfg.seed, progress=progress, require_certified=q.require_certified)
     log.info('QP: %s', res.summary())
     qp_dir.mkdir(parents=True, exist_ok=True)
     for name, arr in (('A', A), ('R', R)):
@@ -138,31 +153,39 @@ def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progres
     return res
 
 # %% ../nbs/09_pipeline.ipynb #c012
+def qp_info(qp) -> dict:
+    "The QP certificate fields of a result JSON."
+    return {'qp_status': qp.status, 'qp_gap': qp.gap, 'qp_mip_gap': qp.mip_gap, 'qp_seconds': qp.seconds, 'qp_solver': qp.solver,
+            'qp_tau': qp.tau, 'qp_certified': qp.certified, 'qp_certificate': qp.certificate()}
+
 def run_qpm(cfg: RunConfig, run_dir=None, *, runs_root=None, cache_root=None, eval_mode='all', progress=True,
             stop_after: Optional[str] = None) -> dict:
     """Train DINO-QPM end to end in `run_dir` (default `default_run_dir(cfg)`); every finished stage is skipped on rerun.
     Returns the paths and results: `run_dir`, `dense_model`, `results_dense`, `qp`, `model`, `results`."""
-    from dinoqpm.train import train_dense, finetune, load_model
+    from dinoqpm.train import train_dense, finetune, load_model, convergence_info
     run_dir = init_run_dir(cfg, run_dir or default_run_dir(cfg, 'qpm', runs_root))
     info = {'method': 'DINO-QPM', 'run_dir': str(run_dir), 'seed': cfg.seed, 'backbone': cfg.backbone.name, 'dataset': cfg.data.dataset}
     t0 = time.perf_counter()
     train_c, test_c = load_caches(cfg, cache_root, progress)
     if getattr(train_c, 'class_names', None): atomic_write_json(run_dir / 'class_names.json', list(train_c.class_names))
     out = {'run_dir': run_dir}
-    train_dense(cfg, train_c, test_c, run_dir, progress=progress)
+    dense, _ = train_dense(cfg, train_c, test_c, run_dir, progress=progress)
     out['dense_model'] = run_dir / 'dense_model.pt'
+    conv = {'dense': dense.convergence}
     out['results_dense'] = evaluate_once(out['dense_model'], train_c, test_c, run_dir / 'results_dense.json', seed=cfg.seed,
-                                         eval_mode=eval_mode, run_info={**info, 'method': 'DINO-QPM dense'}, data_root=cfg.data.root)
+                                         eval_mode=eval_mode, run_info={**info, 'method': 'DINO-QPM dense', **convergence_info(conv)},
+                                         data_root=cfg.data.root)
     if stop_after == 'dense': return out
     qp = solve_qp_once(cfg, out['dense_model'], train_c, run_dir / 'qp', progress=progress)
     out['qp'] = qp
     if stop_after == 'qp': return out
-    dense = load_model(out['dense_model'])
-    finetune(cfg, dense, train_cache=train_c, test_cache=test_c, run_dir=run_dir, qp_result=qp, progress=progress)
+    ft, _ = finetune(cfg, load_model(out['dense_model']), train_cache=train_c, test_cache=test_c, run_dir=run_dir, qp_result=qp,
+                     progress=progress)
     out['model'] = run_dir / 'finetune_model.pt'
-    qp_info = {'qp_status': qp.status, 'qp_gap': qp.gap, 'qp_seconds': qp.seconds, 'qp_solver': qp.solver, 'qp_tau': qp.tau}
+    conv['finetune'] = ft.convergence
     out['results'] = evaluate_once(out['model'], train_c, test_c, run_dir / 'results_finetune.json', seed=cfg.seed,
-                                   eval_mode=eval_mode, run_info={**info, **qp_info}, data_root=cfg.data.root)
+                                   eval_mode=eval_mode, run_info={**info, **qp_info(qp), **convergence_info(conv)},
+                                   data_root=cfg.data.root)
     log.info('DINO-QPM run finished in %.0f s: %s', time.perf_counter() - t0, run_dir)
     return out
 

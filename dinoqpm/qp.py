@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'SOLVER_NAMES', 'HIGHS_OPTIONS', 'qp_constants', 'locality_statistics', 'locality_bias', 'scaled_similarity',
            'penalised_pairs', 'TauChoice', 'choose_tau', 'best_unique_assignment', 'qp_objective', 'SelectionSearch',
            'check_qp_inputs', 'require_solver', 'c_stdout_silenced', 'solver_gc_guard', 'QPResult', 'TopKModel',
-           'solve_qp', 'synthetic_qp_features', 'solve_qp_exhaustive', 'solve_qp_naive']
+           'solve_qp', 'QPNotCertifiedError', 'synthetic_qp_features', 'solve_qp_exhaustive', 'solve_qp_naive']
 
 # %% ../nbs/05_qp.ipynb #c006
 def qp_constants(features, labels, n_classes: int):
@@ -466,6 +466,17 @@ class QPResult:
         out[:, self.selection] = self.weight
         return out
 
+    @property
+    def certified(self) -> bool:
+        "True when the solution is proven within `mip_gap` of the optimum (status 'optimal')."
+        return self.status == 'optimal'
+
+    def certificate(self) -> str:
+        "One line for tables: `'certified (gap 0.36% <= 0.50%, 0.2s, highs, optimal)'` or `'not certified (gap 1.20% > 0.50%, ...)'`."
+        gap = f'{100 * self.gap:.2f}%' if np.isfinite(self.gap) else 'unknown'
+        what = f'gap {gap} <= {100 * self.mip_gap:.2f}%' if self.certified else f'gap {gap} > {100 * self.mip_gap:.2f}%'
+        return f"{'certified' if self.certified else 'not certified'} ({what}, {self.seconds:.1f}s, {self.solver}, {self.status})"
+
     def summary(self) -> str:
         return (f'{self.status}: objective {self.objective:.4f} (z_a {self.z_a:.4f}, z_r {self.z_r:.4f}), bound {self.bound:.4f}, '
                 f'gap {100 * self.gap:.3f}% in {self.seconds:.1f}s with {self.solver}, tau {self.tau:.4f} ({self.n_pairs} pairs)')
@@ -834,15 +845,25 @@ def _solve_qp(A, R, n_select: int = 50, n_per_class: int = 5, *, tau: Optional[f
 def solve_qp(A, R, n_select: int = 50, n_per_class: int = 5, *, tau: Optional[float] = None, tau_rule: str = 'reference',
              bias=None, solver: str = 'highs', time_limit: float = 120, mip_gap: float = 0.005, threads: Optional[int] = None,
              seed: int = 0, warm_start: bool = True, cliques: bool = True, heuristic_seconds: Optional[float] = None,
-             solver_options: Optional[dict] = None, progress: bool = False) -> QPResult:
+             solver_options: Optional[dict] = None, progress: bool = False, require_certified: bool = False) -> QPResult:
     """Solve the QPM program (method.md §4.5) to a certified relative gap `mip_gap` within `time_limit` seconds.
     `tau=None` applies the clique rule (`tau_rule` 'reference' | 'intended'); `bias` adds Σ b_j s_j; `cliques=False` drops
     the clique cuts and `warm_start=False` every heuristic (ablations); `solver_options` are raw HiGHS options (or python-mip
-    Model attributes for CBC)."""
+    Model attributes for CBC). A solution that misses `mip_gap` is logged as a WARNING, or raises `QPNotCertifiedError`
+    with `require_certified`."""
     with solver_gc_guard():
-        return _solve_qp(A, R, n_select, n_per_class, tau=tau, tau_rule=tau_rule, bias=bias, solver=solver, time_limit=time_limit,
-                         mip_gap=mip_gap, threads=threads, seed=seed, warm_start=warm_start, cliques=cliques,
-                         heuristic_seconds=heuristic_seconds, solver_options=solver_options, progress=progress)
+        res = _solve_qp(A, R, n_select, n_per_class, tau=tau, tau_rule=tau_rule, bias=bias, solver=solver, time_limit=time_limit,
+                        mip_gap=mip_gap, threads=threads, seed=seed, warm_start=warm_start, cliques=cliques,
+                        heuristic_seconds=heuristic_seconds, solver_options=solver_options, progress=progress)
+    if not res.certified:
+        msg = (f'QP solution {res.certificate()}: the requested gap was not reached within time_limit={time_limit:g}s; '
+               f'raise qp.time_limit or qp.mip_gap')
+        if require_certified: raise QPNotCertifiedError(msg + ' (qp.require_certified is set)')
+        log.warning('%s, or set qp.require_certified=true to make this an error', msg)
+    return res
+
+class QPNotCertifiedError(RuntimeError):
+    "A QP solution that misses the requested gap while `require_certified` is set."
 
 # %% ../nbs/05_qp.ipynb #c037
 def synthetic_qp_features(n_features: int = 512, n_classes: int = 200, n_samples: int = 6000, n_concepts: int = 256,

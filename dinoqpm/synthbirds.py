@@ -14,9 +14,10 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PART_NAMES', 'COLOURS', 'PART_ATTRIBUTES', 'PAIR_PLAN', 'TRUTH_FILE', 'attribute_list', 'attribute_name',
-           'spec_distance', 'design_classes', 'bird_geometry', 'sample_pose', 'make_background', 'render_sample',
-           'pair_difference', 'make_synthbirds', 'load_synthbirds_truth', 'part_label_map']
+__all__ = ['log', 'PART_NAMES', 'COLOURS', 'PART_ATTRIBUTES', 'PAIR_PLAN', 'MIN_PART_PIXELS', 'TRUTH_FILE', 'attribute_list',
+           'attribute_name', 'spec_distance', 'design_classes', 'bird_geometry', 'sample_pose', 'make_background',
+           'part_locations', 'render_sample', 'pair_difference', 'make_synthbirds', 'load_synthbirds_truth',
+           'part_label_map']
 
 # %% ../nbs/01a_synthbirds.ipynb #c006
 PART_NAMES = ('crown', 'eye', 'beak', 'throat', 'breast', 'belly', 'back', 'wing', 'tail', 'legs')
@@ -366,6 +367,20 @@ def make_background(rng, W: int, H: int) -> Image.Image:
     return img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.4, 1.8))))
 
 # %% ../nbs/01a_synthbirds.ipynb #c019
+MIN_PART_PIXELS = 3    # a part counts as visible (CUB's `visible` flag, certainty > 1) from this many drawn pixels on
+
+def part_locations(lab: np.ndarray, xs: np.ndarray, ys: np.ndarray, min_pixels: int = MIN_PART_PIXELS) -> np.ndarray:
+    """`[n_parts, 3]` part annotations `x, y, visible` from a part-label map `lab` (0 = background, k+1 = part k) and the
+    pixel coordinates `xs`, `ys` of its cells: a part with at least `min_pixels` pixels is visible at their centroid,
+    any other is `0, 0, 0` (as CUB writes parts that are not visible)."""
+    P1 = len(PART_NAMES) + 1
+    cnt = np.bincount(lab.ravel(), minlength=P1)
+    sx, sy = np.bincount(lab.ravel(), xs.ravel(), P1), np.bincount(lab.ravel(), ys.ravel(), P1)
+    locs = np.zeros((len(PART_NAMES), 3))
+    for k in range(len(PART_NAMES)):
+        if cnt[k + 1] >= min_pixels: locs[k] = (sx[k + 1] / cnt[k + 1], sy[k + 1] / cnt[k + 1], 1)
+    return locs
+
 def _key_rngs(key):
     ss = np.random.SeedSequence(key)
     return [np.random.default_rng(s) for s in ss.spawn(4)]   # size/pose, background, bird appearance, annotation
@@ -436,13 +451,7 @@ def render_sample(spec: dict, key, img_size: int = 256) -> dict:
     img = np.clip((img * tint * gain) + noise, 0, 255).astype(np.uint8)
     part_map = np.zeros((H, W), np.uint8)
     part_map[y0:y1, x0:x1] = lab
-    # annotations from the rendered part map
-    locs = np.zeros((len(PART_NAMES), 3))
-    P1 = len(PART_NAMES) + 1
-    cnt = np.bincount(lab.ravel(), minlength=P1)
-    sx, sy = np.bincount(lab.ravel(), xs.ravel() - 0.5, P1), np.bincount(lab.ravel(), ys.ravel() - 0.5, P1)
-    for k in range(len(PART_NAMES)):
-        if cnt[k + 1] >= 3: locs[k] = (sx[k + 1] / cnt[k + 1], sy[k + 1] / cnt[k + 1], 1)
+    locs = part_locations(lab, xs - 0.5, ys - 0.5)                # annotations from the rendered part map
     yy, xx = np.nonzero(part_map)
     bbox = (float(xx.min()), float(yy.min()), float(xx.max() - xx.min() + 1), float(yy.max() - yy.min() + 1)) if len(yy) else (0., 0., 0., 0.)
     return dict(image=img, part_map=part_map, seg=np.where(part_map > 0, 255, 0).astype(np.uint8), part_locs=locs,

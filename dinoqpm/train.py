@@ -15,16 +15,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import RunConfig, PhaseConfig, ConfigError, config_to_dict, config_diff
 from .core import atomic_torch_save, atomic_write_text, get_device, seed_everything, provenance
-from .adapter import DinoQPMModel, SparseBLDDHead, model_spec, model_from_spec
+from .adapter import DinoQPMModel, SparseBLDDHead, ModelOutput, model_spec, model_from_spec
 from .losses import feature_diversity_loss, sparsity_loss
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'make_token_data', 'TokenDataset', 'derive_seed',
+__all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'CONVERGENCE_RTOL', 'CONVERGENCE_ATOL',
+           'CONVERGENCE_MIN_EPOCHS', 'CONVERGENCE_CRITERION', 'make_token_data', 'TokenDataset', 'derive_seed',
            'epoch_order', 'iter_batches', 'make_optimizer', 'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError',
-           'cache_fingerprint', 'state_fingerprint', 'save_model', 'load_model', 'train_dense', 'extract_features',
-           'compute_feature_stats', 'finetune', 'finetune_from_qp']
+           'cache_fingerprint', 'state_fingerprint', 'convergence', 'convergence_info', 'save_model', 'load_model',
+           'train_dense', 'extract_features', 'compute_feature_stats', 'finetune', 'finetune_from_qp']
 
 # %% ../nbs/04_train.ipynb #c005
 def make_token_data(n: int = 200, grid=(4, 4), dim: int = 32, n_classes: int = 4, signal: float = 4.0, seed: int = 0,
@@ -173,8 +174,11 @@ def _opt_mode(opt, train: bool):
 
 # %% ../nbs/04_train.ipynb #c015
 @torch.no_grad()
-def recompute_bn_stats(model: DinoQPMModel, dataset: TokenDataset, batch_size: int = 128, device=None) -> DinoQPMModel:
-    "Reset every BatchNorm's running statistics and re-estimate them (cumulative average) over `dataset`; in place, returns `model`."
+def recompute_bn_stats(model: DinoQPMModel, dataset: TokenDataset, batch_size: int = 128, device=None, seed: int = 0,
+                       shuffle: bool = True) -> DinoQPMModel:
+    """Reset every BatchNorm's running statistics and re-estimate them (cumulative average) over `dataset`, in batches of a
+    seeded random order (`shuffle`; the stored order of a class-sorted cache gives class-homogeneous batches, whose
+    average variance underestimates the population variance); in place, returns `model`."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns: return model
     device = device or _model_device(model)
@@ -182,7 +186,9 @@ def recompute_bn_stats(model: DinoQPMModel, dataset: TokenDataset, batch_size: i
     model.eval()
     momenta = [bn.momentum for bn in bns]
     for bn in bns: bn.reset_running_stats(); bn.momentum = None; bn.train()
-    for tokens, _, _ in iter_batches(dataset, batch_size, device=device): model.dense_features(tokens, dataset.grid)
+    order = (torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(seed, 'bn'))).numpy()
+             if shuffle else None)
+    for tokens, _, _ in iter_batches(dataset, batch_size, order, device=device): model.dense_features(tokens, dataset.grid)
     for bn, mom in zip(bns, momenta): bn.momentum = mom
     model.train(was_training)
     return model
@@ -218,10 +224,13 @@ def _crc(*arrays) -> int:
     return c
 
 def cache_fingerprint(cache) -> dict:
-    "Shape, class count and label checksum of a feature cache (part of a phase signature)."
+    """Shape, class count, label checksum and (for a cache on disk) the cache key of a feature cache (part of a phase
+    signature): the key names the dataset's samples, the backbone, its weights' SHA-256, the preprocessing and the input
+    size, so a model trained on other tokens is refused with the key that changed."""
     N, Np, D = cache.patch.shape
+    key = (getattr(cache, 'manifest', None) or {}).get('key')
     return {'n': int(N), 'n_patches': int(Np), 'dim': int(D), 'grid': [int(g) for g in cache.grid],
-            'n_classes': int(cache.n_classes), 'labels_crc': _crc(np.asarray(cache.labels, dtype=np.int64))}
+            'n_classes': int(cache.n_classes), 'labels_crc': _crc(np.asarray(cache.labels, dtype=np.int64)), 'key': key}
 
 def state_fingerprint(model: nn.Module) -> int:
     "A checksum of a model's parameters and buffers."
@@ -277,11 +286,33 @@ def _write_log(path, history):
         lines.append(','.join('' if row.get(c) is None else (f'{row[c]:.6g}' if isinstance(row[c], float) else str(row[c])) for c in LOG_COLUMNS))
     atomic_write_text(path, '\n'.join(lines) + '\n')
 
-def _eval_copy(model, pcfg, train_ds, device):
+def _eval_copy(model, pcfg, train_ds, device, seed: int = 0):
     "The model to evaluate / keep: a copy with BN statistics recomputed for the current (averaged) weights, if asked."
     if not pcfg.recompute_bn: return model
     m = copy.deepcopy(model)
-    return recompute_bn_stats(m, train_ds, batch_size=max(pcfg.batch_size, 128), device=device)
+    return recompute_bn_stats(m, train_ds, batch_size=max(pcfg.batch_size, 128), device=device, seed=seed)
+
+def _pooled_only(model: DinoQPMModel, pcfg: PhaseConfig) -> bool:
+    "True when the adapter is the identity (`n_layers=0`) and no loss looks at the maps: only the head learns, on a fixed `f`."
+    return (model.cfg.n_layers == 0 and model.selection is None and not pcfg.beta_div
+            and not (pcfg.lambda_fm or pcfg.lambda_fv))
+
+@torch.no_grad()
+def _pooled_vectors(model: DinoQPMModel, ds: TokenDataset, device):
+    "The pooled vectors `f` and labels of every sample of `ds` (cache order), computed once."
+    fs, ys = [], []
+    for tokens, labels, _ in iter_batches(ds, 256, device=device):
+        fs.append(model.dense_features(tokens, ds.grid)[1]); ys.append(labels)
+    return torch.cat(fs), torch.cat(ys)
+
+@torch.no_grad()
+def _pooled_accuracy(model: DinoQPMModel, f, y) -> dict:
+    "`eval_accuracy` on precomputed pooled vectors."
+    was_training = model.training
+    model.eval()
+    logits = model.head(f)[0]
+    model.train(was_training)
+    return {'loss': F.cross_entropy(logits, y).item(), 'acc': (logits.argmax(1) == y).sum().item() / max(len(y), 1), 'n': len(y)}
 
 def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMModel, params, train_cache, test_cache,
                 run_dir, signature: dict, progress: bool, on_epoch_end: Sequence[Callable], eval_every: int, device):
@@ -305,6 +336,19 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
         history, start = list(ck['history']), int(ck['epoch'])
         log.info("%s: resuming from %s after epoch %d of %d", phase, ckpt_path, start, pcfg.epochs)
     steps = math.ceil(len(train_ds) / pcfg.batch_size)
+    pooled = _pooled_only(model, pcfg)
+    if pooled:                                  # identity adapter, no map loss: f is fixed, train the head on it
+        f_train, y_train = _pooled_vectors(model, train_ds, device)
+        f_test, y_test = _pooled_vectors(model, test_ds, device) if test_ds is not None else (None, None)
+    def batches(order):
+        if not pooled: yield from ((t, l) for t, l, _ in iter_batches(train_ds, pcfg.batch_size, order, device)); return
+        for i in range(0, len(order), pcfg.batch_size):
+            idx = torch.from_numpy(np.sort(order[i:i + pcfg.batch_size])).to(f_train.device)
+            yield f_train[idx], y_train[idx]
+    def forward(x):
+        if not pooled: return model(x, train_ds.grid)
+        logits, final = model.head(x)
+        return ModelOutput(logits, x, None, final)
     bar = tqdm(total=pcfg.epochs * steps, initial=start * steps, desc=phase, disable=not progress, dynamic_ncols=True)
     try:
         for epoch in range(start, pcfg.epochs):
@@ -314,8 +358,8 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             model.train(); _opt_mode(opt, True)
             sums = torch.zeros(4, dtype=torch.float64)
             correct = 0
-            for step, (tokens, labels, _) in enumerate(iter_batches(train_ds, pcfg.batch_size, order, device)):
-                out = model(tokens, train_ds.grid)
+            for step, (x, labels) in enumerate(batches(order)):
+                out = forward(x)
                 ce = F.cross_entropy(out.logits, labels)
                 div = (feature_diversity_loss(out.maps, out.final_features, out.logits, model.head_weight(), pcfg.beta_div)
                        if pcfg.beta_div else ce.new_zeros(()))
@@ -344,7 +388,8 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
                    'train_div': sums[2].item() / N, 'train_sparsity': sums[3].item() / N, 'train_acc': correct / N,
                    'test_loss': None, 'test_acc': None}
             if test_ds is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == pcfg.epochs):
-                r = eval_accuracy(_eval_copy(model, pcfg, train_ds, device), test_ds, device=device)
+                r = (_pooled_accuracy(model, f_test, y_test) if pooled else
+                     eval_accuracy(_eval_copy(model, pcfg, train_ds, device, cfg.seed), test_ds, device=device))
                 row.update(test_loss=r['loss'], test_acc=r['acc'])
             row['seconds'] = time.time() - t0
             history.append(row)
@@ -360,8 +405,46 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
     finally:
         bar.close()
     _opt_mode(opt, False)
-    final = _eval_copy(model, pcfg, train_ds, device).eval()
+    final = _eval_copy(model, pcfg, train_ds, device, cfg.seed).eval()
+    final.convergence = convergence(history)
+    if not final.convergence['converged']: log.warning('%s: not converged (%s)', phase, final.convergence['reason'])
     return final, history
+
+# %% ../nbs/04_train.ipynb #c042
+CONVERGENCE_RTOL, CONVERGENCE_ATOL, CONVERGENCE_MIN_EPOCHS = 0.05, 0.01, 5
+CONVERGENCE_CRITERION = (f'converged: the mean epoch train loss of the last 5% of epochs is within max({CONVERGENCE_RTOL:.0%} of '
+                         f'the loss magnitude |CE|+|L_div|+|sparsity|, {CONVERGENCE_ATOL}) of the mean over the epochs in '
+                         f'(75%, 80%] of training (at least {CONVERGENCE_MIN_EPOCHS} epochs)')
+
+def _magnitude(row: dict) -> float:
+    "The size of a history row's loss: the sum of its terms' absolute values (the total's if the terms are not logged)."
+    parts = [row.get(k) for k in ('train_ce', 'train_div', 'train_sparsity')]
+    if all(v is None for v in parts): return abs(row['train_loss'])
+    return sum(abs(v) for v in parts if v is not None)
+
+def convergence(history: Sequence[dict], rtol: float = CONVERGENCE_RTOL, atol: float = CONVERGENCE_ATOL,
+                min_epochs: int = CONVERGENCE_MIN_EPOCHS) -> dict:
+    """The convergence record of a phase from its per-epoch `history` (see `CONVERGENCE_CRITERION`): `epochs`,
+    `final_train_loss`, `final_train_ce`, `final_train_acc`, `loss_rel_change`, `converged` and, if not, `reason`."""
+    n = len(history)
+    last = history[-1] if n else {}
+    out = {'epochs': n, 'final_train_loss': last.get('train_loss'), 'final_train_ce': last.get('train_ce'),
+           'final_train_acc': last.get('train_acc'), 'loss_rel_change': None, 'converged': False, 'criterion': CONVERGENCE_CRITERION}
+    if n < min_epochs: return {**out, 'reason': f'only {n} epoch(s); at least {min_epochs} are needed to judge convergence'}
+    loss = np.array([r['train_loss'] for r in history], dtype=np.float64)
+    a0 = int(0.75 * n); a1 = max(int(0.8 * n), a0 + 1)
+    l80, lend = loss[a0:a1].mean(), loss[int(0.95 * n):].mean()
+    scale = float(np.mean([_magnitude(r) for r in history[a0:a1]]))
+    drop = float(l80 - lend)
+    out['loss_rel_change'] = drop / max(scale, 1e-12)
+    if abs(drop) <= max(rtol * scale, atol): return {**out, 'converged': True}
+    how = 'still falling' if drop > 0 else 'rising'
+    return {**out, 'reason': f'train loss {how}: {l80:.4g} -> {lend:.4g} over the last 20% of steps '
+                             f'({100 * out["loss_rel_change"]:+.1f}% of its magnitude {scale:.3g}, {n} epochs)'}
+
+def convergence_info(phases: dict) -> dict:
+    "`{'convergence': {phase: record}, 'converged': every phase converged}` for a result JSON (`phases`: `{phase: record}`)."
+    return {'convergence': dict(phases), 'converged': bool(phases) and all(bool(c and c.get('converged')) for c in phases.values())}
 
 # %% ../nbs/04_train.ipynb #c023
 def _plain(obj):
@@ -378,10 +461,11 @@ def save_model(model: DinoQPMModel, path, **extra) -> Path:
                               **{k: _plain(v) for k, v in extra.items()}}, path)
 
 def load_model(path, device='cpu') -> DinoQPMModel:
-    "Rebuild a `DinoQPMModel` (eval mode) from a final model file or a checkpoint; `.history` and `.run_config` are attached."
+    "Rebuild a `DinoQPMModel` (eval mode) from a final model file or a checkpoint; `.history`, `.run_config` and `.convergence` are attached."
     ck = _load(path, 'model file')
     model = model_from_spec(ck['spec'], ck['model']).to(get_device(device)).eval()
     model.history, model.run_config = ck.get('history', []), ck.get('config')
+    model.convergence = convergence(model.history)                  # judged by the current criterion
     return model
 
 def _finished(path, signature, device):
@@ -391,6 +475,7 @@ def _finished(path, signature, device):
     log.info("%s exists: returning it without training", path)
     model = model_from_spec(ck['spec'], ck['model']).to(device).eval()
     model.history = ck.get('history', [])
+    model.convergence = convergence(model.history)                  # judged by the current criterion
     return model, model.history
 
 def _phase_signature(cfg: RunConfig, phase_key: str, train_cache, **extra) -> dict:
@@ -417,6 +502,7 @@ def train_dense(cfg: RunConfig, train_cache, test_cache=None, run_dir=None, prog
                                  signature, progress, on_epoch_end, eval_every, device)
     if final_path is not None:
         save_model(model, final_path, phase='dense', config=config_to_dict(cfg), signature=signature, history=history,
+                   convergence=model.convergence,
                    provenance=provenance(seed=cfg.seed, phase='dense'))
     return model, history
 
@@ -494,6 +580,7 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
                                  progress, on_epoch_end, eval_every, device)
     if final_path is not None:
         save_model(model, final_path, phase=phase, config=config_to_dict(cfg), signature=signature, history=history,
+                   convergence=model.convergence,
                    provenance=provenance(seed=cfg.seed, phase=phase))
     return model, history
 

@@ -78,7 +78,7 @@ def summarise_runs(tidy: pd.DataFrame, metrics=TABLE1_METRICS, method_order=None
         sub = tidy[tidy['method'] == m]
         row = {'method': m, 'seeds': len(sub)}
         for k in metrics:
-            row[k] = format_mean_std([100 * x for x in sub[k]] if k in sub else [])
+            row[k] = format_mean_std([100 * x for x in sub[k] if x is not None and not pd.isna(x)] if k in sub else [])
         rows.append(row)
     return pd.DataFrame(rows).set_index('method')
 

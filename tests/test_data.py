@@ -107,7 +107,9 @@ def test_cub_reader(tmp_path):
 def test_cub_without_masks_and_top_level_attributes(tmp_path):
     a = write_cub(tmp_path, masks=False)
     (a / 'attributes' / 'attributes.txt').rename(a.parent / 'attributes.txt')   # the tarball's layout
-    ds = CUB2011Dataset(tmp_path)
+    with pytest.raises(DatasetError, match='segmentations/ \\(expected folder') as e: CUB2011Dataset(tmp_path)
+    assert str(a / 'segmentations') in str(e.value) and 'data.require_masks=false' in str(e.value)
+    ds = CUB2011Dataset(tmp_path, require_masks=False)                   # the explicit switch: no masks, no Plausibility
     assert not ds.has_masks and ds.attribute_names[1] == 'has_eye_color::black'
     with pytest.raises(DatasetError, match='no segmentation masks'): ds.mask(0)
 
@@ -122,7 +124,7 @@ def test_cub_missing_files_listed_together(tmp_path):
               'attributes/class_attribute_labels_continuous.txt'):
         assert f'expected at {arch / f}' in msg, f
     assert 'attributes.txt (expected at' in msg and f'expected folder {arch / "images"}' in msg
-    assert len(e.value.problems) == 11 and 'Caltech' in msg
+    assert len(e.value.problems) == 12 and 'Caltech' in msg and f'expected folder {arch / "segmentations"}' in msg
 
 
 def test_cub_partial_folder(tmp_path):

@@ -1,0 +1,120 @@
+"""Plant realistic single bugs one at a time and check that the test suite catches each (a mutation check; not part of
+`make test`). Every mutant edits the notebook that is the source (and its exported module, as `nbdev_export` would) in a
+scratch copy of the checkout, then runs the tests named for it; `test_sync` is left out, since it would flag any edit.
+
+    .venv/bin/python tools/mutants.py [--only NAME,...] [--keep]     # prints one line per mutant, exit 1 if one survives
+"""
+import argparse, json, os, shutil, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = 'tests/test_notebooks.py::test_notebook'
+
+# name: (notebook stem, exported module, old text, new text, tests)
+MUTANTS = {
+    'table_columns_swapped': ('11_paper', 'paper', "**{k: metrics.get(k) for k in _KEEP}",
+                              "**{k: metrics.get({'Accuracy': 'Plausibility', 'Plausibility': 'Accuracy'}.get(k, k)) for k in _KEEP}",
+                              ['tests/test_paper.py']),
+    'published_sid_swapped': ('08_viz', 'viz', "'SID@5': sc if cub else sa", "'SID@5': sa if cub else sc",
+                              ['tests/test_trust.py::test_published_table1_is_the_papers']),
+    'sid_with_k4': ('06b_evaluate', 'evaluate', "res['SID@5'] = sid_at_k(maps_rel, W, preds, k=5)",
+                    "res['SID@5'] = sid_at_k(maps_rel, W, preds, k=4)", ['tests/test_paper.py', 'tests/test_metrics.py']),
+    'labels_int8': ('02a_cache', 'cache', "labels=((n,), np.int64)", "labels=((n,), np.int8)",
+                    ['tests/test_trust.py::test_end_to_end_with_more_than_128_classes']),
+    'schedulefree_never_averaged': ('04_train', 'train',
+                                    "    if hasattr(opt, 'train') and hasattr(opt, 'eval'): opt.train() if train else opt.eval()",
+                                    "    if hasattr(opt, 'train') and hasattr(opt, 'eval'): opt.train()",
+                                    ['tests/test_trust.py::test_saved_model_is_the_schedule_free_average']),
+    'ldiv_true_class': ('04_train', 'train',
+                        "div = (feature_diversity_loss(out.maps, out.final_features, out.logits, model.head_weight(), pcfg.beta_div)",
+                        "div = (feature_diversity_loss(out.maps, out.final_features, F.one_hot(labels, out.logits.shape[1]).float(), model.head_weight(), pcfg.beta_div)",
+                        ['tests/test_trust.py::test_logged_diversity_loss_weights_the_predicted_class']),
+    'rprime_min_with_diagonal': ('05_qp', 'qp', "    nz = R[R != 0]\n", "    nz = R.ravel()\n",
+                                 ['tests/test_trust.py::test_penalties_shift_by_the_smallest_nonzero_similarity']),
+    'z_r_strict_tau': ('05_qp', 'qp', "z_r = float(scaled_similarity(R)[np.ix_(S, S)][iu][RS[iu] >= tau].sum())",
+                       "z_r = float(scaled_similarity(R)[np.ix_(S, S)][iu][RS[iu] > tau].sum())",
+                       ['tests/test_trust.py::test_pairs_at_exactly_tau_are_penalised']),
+    'penalised_pairs_strict_tau': ('05_qp', 'qp', "    keep = R[i, j] >= tau\n", "    keep = R[i, j] > tau\n",
+                                   ['tests/test_trust.py::test_pairs_at_exactly_tau_are_penalised']),
+    'part_visibility_threshold': ('01a_synthbirds', 'synthbirds', "if cnt[k + 1] >= min_pixels:", "if cnt[k + 1] > min_pixels:",
+                                  [f'{NB}[01a_synthbirds]', 'tests/test_data.py']),
+    'hidden_parts_present': ('01a_synthbirds', 'synthbirds', "int(visible and val == said), cert if visible else 1",
+                             "int(val == said), cert if visible else 1", [f'{NB}[01a_synthbirds]', 'tests/test_data.py']),
+    'hidden_parts_certain': ('01a_synthbirds', 'synthbirds', "int(visible and val == said), cert if visible else 1",
+                             "int(visible and val == said), cert", [f'{NB}[01a_synthbirds]', 'tests/test_data.py']),
+    'recompute_bn_default_on': ('00a_config', 'config', "    recompute_bn: bool = False", "    recompute_bn: bool = True",
+                                [f'{NB}[00a_config]', f'{NB}[11_paper]']),
+    'bn_recompute_in_stored_order': ('04_train', 'train', "             if shuffle else None)", "             if False else None)",
+                                     [f'{NB}[04_train]']),
+    'qsenn_paper_schedule_default': ('07_baselines', 'baselines', "def train_qsenn(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, iterations: int = 4, schedule: str = 'reference',",
+                                     "def train_qsenn(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, iterations: int = 4, schedule: str = 'qsenn',",
+                                     [f'{NB}[07_baselines]']),
+    'qsenn_50_epochs': ('07_baselines', 'baselines', "                finetune_epochs: Optional[int] = 25, beta: Optional[float] = 0.196, head_dropout: Optional[float] = 0.1,",
+                        "                finetune_epochs: Optional[int] = 50, beta: Optional[float] = 0.196, head_dropout: Optional[float] = 0.1,",
+                        [f'{NB}[07_baselines]']),
+    'uncertified_qp_silent': ('05_qp', 'qp', "        log.warning('%s, or set qp.require_certified=true to make this an error', msg)",
+                              "        pass", [f'{NB}[05_qp]', 'tests/test_qp.py']),
+    'uncertified_qp_not_in_table': ('11_paper', 'paper', "            if len(bad): n.append('QP not certified (gap '", "            if False: n.append('QP not certified (gap '",
+                                    ['tests/test_trust.py::test_uncertified_qp_and_unconverged_rows_are_marked_in_every_table']),
+    'cache_key_without_masks': ('02a_cache', 'cache', "weights=weights, preprocessing=preprocessing, img_size=int(img_size), masks=bool(masks))",
+                                "weights=weights, preprocessing=preprocessing, img_size=int(img_size))", [f'{NB}[02a_cache]']),
+    'signature_without_cache_key': ('04_train', 'train', "'labels_crc': _crc(np.asarray(cache.labels, dtype=np.int64)), 'key': key}",
+                                    "'labels_crc': _crc(np.asarray(cache.labels, dtype=np.int64))}",
+                                    ['tests/test_trust.py::test_a_model_trained_on_other_tokens_is_refused']),
+    'silent_pos_embed_fallback': ('02_backbone', 'backbone', "        except ValueError as e:   # never fall through to timm's own resampler without a word",
+                                  "        except ValueError as e:\n            pass\n        if False:", [f'{NB}[02_backbone]']),
+    'missing_masks_silent': ('01_data', 'data', "            if require_masks:\n                missing.append(", "            if False:\n                missing.append(",
+                             [f'{NB}[01_data]', 'tests/test_data.py']),
+    'convergence_never_flags': ('04_train', 'train', "    if abs(drop) <= max(rtol * scale, atol): return {**out, 'converged': True}",
+                                "    return {**out, 'converged': True}", [f'{NB}[04_train]']),
+}
+
+
+def apply(tmp: Path, stem: str, module: str, old: str, new: str):
+    "Replace `old` by `new` in the notebook's cells and in the exported module (exactly once in each)."
+    nbp = tmp / 'nbs' / f'{stem}.ipynb'
+    nb = json.loads(nbp.read_text())
+    hits = 0
+    for c in nb['cells']:
+        src = ''.join(c['source'])
+        if old in src:
+            hits += src.count(old)
+            src = src.replace(old, new)
+            lines = src.split('\n')
+            c['source'] = [l + '\n' for l in lines[:-1]] + [lines[-1]]
+    if hits != 1: raise SystemExit(f'{stem}: the text to mutate occurs {hits} times in the notebook')
+    nbp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n')
+    py = tmp / 'dinoqpm' / f'{module}.py'
+    s = py.read_text()
+    if s.count(old) != 1: raise SystemExit(f'{module}.py: the text to mutate occurs {s.count(old)} times')
+    py.write_text(s.replace(old, new))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--only', default='')
+    ap.add_argument('--keep', action='store_true', help='keep the scratch copies')
+    args = ap.parse_args()
+    names = [n for n in MUTANTS if not args.only or n in args.only.split(',')]
+    survived = []
+    for name in names:
+        stem, module, old, new, tests = MUTANTS[name]
+        tmp = Path(tempfile.mkdtemp(prefix=f'mutant-{name}-'))
+        shutil.copytree(ROOT, tmp, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns('.venv', '.git', 'runs', '__pycache__', '*.egg-info', '.pytest_cache', 'figures'))
+        apply(tmp, stem, module, old, new)
+        env = dict(os.environ, PYTHONPATH=str(tmp), HF_HUB_OFFLINE='1', TQDM_DISABLE='1')
+        t0 = time.time()
+        r = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', *tests], cwd=tmp, env=env,
+                           capture_output=True, text=True)
+        caught = r.returncode != 0
+        last = (r.stdout.strip().splitlines() or [''])[-1]
+        print(f"{'caught  ' if caught else 'SURVIVED'} {name:32s} {time.time() - t0:6.0f}s  {last}", flush=True)
+        if not caught: survived.append(name)
+        if not args.keep: shutil.rmtree(tmp, ignore_errors=True)
+    print(f'{len(names) - len(survived)}/{len(names)} mutants caught' + (f'; survived: {", ".join(survived)}' if survived else ''))
+    sys.exit(1 if survived else 0)
+
+
+if __name__ == '__main__':
+    main()
