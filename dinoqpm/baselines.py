@@ -5,6 +5,7 @@
 # %% ../nbs/07_baselines.ipynb #c002
 from __future__ import annotations
 import dataclasses, json, logging
+import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -24,8 +25,8 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'QSENN_SCHEDULES', 'TABLE1_METHODS', 'ROW_LABELS', 'PROBE_PROTOCOLS', 'DINOV2_PROBE_LABEL', 'STAGE_FORMAT',
            'BASELINES', 'linear_probe_config', 'dense_frozen_config', 'sldd_config', 'qsenn_schedule', 'BaselineResult',
            'evaluate_row', 'train_linear_probe', 'train_dense_frozen', 'evaluate_dense_qpm', 'dense_readings',
-           'train_features', 'feature_selection', 'regularisation_path', 'path_convergence', 'train_sldd',
-           'train_qsenn', 'run_baseline']
+           'logistic_regression_check', 'train_features', 'feature_selection', 'regularisation_path',
+           'path_convergence', 'train_sldd', 'train_qsenn', 'run_baseline']
 
 # %% ../nbs/07_baselines.ipynb #c006
 def _set(cfg: RunConfig, **dotted) -> RunConfig:
@@ -206,6 +207,23 @@ def dense_readings(cfg: RunConfig, train_cache, test_cache, run_dir=None, qpm_de
                                               evaluate_kwargs=evaluate_kwargs)
     for r in out.values(): log.info("%s: %s", r.label, {k: r.metrics.get(k) for k in ('Accuracy', 'Plausibility', 'SID@5')})
     return out
+
+# %% ../nbs/07_baselines.ipynb #c040
+def logistic_regression_check(train_cache, test_cache, C: float = 1.0, max_iter: int = 5000) -> dict:
+    "Test accuracy of a converged scikit-learn logistic regression on the standardised cached CLS tokens (`C`, L-BFGS)."
+    import warnings
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    m = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always', ConvergenceWarning)
+        m.fit(np.asarray(train_cache.cls, np.float64), np.asarray(train_cache.labels))
+    converged = not any(issubclass(x.category, ConvergenceWarning) for x in w)
+    acc = float(m.score(np.asarray(test_cache.cls, np.float64), np.asarray(test_cache.labels)))
+    return {'accuracy': acc, 'C': C, 'converged': converged, 'n_iter': int(m[-1].n_iter_.max()),
+            'what': f'sklearn LogisticRegression(C={C}) on the standardised cached CLS tokens'}
 
 # %% ../nbs/07_baselines.ipynb #c020
 STAGE_FORMAT = 'dinoqpm-baseline-stage/1'

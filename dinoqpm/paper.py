@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
-           'PaperParams', 'paper_params', 'steps_to_epochs', 'paper_config', 'row_run_dir', 'run_table1_seed',
-           'run_table1', 'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1', 'FigureData',
-           'figure_data', 'pick_examples', 'class_label', 'cover_figure', 'sharing_pairs', 'class_comparison_figure',
-           'assignment_overview_figure', 'params_from_namespace']
+           'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params', 'steps_to_epochs', 'paper_config', 'row_run_dir',
+           'run_table1_seed', 'run_table1', 'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1',
+           'FigureData', 'figure_data', 'pick_examples', 'class_label', 'cover_figure', 'sharing_pairs',
+           'class_comparison_figure', 'assignment_overview_figure', 'params_from_namespace']
 
 # %% ../nbs/11_paper.ipynb #c005
 MODES = ('quick', 'full', 'smoke')
@@ -182,7 +182,13 @@ def run_table1_seed(p: PaperParams, seed: int, rows=TABLE1_ROWS, progress=True) 
             if name == 'qsenn': f = r.run_dir / 'qsenn' / f"qsenn_iter{len(r.info['iterations']) - 1}_model.pt"
             elif name == 'linear_probe' and p.probe_protocol == 'dinov2': f = r.run_dir / 'linear_eval_model.pt'
             else: f = r.run_dir / ROW_MODEL_FILE[name]
-            record(name, r.metrics, f, probe_protocol=(r.metrics.get('probe_protocol') or {}).get('protocol') if name == 'linear_probe' else None)
+            extra = {}
+            if name == 'linear_probe':
+                from dinoqpm.baselines import logistic_regression_check
+                chk = logistic_regression_check(*caches)
+                extra = {'probe_protocol': (r.metrics.get('probe_protocol') or {}).get('protocol'),
+                         'lr_check_accuracy': chk['accuracy'], 'lr_check_converged': chk['converged']}
+            record(name, r.metrics, f, **extra)
     return records
 
 def run_table1(p: PaperParams, rows=TABLE1_ROWS, progress=True) -> pd.DataFrame:
@@ -203,6 +209,8 @@ def is_demo(p: PaperParams) -> bool:
     from dinoqpm.backbone import get_backbone_spec
     return p.dataset == 'SynthBirds' or not get_backbone_spec(run_backbone(p)).is_paper_backbone
 
+PROBE_CHECK_POINTS = 3   # the probe should be within this many points of the logistic-regression check
+
 def _pct(x) -> str: return f'{100 * x:.2f}%' if x is not None and np.isfinite(x) else 'unknown'
 
 def row_notes(tidy: pd.DataFrame, demo: bool) -> dict:
@@ -216,6 +224,8 @@ def row_notes(tidy: pd.DataFrame, demo: bool) -> dict:
             bad = sub[[c is not None and not pd.isna(c) and not bool(c) for c in sub['qp_certified']]]
             if len(bad): n.append('QP not certified (gap ' + ', '.join(_pct(g) for g in bad['qp_gap']) + ')')
         if 'plausibility_skipped' in sub and sub['plausibility_skipped'].notna().any(): n.append('Plausibility skipped')
+        if 'lr_check_accuracy' in sub and (100 * (sub['Accuracy'] - sub['lr_check_accuracy']) < -PROBE_CHECK_POINTS).any():
+            n.append('below the logistic-regression check')
         out[m] = '; '.join(n)
     return out
 
@@ -252,6 +262,14 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     if 'plausibility_skipped' in tidy and tidy['plausibility_skipped'].notna().any():
         why = sorted(set(tidy['plausibility_skipped'].dropna()))
         notes.append('Plausibility skipped: ' + '; '.join(why))
+    pr = tidy[tidy['row'] == 'linear_probe'] if 'lr_check_accuracy' in tidy else tidy.iloc[:0]
+    if len(pr):
+        gap = 100 * (pr['Accuracy'] - pr['lr_check_accuracy'])
+        chk = (f'Probe check: a converged scikit-learn LogisticRegression (C = 1) on the same standardised cached CLS tokens '
+               f'reaches {100 * pr["lr_check_accuracy"].iloc[0]:.1f}% test accuracy; the CLS probe is ')
+        far = pr[gap < -PROBE_CHECK_POINTS]
+        notes.append(chk + (f'within {PROBE_CHECK_POINTS} points of it in every seed ({", ".join(f"{g:+.1f}" for g in gap)}).' if not len(far) else
+                            'MORE THAN 3 POINTS BELOW IT in seed(s) ' + ', '.join(f'{int(r.seed)} ({100 * (r.Accuracy - r.lr_check_accuracy):+.1f})' for r in far.itertuples()) + '.'))
     if 'probe_protocol' in tidy and (tidy['probe_protocol'] == 'dinov2').any():
         from dinoqpm.baselines import DINOV2_PROBE_LABEL
         notes.append(f'CLS linear probe: {DINOV2_PROBE_LABEL} (probe_protocol=dinov2), not the authors\' recipe.')

@@ -412,9 +412,9 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
 
 # %% ../nbs/04_train.ipynb #c042
 CONVERGENCE_RTOL, CONVERGENCE_ATOL, CONVERGENCE_MIN_EPOCHS = 0.05, 0.01, 5
-CONVERGENCE_CRITERION = (f'converged: the mean epoch train loss of the last 5% of epochs is within max({CONVERGENCE_RTOL:.0%} of '
-                         f'the loss magnitude |CE|+|L_div|+|sparsity|, {CONVERGENCE_ATOL}) of the mean over the epochs in '
-                         f'(75%, 80%] of training (at least {CONVERGENCE_MIN_EPOCHS} epochs)')
+CONVERGENCE_CRITERION = (f'converged: over the last 20% of epochs, the least-squares trend of the epoch train loss changes it by at most '
+                         f'max({CONVERGENCE_RTOL:.0%} of the loss magnitude |CE|+|L_div|+|sparsity|, {CONVERGENCE_ATOL}) plus two '
+                         f'standard errors (at least {CONVERGENCE_MIN_EPOCHS} epochs)')
 
 def _magnitude(row: dict) -> float:
     "The size of a history row's loss: the sum of its terms' absolute values (the total's if the terms are not logged)."
@@ -425,22 +425,28 @@ def _magnitude(row: dict) -> float:
 def convergence(history: Sequence[dict], rtol: float = CONVERGENCE_RTOL, atol: float = CONVERGENCE_ATOL,
                 min_epochs: int = CONVERGENCE_MIN_EPOCHS) -> dict:
     """The convergence record of a phase from its per-epoch `history` (see `CONVERGENCE_CRITERION`): `epochs`,
-    `final_train_loss`, `final_train_ce`, `final_train_acc`, `loss_rel_change`, `converged` and, if not, `reason`."""
+    `final_train_loss`, `final_train_ce`, `final_train_acc`, `loss_rel_change` (with `loss_rel_change_se`), `converged`
+    and, if not, `reason`."""
     n = len(history)
     last = history[-1] if n else {}
     out = {'epochs': n, 'final_train_loss': last.get('train_loss'), 'final_train_ce': last.get('train_ce'),
-           'final_train_acc': last.get('train_acc'), 'loss_rel_change': None, 'converged': False, 'criterion': CONVERGENCE_CRITERION}
+           'final_train_acc': last.get('train_acc'), 'loss_rel_change': None, 'loss_rel_change_se': None, 'converged': False,
+           'criterion': CONVERGENCE_CRITERION}
     if n < min_epochs: return {**out, 'reason': f'only {n} epoch(s); at least {min_epochs} are needed to judge convergence'}
-    loss = np.array([r['train_loss'] for r in history], dtype=np.float64)
-    a0 = int(0.75 * n); a1 = max(int(0.8 * n), a0 + 1)
-    l80, lend = loss[a0:a1].mean(), loss[int(0.95 * n):].mean()
-    scale = float(np.mean([_magnitude(r) for r in history[a0:a1]]))
-    drop = float(l80 - lend)
-    out['loss_rel_change'] = drop / max(scale, 1e-12)
-    if abs(drop) <= max(rtol * scale, atol): return {**out, 'converged': True}
-    how = 'still falling' if drop > 0 else 'rising'
-    return {**out, 'reason': f'train loss {how}: {l80:.4g} -> {lend:.4g} over the last 20% of steps '
-                             f'({100 * out["loss_rel_change"]:+.1f}% of its magnitude {scale:.3g}, {n} epochs)'}
+    m = max(3, round(0.2 * n))
+    tail = history[-m:]
+    loss, e = np.array([r['train_loss'] for r in tail], dtype=np.float64), np.arange(m, dtype=np.float64)
+    e0 = e - e.mean()
+    slope = float((e0 * (loss - loss.mean())).sum() / (e0 ** 2).sum())
+    resid = loss - loss.mean() - slope * e0
+    se_slope = float(np.sqrt((resid ** 2).sum() / max(m - 2, 1) / (e0 ** 2).sum()))
+    change, se = -slope * m, se_slope * m                                # change > 0: the loss still falls
+    scale = float(np.mean([_magnitude(r) for r in tail]))
+    out.update(loss_rel_change=change / max(scale, 1e-12), loss_rel_change_se=se / max(scale, 1e-12))
+    if abs(change) <= max(rtol * scale, atol) + 2 * se: return {**out, 'converged': True}
+    how = 'still falling' if change > 0 else 'rising'
+    return {**out, 'reason': f'train loss {how}: its trend moves it by {change:+.4g} (± {se:.2g}) over the last 20% of steps, '
+                             f'{100 * out["loss_rel_change"]:+.1f}% of its magnitude {scale:.3g} ({n} epochs)'}
 
 def convergence_info(phases: dict) -> dict:
     "`{'convergence': {phase: record}, 'converged': every phase converged}` for a result JSON (`phases`: `{phase: record}`)."

@@ -139,14 +139,15 @@ def test_end_to_end_with_more_than_128_classes(tmp_path):
     from dinoqpm.train import extract_features
     cfg = smoke_config(tmp_path / 'data', tmp_path / 'weights', **{
         'data.synth_classes': 130, 'data.synth_images_per_class': 2, 'adapter.n_features': 24,
-        'qp.n_select': 17, 'qp.n_per_class': 2, 'qp.time_limit': 60.0, 'dense.epochs': 2, 'finetune.epochs': 1})
+        'qp.n_select': 20, 'qp.n_per_class': 2, 'qp.time_limit': 5.0, 'qp.mip_gap': 0.05,          # any feasible solution will do
+        'dense.epochs': 2, 'finetune.epochs': 1})
     out = run_qpm(cfg, tmp_path / 'run', cache_root=tmp_path / 'cache', progress=False, eval_mode=['accuracy'])
     train_c, test_c = load_caches(cfg, tmp_path / 'cache', progress=False)
     for split, cache in (('train', train_c), ('test', test_c)):
         ds = load_dataset('SynthBirds', split, root=tmp_path / 'data', generate=False)
         assert cache.labels.dtype == np.int64 and np.array_equal(cache.labels, ds.labels) and cache.labels.max() == 129
         assert np.array_equal(cache.image_ids, [s.image_id for s in ds.samples])
-    assert out['qp'].weight.shape == (130, 17) and len({tuple(r) for r in out['qp'].weight.tolist()}) == 130
+    assert out['qp'].weight.shape == (130, 20) and len({tuple(r) for r in out['qp'].weight.tolist()}) == 130
     pred = extract_features(load_model(out['model']), test_c)['preds'].numpy()
     assert out['results']['Accuracy'] == pytest.approx(float((pred == test_c.labels).mean()), abs=1e-12)
 
@@ -190,10 +191,12 @@ def _tidy_row(method, row, **kw):
 
 
 def test_uncertified_qp_and_unconverged_rows_are_marked_in_every_table(tmp_path):
+    "A QP that missed its gap, a row that did not converge and a probe far below the logistic-regression check: all shown."
     from dinoqpm.paper import paper_params, write_table1
     p = paper_params(mode='smoke', runs_root=str(tmp_path / 'runs'), out_dir=str(tmp_path / 'fig'))
     tidy = pd.DataFrame([
-        _tidy_row('CLS linear probe', 'linear_probe', converged=False, not_converged='dense: train loss still falling: 2 -> 1.5'),
+        _tidy_row('CLS linear probe', 'linear_probe', converged=False, not_converged='dense: train loss still falling: 2 -> 1.5',
+                  lr_check_accuracy=0.6),
         _tidy_row('DINO-QPM', 'qpm', qp_status='feasible', qp_gap=0.012, qp_mip_gap=0.005, qp_seconds=120.0, qp_solver='highs',
                   qp_certified=False, qp_certificate='not certified (gap 1.20% > 0.50%, 120.0s, highs, feasible)')])
     paths = write_table1(tidy, p)
@@ -203,6 +206,8 @@ def test_uncertified_qp_and_unconverged_rows_are_marked_in_every_table(tmp_path)
         text = Path(paths[f]).read_text().replace('\\%', '%')
         assert 'not certified (gap 1.20% > 0.50%' in text and 'not converged (1/1 seeds)' in text, f
     assert 'CLS linear probe seed 0: dense: train loss still falling' in Path(paths['md']).read_text()
+    assert 'below the logistic-regression check' in t.loc['CLS linear probe', 'note']           # 50 % vs 60 %
+    assert 'MORE THAN 3 POINTS BELOW IT in seed(s) 0 (-10.0)' in Path(paths['md']).read_text()
 
 
 def test_cub_layout_without_masks_needs_the_switch_and_the_table_says_why(tmp_path):
