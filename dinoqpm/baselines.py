@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 import torch
 from .config import RunConfig, ConfigError, config_to_dict, config_diff, update_config
-from .core import atomic_torch_save, atomic_write_json, json_safe
+from .core import atomic_write_json, json_safe, save_checked, load_checked, CorruptFileError, MissingFileError
 from .adapter import DinoQPMModel, SparseHead
 from .train import (train_dense, finetune, extract_features, load_model, save_model, state_fingerprint,
                            cache_fingerprint, convergence_info)
@@ -105,7 +105,7 @@ def evaluate_row(name: str, model: DinoQPMModel, train_cache, test_cache, run_di
     out = Path(run_dir) / 'metrics.json' if run_dir is not None else None
     if out is not None and out.exists():
         try: old = json.loads(out.read_text())
-        except (OSError, ValueError) as e: raise RuntimeError(f"cannot read {out}: {e}") from e
+        except (OSError, ValueError) as e: raise CorruptFileError(f"cannot read {out} ({e}); delete it to evaluate again") from None
         ri = old.get('provenance', {}).get('run_info', {})
         if ri.get('model_crc') == info['model_crc'] and json.loads(json.dumps(ri.get('evaluate_settings'))) == json.loads(json.dumps(info['evaluate_settings'])):
             log.info("%s exists for this model: metrics reused", out)
@@ -232,14 +232,13 @@ def _stage(path, signature: dict, compute: Callable, what: str):
     "Load `path` if it holds `signature`, else `compute()` and write it atomically (plain tensors/containers only)."
     path = Path(path) if path is not None else None
     if path is not None and path.exists():
-        try: st = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception as e: raise RuntimeError(f"cannot read {what} {path}: {e}") from e
-        if isinstance(st, dict) and st.get('format') == STAGE_FORMAT and not config_diff(st.get('signature', {}), signature):
+        st = load_checked(path, what)
+        if st.get('format') == STAGE_FORMAT and not config_diff(st.get('signature', {}), signature):
             log.info("%s exists: %s reused", path, what)
             return st['value']
         log.info("%s holds another %s (inputs changed): recomputing", path, what)
     value = compute()
-    if path is not None: atomic_torch_save({'format': STAGE_FORMAT, 'signature': signature, 'value': value}, path)
+    if path is not None: save_checked({'format': STAGE_FORMAT, 'signature': signature, 'value': value}, path)
     return value
 
 def train_features(model: DinoQPMModel, train_cache, path=None, progress: bool = False) -> dict:
@@ -353,16 +352,23 @@ def run_baseline(cfg: RunConfig, name: str, run_dir=None, *, runs_root=None, cac
                  progress: bool = True, caches: Optional[tuple] = None, dense_model=None, **recipe) -> BaselineResult:
     """Train (if needed) and evaluate the Table 1 row `name` (one of `BASELINES`) on the cached features of `cfg`;
     `recipe` goes to the row's function (epochs, `glm`, `schedule`, ...). Returns its `BaselineResult`."""
-    from dinoqpm.pipeline import default_run_dir, init_run_dir, load_caches
+    from dinoqpm.pipeline import default_run_dir, init_run_dir, load_caches, run_dir_lock, validate_run_config
+    if name not in BASELINES: raise ConfigError(f"unknown baseline {name!r}; expected one of {BASELINES}")
+    if caches is None: validate_run_config(cfg, eval_mode)             # before anything is written
+    run_dir = Path(run_dir or default_run_dir(cfg, name, runs_root))
+    with run_dir_lock(run_dir):
+        init_run_dir(cfg, run_dir)
+        return _run_baseline(cfg, name, run_dir, runs_root, cache_root, eval_mode, progress, caches, dense_model, recipe)
+
+def _run_baseline(cfg, name, run_dir, runs_root, cache_root, eval_mode, progress, caches, dense_model, recipe):
+    from dinoqpm.pipeline import default_run_dir, load_caches
     fns = {'linear_probe': train_linear_probe, 'dense_frozen': train_dense_frozen, 'sldd': train_sldd, 'qsenn': train_qsenn}
-    if name not in BASELINES: raise ValueError(f"unknown baseline {name!r}; expected one of {BASELINES}")
-    run_dir = init_run_dir(cfg, run_dir or default_run_dir(cfg, name, runs_root))
     train_c, test_c = caches if caches is not None else load_caches(cfg, cache_root, progress)
     ev = {'eval_mode': eval_mode, 'data_root': cfg.data.root}
     if name == 'dense_qpm':
         if recipe: raise TypeError(f"dense_qpm takes no recipe arguments, got {sorted(recipe)}")
         dense_model = dense_model or default_run_dir(cfg, 'qpm', runs_root) / 'dense_model.pt'
         if not Path(dense_model).exists():
-            raise FileNotFoundError(f"{dense_model} does not exist: train DINO-QPM first (its dense phase is this row)")
+            raise MissingFileError(f"{dense_model} does not exist: train DINO-QPM first (its dense phase is this row)")
         return evaluate_dense_qpm(dense_model, train_c, test_c, run_dir, cfg, evaluate_kwargs=ev)
     return fns[name](cfg, train_c, test_c, run_dir, progress=progress, evaluate_kwargs=ev, **recipe)

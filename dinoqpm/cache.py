@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
 import torch
-from .core import data_root, atomic_write_json, atomic_path, get_device, provenance
+from .core import data_root, atomic_write_json, atomic_path, get_device, provenance, UserError, DiskSpaceError
 from .backbone import FrozenBackbone, create_backbone, get_backbone_spec, weights_path, _missing_weights_error
 
 log = logging.getLogger(__name__)
@@ -17,13 +17,14 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'CACHE_FORMAT', 'ARRAY_NAMES', 'PROGRESS_FILE', 'StaleCacheError', 'default_cache_root', 'sha256_file',
            'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir', 'FeatureCache', 'save_feature_cache',
-           'open_feature_cache', 'extract_tokens', 'samples_fingerprint', 'build_feature_cache', 'get_feature_cache']
+           'open_feature_cache', 'cache_bytes', 'extract_tokens', 'samples_fingerprint', 'build_feature_cache',
+           'get_feature_cache']
 
 # %% ../nbs/02a_cache.ipynb #c005
 CACHE_FORMAT = 1
 ARRAY_NAMES = ('patch', 'cls', 'labels', 'image_ids', 'masks', 'masks_dilated')
 
-class StaleCacheError(ValueError):
+class StaleCacheError(UserError, ValueError):
     "A cache folder that does not match its manifest or the expected key."
 
 def default_cache_root(cache_root=None, root=None) -> Path:
@@ -230,6 +231,44 @@ def _resume_state(partial: Path, state: dict, layout: dict) -> Optional[dict]:
     if partial.exists(): shutil.rmtree(partial)
     return None
 
+def cache_bytes(layout: dict, n: int, grid, masks: bool = True) -> int:
+    "Bytes the cache arrays of `layout` (plus the two boolean mask arrays) take on disk, headers included."
+    b = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize + 128 for shape, dtype in layout.values())
+    return b + (2 * (n * int(np.prod(grid)) + 128) if masks else 0)
+
+def _check_free_space(folder: Path, layout: dict, n: int, grid, margin: int = 64 << 20):
+    "Refuse to start an extraction that cannot fit: the bytes needed against the free space of `folder`'s file system."
+    need = cache_bytes(layout, n, grid)
+    probe = next((p for p in [Path(folder), *Path(folder).parents] if p.exists()), Path('/'))
+    free = shutil.disk_usage(probe).free
+    if free < need + margin:
+        raise DiskSpaceError(f'the feature cache needs {need / 1e9:.2f} GB in {folder} but only {free / 1e9:.2f} GB are free '
+                             f'there; free some space or put the cache elsewhere (--cache-root)')
+
+def _reserve(path: Path):
+    "Allocate the blocks of a freshly created memory-mapped array now, so a full disk fails here and not as a SIGBUS later."
+    import errno
+    try:
+        with open(path, 'r+b') as f: os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskSpaceError(f'no space left for the feature cache file {path} ({os.path.getsize(path) / 1e9:.2f} GB); '
+                                 f'free some space or put the cache elsewhere (--cache-root)') from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS): raise     # a file system that cannot preallocate
+
+@contextlib.contextmanager
+def _worker_errors_named():
+    """A `DatasetError` raised in a DataLoader worker arrives as "Caught DatasetError in DataLoader worker process 0" with
+    the original message buried in a traceback text; raise the original message (the file it names) instead."""
+    from dinoqpm.data import DatasetError
+    try: yield
+    except DatasetError as e:
+        text = str(e)
+        marker = 'DatasetError: '
+        if 'DataLoader worker' in text.split('\n', 1)[0] and marker in text:
+            raise DatasetError(text[text.rindex(marker) + len(marker):].strip()) from None
+        raise
+
 def _default_workers() -> int:
     "Loader processes: one decodes while the backbone computes even on 2 cores (0.69x -> 0.93x of the bare forward there)."
     n = os.cpu_count() or 1
@@ -245,13 +284,15 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
     from tqdm.auto import tqdm
     folder = Path(folder)
     partial = folder.with_name(folder.name + '.partial')
+    n, grid, dim = len(dataset), tuple(backbone.grid), backbone.embed_dim
+    if n == 0: raise ValueError('the dataset is empty')
+    layout = dict(patch=((n, grid[0] * grid[1], dim), np.float16), cls=((n, dim), np.float16),
+                  labels=((n,), np.int64), image_ids=((n,), np.int64))
+    if not folder.exists() and not (partial / PROGRESS_FILE).exists():
+        _check_free_space(folder, layout, n, grid)                     # before anything is written, the lock included
     with _build_lock(folder):
         if folder.exists() and key is not None and not overwrite:   # built by another process while we waited?
             with contextlib.suppress(StaleCacheError): return open_feature_cache(folder, key, verify)
-        n, grid, dim = len(dataset), tuple(backbone.grid), backbone.embed_dim
-        if n == 0: raise ValueError('the dataset is empty')
-        layout = dict(patch=((n, grid[0] * grid[1], dim), np.float16), cls=((n, dim), np.float16),
-                      labels=((n,), np.int64), image_ids=((n,), np.int64))
         chunk_size = -(-max(chunk_size, batch_size) // batch_size) * batch_size
         dev = get_device(device)
         state = dict(key_hash=key_hash(key) if key else None, n=n, grid=list(grid), embed_dim=dim, device=dev.type,
@@ -266,6 +307,8 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
         partial.mkdir(parents=True, exist_ok=True)
         arrays = {name: np.lib.format.open_memmap(partial / f'{name}.npy', mode='r+' if saved else 'w+', dtype=dtype, shape=shape)
                   for name, (shape, dtype) in layout.items()}
+        if not saved:
+            for name in layout: _reserve(partial / f'{name}.npy')
         if not saved: atomic_write_json(partial / PROGRESS_FILE, state)
         backbone.to(dev)
         start, bs, cs = state['done'], state['batch_size'], state['chunk_size']
@@ -274,7 +317,8 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
         loader = DataLoader(Subset(dataset, range(start, n)), batch_size=bs, shuffle=False, num_workers=workers,
                             pin_memory=dev.type == 'cuda')
         pos, t0 = start, time.perf_counter()
-        with tqdm(total=n, initial=start, unit='img', disable=not progress, desc=f'tokens {backbone.name}') as bar, torch.inference_mode():
+        with tqdm(total=n, initial=start, unit='img', disable=not progress, desc=f'tokens {backbone.name}') as bar, \
+                torch.inference_mode(), _worker_errors_named():
             for batch in loader:
                 out = backbone(batch['image'].to(dev, non_blocking=True))
                 patch, cls = out.patch.to(torch.float16), out.cls.to(torch.float16)

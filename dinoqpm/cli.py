@@ -4,21 +4,32 @@
 
 # %% ../nbs/10_cli.ipynb #c002
 from __future__ import annotations
-import argparse, logging, sys
+import argparse, errno, logging, os, sys, traceback
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, demo_config, load_config, parse_overrides, update_config
-from .core import setup_logging
+from .core import setup_logging, UserError, describe_os_error
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'COMMANDS', 'USER_ERRORS', 'build_parser', 'train_config', 'cmd_train', 'cmd_inference', 'cmd_evaluate', 'main']
+__all__ = ['log', 'LOG_LEVELS', 'COMMANDS', 'USER_ERRORS', 'positive_int', 'build_parser', 'train_config', 'cmd_train',
+           'cmd_inference', 'cmd_evaluate', 'user_message', 'main']
 
 # %% ../nbs/10_cli.ipynb #c005
+def positive_int(s: str) -> int:
+    "An argparse type: an integer >= 1."
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'expected a positive integer, got {s!r}') from None
+    if v < 1: raise argparse.ArgumentTypeError(f'must be a positive integer (>= 1), got {v}')
+    return v
+
+LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='dinoqpm', description='DINO-QPM: globally interpretable classifiers on a frozen backbone.')
-    p.add_argument('--log-level', default='INFO', help='logging level (DEBUG, INFO, WARNING, ...)')
+    p.add_argument('--log-level', default='INFO', type=str.upper, choices=LOG_LEVELS,
+                   help='logging level; DEBUG also prints the traceback of an error (as does $DINOQPM_DEBUG=1)')
     sub = p.add_subparsers(dest='command', required=True)
 
     t = sub.add_parser('train', help='cache features, dense training, QP, finetuning and evaluation in one run directory')
@@ -37,12 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument('--image-path', required=True, help='an image file or a folder searched recursively')
     i.add_argument('--output-json', required=True, help='where to write the predictions')
     i.add_argument('--mode', default='finetune', choices=['finetune', 'dense'], help='which model of a run directory')
-    i.add_argument('--top-k', type=int, default=5)
-    i.add_argument('--batch-size', type=int, default=32)
+    i.add_argument('--top-k', type=positive_int, default=5)
+    i.add_argument('--batch-size', type=positive_int, default=32)
     i.add_argument('--visualize-feature-maps', dest='visualize', action=argparse.BooleanOptionalAction, default=True,
                    help='write the class activation map and feature maps of every image')
     i.add_argument('--viz-dir', help='folder for the pictures (default: beside the output JSON)')
-    i.add_argument('--viz-max-features', type=int, default=8)
+    i.add_argument('--viz-max-features', type=positive_int, default=8)
     i.add_argument('--weights-dir', help='backbone weight folder (default: the one of the run)')
     i.add_argument('--no-progress', action='store_true')
 
@@ -57,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # %% ../nbs/10_cli.ipynb #c008
 def _eval_mode(s: str):
-    return s if s in ('all', 'fast') else [m.strip() for m in s.split(',') if m.strip()]
+    "The `--eval-mode` argument, checked (an unknown metric id is a `ConfigError` before any work)."
+    from dinoqpm.evaluate import resolve_eval_mode
+    mode = s if s in ('all', 'fast') else [m.strip() for m in s.split(',') if m.strip()]
+    resolve_eval_mode(mode)
+    return mode
 
 def train_config(args) -> RunConfig:
     "The run configuration of `dinoqpm train`: paper defaults (or `--demo`), then `--config`, then `--set`, then `--seed`."
@@ -87,11 +102,12 @@ def cmd_evaluate(args) -> dict:
     from dinoqpm.inference import resolve_model_path
     from dinoqpm.pipeline import find_run_config, load_caches
     from dinoqpm.evaluate import evaluate
+    eval_mode = _eval_mode(args.eval_mode)
     path = resolve_model_path(args.model_path, args.mode)
     cfg, run_dir = find_run_config(path)
     train_c, test_c = load_caches(cfg, args.cache_root, progress=not args.no_progress)
     out = Path(args.output_json) if args.output_json else run_dir / f'Results_EvalOnly_{args.mode}.json'
-    res = evaluate(str(path), train_c, test_c, data_root=cfg.data.root, seed=cfg.seed, eval_mode=_eval_mode(args.eval_mode),
+    res = evaluate(str(path), train_c, test_c, data_root=cfg.data.root, seed=cfg.seed, eval_mode=eval_mode,
                    output_json=out, run_info={'run_dir': str(run_dir), 'mode': args.mode})
     log.info('accuracy %.4f; metrics in %s', res.get('Accuracy', float('nan')), out)
     return {'output_json': str(out)}
@@ -99,28 +115,29 @@ def cmd_evaluate(args) -> dict:
 COMMANDS = {'train': cmd_train, 'inference': cmd_inference, 'evaluate': cmd_evaluate}
 
 # %% ../nbs/10_cli.ipynb #c010
-USER_ERRORS = (ConfigError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_OS_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 
-def _user_errors():
-    errs = list(USER_ERRORS)
-    try:
-        from dinoqpm.data import DatasetError
-        errs.append(DatasetError)
-    except ImportError: pass
-    try:
-        from dinoqpm.cache import StaleCacheError
-        errs.append(StaleCacheError)
-    except ImportError: pass
-    return tuple(errs)
+def user_message(e: BaseException):
+    "The message to print for a user mistake, or `None` for anything else (a bug: its traceback is shown)."
+    if isinstance(e, USER_ERRORS): return str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.errno in _OS_USER_ERRNOS: return f'cannot write or read a file: {describe_os_error(e)}'
+    return None
 
 def main(argv=None) -> int:
-    "Run the `dinoqpm` command line; returns the exit code."
+    "Run the `dinoqpm` command line; returns the exit code (0 done, 2 a user mistake, 130 interrupted)."
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    debug = args.log_level == 'DEBUG' or os.environ.get('DINOQPM_DEBUG', '') not in ('', '0')
     try:
         COMMANDS[args.command](args)
-    except _user_errors() as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except KeyboardInterrupt:
+        sys.stderr.write(f'dinoqpm {args.command}: interrupted; run the same command again to continue where it stopped\n')
+        return 130
+    except Exception as e:
+        msg = user_message(e)
+        if msg is None: raise                                         # a bug: keep the traceback
+        if debug: traceback.print_exc()
         sys.stderr.write(f'dinoqpm {args.command}: error: {msg}\n')
         return 2
     return 0

@@ -7,15 +7,18 @@ from __future__ import annotations
 import dataclasses, json
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+import math, typing
+from .core import UserError, MissingFileError
 
 # %% auto #0
-__all__ = ['DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'ConfigError', 'DataConfig', 'BackboneConfig', 'AdapterConfig', 'PhaseConfig',
-           'QPConfig', 'RunConfig', 'config_to_dict', 'config_from_dict', 'update_config', 'parse_overrides',
-           'config_diff', 'flatten_dict', 'load_config', 'demo_config']
+__all__ = ['DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'OPTIMIZERS', 'TAU_RULES', 'ConfigError', 'DataConfig', 'BackboneConfig',
+           'AdapterConfig', 'PhaseConfig', 'QPConfig', 'RunConfig', 'config_to_dict', 'config_from_dict',
+           'update_config', 'parse_overrides', 'config_diff', 'check_config', 'flatten_dict', 'load_config',
+           'demo_config']
 
 # %% ../nbs/00a_config.ipynb #c005
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     "A configuration key or value that does not fit."
 
 @dataclass(frozen=True)
@@ -89,21 +92,45 @@ def config_to_dict(cfg) -> dict:
     "A nested plain dict of a config dataclass."
     return dataclasses.asdict(cfg)
 
-def _coerce(value, default, key):
-    "Turn a string from the command line into the type of the default."
-    if not isinstance(value, str) or isinstance(default, str): return value
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ('1', 'true', 'yes', 'on'): return True
-            if value.lower() in ('0', 'false', 'no', 'off'): return False
-            raise ValueError
-        if isinstance(default, int): return int(float(value)) if float(value).is_integer() else float(value)
-        if isinstance(default, float): return float(value)
-    except ValueError:
-        raise ConfigError(f"config key '{key}': expected {type(default).__name__}, got {value!r}") from None
-    if value.lower() in ('none', 'null', ''): return None
-    try: return int(value) if value.lstrip('-').isdigit() else float(value)
-    except ValueError: return value
+def _expected(hint) -> tuple:
+    "`(base type, optional)` of a field's annotation: `int`, `Optional[float]`, ..."
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
+def _coerce(value, hint, key):
+    "`value` (a string from the command line, or a value from a file) as the field's declared type; else `ConfigError`."
+    base, optional = _expected(hint)
+    name, raw = getattr(base, '__name__', str(base)), value
+    def bad(): return ConfigError(f"config key '{key}': expected {'an integer' if base is int else name}"
+                                  f"{' or null' if optional else ''}, got {raw!r}")
+    if isinstance(value, str) and base is not str:
+        v = value.strip()
+        if optional and v.lower() in ('none', 'null', ''): return None
+        if base is bool:
+            if v.lower() in ('1', 'true', 'yes', 'on'): return True
+            if v.lower() in ('0', 'false', 'no', 'off'): return False
+            raise bad()
+        try: value = float(v) if base is float else (int(v) if v.lstrip('+-').isdigit() else float(v))
+        except ValueError: raise bad() from None
+    if value is None:
+        if optional: return None
+        raise bad()
+    if base is bool:
+        if isinstance(value, bool): return value
+        raise bad()
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)): raise bad()
+        if isinstance(value, float) and not value.is_integer(): raise bad()
+        return int(value)
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)): raise bad()
+        return float(value)
+    if base is str:
+        if isinstance(value, Path): return str(value)
+        if not isinstance(value, str): raise bad()
+    return value
 
 def config_from_dict(cls, d: dict | None, prefix=''):
     "Build dataclass `cls` from a (nested) dict; unknown keys raise `ConfigError` naming them."
@@ -113,7 +140,7 @@ def config_from_dict(cls, d: dict | None, prefix=''):
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(prefix + k for k in unknown)} "
                           f"(known in this section: {', '.join(prefix + n for n in names)})")
-    base = cls()
+    base, hints = cls(), typing.get_type_hints(cls)
     kw = {}
     for k, v in d.items():
         cur = getattr(base, k)
@@ -121,7 +148,7 @@ def config_from_dict(cls, d: dict | None, prefix=''):
             if is_dataclass(v): v = config_to_dict(v)
             if not isinstance(v, dict): raise ConfigError(f"config key '{prefix + k}' is a section; expected a mapping, got {v!r}")
             kw[k] = config_from_dict(type(cur), v, prefix=f'{prefix}{k}.')
-        else: kw[k] = _coerce(v, cur, prefix + k)
+        else: kw[k] = _coerce(v, hints[k], prefix + k)
     return cls(**kw)
 
 def update_config(cfg, overrides: dict):
@@ -155,6 +182,47 @@ def config_diff(a: dict, b: dict, prefix='') -> list:
         elif va != vb: out.append(f'{prefix}{k}')
     return out
 
+# %% ../nbs/00a_config.ipynb #c014
+OPTIMIZERS = ('adamw_schedulefree', 'adamw', 'sgd')
+TAU_RULES = ('reference', 'intended')
+
+def check_config(cfg: 'RunConfig') -> 'RunConfig':
+    "Raise `ConfigError` listing every value of `cfg` that is out of range (see above); returns `cfg`."
+    bad = []
+    def need(ok, key, what):
+        if not ok: bad.append(f'{key}={_get_dotted(cfg, key)!r}: {what}')
+    d = cfg.data
+    need(d.img_size >= 1, 'data.img_size', 'must be >= 1')
+    for k in ('synth_classes', 'synth_images_per_class', 'synth_img_size'):
+        need(getattr(d, k) is None or getattr(d, k) >= 1, f'data.{k}', 'must be >= 1 (or null for the default)')
+    need(cfg.device == 'auto' or cfg.device.split(':')[0] in ('cpu', 'cuda', 'mps'), 'device', "expected auto, cpu, cuda, cuda:N or mps")
+    a = cfg.adapter
+    need(a.n_layers >= 0, 'adapter.n_layers', 'must be >= 0')
+    need(a.hidden >= 1, 'adapter.hidden', 'must be >= 1'); need(a.n_features >= 1, 'adapter.n_features', 'must be >= 1')
+    need(0 <= a.dropout < 1, 'adapter.dropout', 'must be in [0, 1)')
+    for ph in ('dense', 'finetune'):
+        p = getattr(cfg, ph)
+        need(p.epochs >= 1, f'{ph}.epochs', 'must be >= 1'); need(p.batch_size >= 1, f'{ph}.batch_size', 'must be >= 1')
+        need(p.lr > 0 and math.isfinite(p.lr), f'{ph}.lr', 'must be > 0')
+        need(p.weight_decay >= 0, f'{ph}.weight_decay', 'must be >= 0')
+        for k in ('beta_div', 'lambda_fm', 'lambda_fv'): need(getattr(p, k) >= 0, f'{ph}.{k}', 'must be >= 0')
+        need(0 <= p.head_dropout < 1, f'{ph}.head_dropout', 'must be in [0, 1)')
+        need(p.optimizer in OPTIMIZERS, f'{ph}.optimizer', f'expected one of {", ".join(OPTIMIZERS)}')
+    q = cfg.qp
+    need(q.n_per_class >= 1, 'qp.n_per_class', 'must be >= 1')
+    need(q.n_select >= q.n_per_class, 'qp.n_select', f'must be >= qp.n_per_class ({q.n_per_class}): every class needs its features')
+    need(q.time_limit > 0, 'qp.time_limit', 'must be > 0 seconds')
+    need(q.mip_gap >= 0, 'qp.mip_gap', 'must be >= 0')
+    need(q.tau is None or math.isfinite(q.tau), 'qp.tau', 'must be a finite number or null (the clique rule)')
+    need(q.tau_rule in TAU_RULES, 'qp.tau_rule', f'expected one of {", ".join(TAU_RULES)}')
+    need(q.threads is None or q.threads >= 1, 'qp.threads', 'must be >= 1 (or null)')
+    if bad: raise ConfigError(f'{len(bad)} invalid setting(s): ' + '; '.join(bad))
+    return cfg
+
+def _get_dotted(cfg, key):
+    for k in key.split('.'): cfg = getattr(cfg, k)
+    return cfg
+
 # %% ../nbs/00a_config.ipynb #c011
 def flatten_dict(d: dict, prefix='') -> dict:
     "`{'a': {'b': 1}}` → `{'a.b': 1}`."
@@ -167,12 +235,20 @@ def flatten_dict(d: dict, prefix='') -> dict:
 def load_config(path, base=None):
     "Read a YAML or JSON file of (nested) settings over `base` (default: the paper's `RunConfig()`)."
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix in ('.yaml', '.yml'):
-        import yaml
-        d = yaml.safe_load(text) or {}
-    else: d = json.loads(text)
+    if not path.exists(): raise MissingFileError(f"config file not found: {path}")
+    kind = 'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'
+    try: text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e: raise ConfigError(f'cannot read the config file {path}: {e}') from None
+    try:
+        if kind == 'YAML':
+            import yaml
+            d = yaml.safe_load(text) or {}
+        else: d = json.loads(text)
+    except Exception as e:                            # yaml.YAMLError, json.JSONDecodeError
+        mark = getattr(e, 'problem_mark', None)
+        line = mark.line + 1 if mark is not None else getattr(e, 'lineno', None)
+        why = str(getattr(e, 'problem', None) or e).splitlines()[0]
+        raise ConfigError(f'{path} is not valid {kind}' + (f' (line {line})' if line else '') + f': {why}') from None
     if not isinstance(d, dict): raise ConfigError(f"{path}: expected a mapping at the top level")
     try: return update_config(base if base is not None else RunConfig(), flatten_dict(d))
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None

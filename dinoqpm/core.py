@@ -9,10 +9,38 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGHTS', 'DEFAULT_RUNS', 'data_root', 'weights_dir',
-           'runs_dir', 'repo_root', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text', 'json_safe',
-           'atomic_write_json', 'atomic_torch_save', 'seed_everything', 'get_device', 'setup_logging', 'git_commit',
-           'package_versions', 'provenance']
+__all__ = ['ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGHTS', 'DEFAULT_RUNS', 'CHECKSUM_KEY', 'UserError',
+           'CorruptFileError', 'MissingFileError', 'DiskSpaceError', 'RunLockedError', 'describe_os_error', 'data_root',
+           'weights_dir', 'runs_dir', 'repo_root', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text',
+           'json_safe', 'atomic_write_json', 'atomic_torch_save', 'content_digest', 'save_checked', 'load_checked',
+           'seed_everything', 'get_device', 'setup_logging', 'git_commit', 'package_versions', 'provenance']
+
+# %% ../nbs/00_core.ipynb #c019
+class UserError(Exception):
+    "A problem with the user's input (configuration, files, data, disk); the message names the culprit and what to do."
+
+class CorruptFileError(UserError, ValueError):
+    "A file the package wrote (or is asked to read) is truncated, damaged, of another kind, or fails its checksum."
+
+class MissingFileError(UserError, FileNotFoundError):
+    "A file or folder the user named (or the package expects) is not there; the message says where and how to get it."
+
+class DiskSpaceError(UserError, OSError):
+    "Not enough free space for what is about to be written."
+
+class RunLockedError(UserError):
+    "Another process is working in the same run directory or cache."
+
+def describe_os_error(e: OSError) -> str:
+    "A one-line explanation of a failed write or read, with the file and what to do."
+    import errno
+    what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else '')
+    hint = {errno.ENOSPC: 'free some disk space or write elsewhere (--run-dir, --cache-root, $DINOQPM_RUNS)',
+            errno.EDQUOT: 'the disk quota is exhausted; free some space or write elsewhere',
+            errno.EROFS: 'the file system is read-only; write elsewhere (--run-dir, --cache-root, $DINOQPM_RUNS)',
+            errno.EACCES: 'no permission; check the folder\'s owner and mode, or write elsewhere',
+            errno.EPERM: 'no permission; check the folder\'s owner and mode, or write elsewhere'}.get(e.errno)
+    return what + (f' ({hint})' if hint else '')
 
 # %% ../nbs/00_core.ipynb #c005
 ENV_DATA, ENV_WEIGHTS, ENV_RUNS = 'DINOQPM_DATA', 'DINOQPM_WEIGHTS', 'DINOQPM_RUNS'
@@ -104,6 +132,59 @@ def atomic_torch_save(obj, path):
     import torch
     with atomic_path(path) as tmp: torch.save(obj, tmp)
     return Path(path)
+
+CHECKSUM_KEY = 'content_sha256'
+
+def content_digest(obj) -> str:
+    """SHA-256 over everything in a (nested) checkpoint dict — tensors by dtype, shape and bytes, plain values by their
+    JSON — in sorted key order, leaving out `CHECKSUM_KEY` itself."""
+    import hashlib, torch
+    h = hashlib.sha256()
+    def walk(o):
+        if isinstance(o, dict):
+            h.update(b'{')
+            for k in sorted(o, key=str):
+                if k == CHECKSUM_KEY: continue
+                h.update(str(k).encode() + b':'); walk(o[k])
+            h.update(b'}')
+        elif isinstance(o, (list, tuple)):
+            h.update(b'['); [walk(v) for v in o]; h.update(b']')
+        elif isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f'T{t.dtype}{tuple(t.shape)}'.encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+        elif isinstance(o, np.ndarray): h.update(f'A{o.dtype}{o.shape}'.encode() + np.ascontiguousarray(o).tobytes())
+        else: h.update(json.dumps(json_safe(o), sort_keys=True, default=str).encode())
+    walk(obj)
+    return h.hexdigest()
+
+def save_checked(obj: dict, path) -> Path:
+    "`atomic_torch_save` of the dict `obj` with its `content_digest` stored inside, for `load_checked` to verify."
+    return atomic_torch_save({**obj, CHECKSUM_KEY: content_digest(obj)}, path)
+
+def load_checked(path, what: str = 'file', map_location='cpu', require_checksum: bool = False) -> dict:
+    """`torch.load(path, weights_only=True)` of a dict written by `save_checked`, verified against its stored checksum.
+    An unreadable, truncated, non-tensor (pickled code) or altered file raises `CorruptFileError` naming it; a file
+    without a checksum (an older version's) is accepted with a warning unless `require_checksum`."""
+    import pickle, torch
+    path = Path(path)
+    if not path.is_file(): raise MissingFileError(f'{what} {path} does not exist')
+    try: ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CorruptFileError(f'refusing to load {what} {path}: it holds more than tensors and plain data (a pickle that could '
+                               f'run code, or not a dinoqpm file): {str(e).splitlines()[0][:200]}') from None
+    except Exception as e:
+        raise CorruptFileError(f'{what} {path} is truncated or damaged ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+                               f'delete it to compute it again') from None
+    if not isinstance(ck, dict): raise CorruptFileError(f'{path} is not a dinoqpm {what} (it holds a {type(ck).__name__})')
+    stored = ck.pop(CHECKSUM_KEY, None)
+    if stored is None:
+        if require_checksum: raise CorruptFileError(f'{what} {path} carries no checksum: not written by this version of dinoqpm')
+        logging.getLogger(__name__).warning('%s %s carries no checksum (written by an older dinoqpm): not verified', what, path)
+    elif stored != content_digest(ck):
+        raise CorruptFileError(f'{what} {path} fails its checksum: its content changed after it was written (disk or copy '
+                               f'error, or an edit); delete it to compute it again, or restore it from a backup')
+    return ck
 
 # %% ../nbs/00_core.ipynb #c013
 def seed_everything(seed: int):

@@ -12,19 +12,20 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
-from .core import data_root
+from .core import data_root, UserError
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'DATASETS', 'IMAGENET_STATS', 'DATASET_STATS', 'PREPROCESSING', 'DatasetError', 'Sample', 'dilate_mask',
-           'resize_mask_uint8', 'resize_mask_to_grid', 'ImageDataset', 'CUB2011Dataset', 'StanfordCarsDataset',
-           'ensure_synthbirds', 'SynthBirdsDataset', 'load_dataset', 'Preprocess', 'make_transform', 'compute_mean_std']
+           'resize_mask_uint8', 'resize_mask_to_grid', 'open_rgb', 'ImageDataset', 'CUB2011Dataset',
+           'StanfordCarsDataset', 'ensure_synthbirds', 'SynthBirdsDataset', 'load_dataset', 'Preprocess',
+           'make_transform', 'compute_mean_std']
 
 # %% ../nbs/01_data.ipynb #c005
 DATASETS = ('CUB2011', 'StanfordCars', 'SynthBirds')
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     "A dataset folder or file is missing, unreadable or inconsistent; the message lists every problem found."
     def __init__(self, what: str, problems=(), hint: str = ''):
         self.what, self.problems, self.hint = what, list(problems), hint
@@ -95,6 +96,25 @@ def resize_mask_to_grid(mask_uint8: np.ndarray, grid, dilate: bool = False) -> n
     out = resize_mask_uint8(mask_uint8, grid) > 0
     return dilate_mask(out) if dilate else out
 
+# %% ../nbs/01_data.ipynb #c033
+def open_rgb(path) -> Image.Image:
+    "The image at `path` as an 8-bit RGB `PIL.Image` (16/32-bit and float greyscale scaled, not clipped)."
+    with Image.open(path) as im:
+        im.load()
+        if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
+            a = np.asarray(im)
+            if im.mode == 'F':
+                lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+                log.warning('%s is a floating-point image; scaling its range [%g, %g] to 0..255', path, lo, hi)
+                a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a)
+            elif im.mode.startswith('I;16') or (a.max(initial=0) <= 65535 and a.min(initial=0) >= 0 and a.max(initial=0) > 255):
+                a = a.astype(np.float64) / 257
+            elif a.min(initial=0) < 0 or a.max(initial=0) > 255:
+                lo, hi = float(a.min()), float(a.max())
+                a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a, dtype=np.float64)
+            return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L').convert('RGB')
+        return im.convert('RGB')
+
 # %% ../nbs/01_data.ipynb #c012
 class ImageDataset(torch.utils.data.Dataset):
     "Base class: `samples`, `class_names`, `transform`; items are dicts (image, label, image_id, index[, mask])."
@@ -120,10 +140,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def load_image(self, i: int) -> Image.Image:
         "Sample `i` as a PIL RGB image; a corrupt or unreadable file raises `DatasetError` naming it."
         p = self.samples[i].path
-        try:
-            with Image.open(p) as im:
-                im.load()
-                return im.convert('RGB')
+        try: return open_rgb(p)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
             raise DatasetError(f'{self.name}: cannot read image {p} (sample {i}, image id {self.samples[i].image_id})',
                                [f'{type(e).__name__}: {e}']) from e
@@ -499,9 +516,11 @@ class Preprocess:
 
 def make_transform(mode: str = 'paper', dataset: str = 'CUB2011', img_size: int = 224) -> Preprocess:
     "Backbone preprocessing: `'paper'` (dataset mean/std, then global min-max to [0,1]) or `'imagenet'`."
-    if mode not in PREPROCESSING: raise ValueError(f'unknown preprocessing {mode!r}; valid: {", ".join(PREPROCESSING)}')
+    if mode not in PREPROCESSING: raise DatasetError(f'unknown preprocessing {mode!r} (data.preprocessing); valid: {", ".join(PREPROCESSING)}')
     if mode == 'imagenet': return Preprocess(mode, *IMAGENET_STATS, img_size)
-    if dataset not in DATASET_STATS: raise ValueError(f'no mean/std for dataset {dataset!r}; known: {", ".join(DATASET_STATS)}')
+    if dataset not in DATASET_STATS:
+        raise DatasetError(f'no mean/std for dataset {dataset!r} (data.dataset); known: {", ".join(DATASET_STATS)}; '
+                           f'use data.preprocessing=imagenet for other data')
     return Preprocess(mode, *DATASET_STATS[dataset], img_size)
 
 def compute_mean_std(dataset: ImageDataset, img_size: int = 224, max_images=None, progress: bool = False):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 import numpy as np
 from .core import atomic_write_json, provenance
+from .config import ConfigError
 from .metrics import (as_numpy, predicted_classes, relevant_features, accuracy, sid_at_k, class_independence,
                              contrastiveness, correlation, dependence, structural_grounding, alignment, plausibility_scores,
                              pooling_baseline, part_faithfulness, PLAUSIBILITY_VARIANTS)
@@ -33,7 +34,7 @@ def resolve_eval_mode(eval_mode: Union[str, Sequence[str]] = 'all') -> tuple:
         eval_mode = [eval_mode]
     ids = [_ALIASES.get(str(m).lower(), str(m).lower()) for m in eval_mode]
     bad = [m for m in ids if m not in METRIC_IDS]
-    if bad: raise ValueError(f"unknown metric id(s) {bad} in eval_mode; use 'all', 'fast' or a list from {METRIC_IDS}")
+    if bad: raise ConfigError(f"unknown metric id(s) {bad} in eval_mode (--eval-mode); use 'all', 'fast' or a comma list from {METRIC_IDS}")
     return tuple(m for m in METRIC_IDS if m in ids)
 
 # %% ../nbs/06b_evaluate.ipynb #c009
@@ -204,7 +205,7 @@ def evaluate(model, train_cache, test_cache, *, dataset: Optional[str] = None, d
         try:
             from dinoqpm.backbone import get_backbone_spec
             paper_backbone = bool(get_backbone_spec(backbone).is_paper_backbone)
-        except (ImportError, KeyError): pass
+        except (ImportError, KeyError, ValueError): pass      # an unknown backbone name: not ours to judge here
     wanted = resolve_eval_mode(eval_mode)
     log.info('evaluating on %s (train %d, test %d images), metrics %s', dataset, len(train_cache.labels), len(test_cache.labels), wanted)
     J = model.head_weight().shape[1]

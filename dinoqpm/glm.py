@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import ConfigError, config_diff
-from .core import atomic_torch_save, get_device
+from .core import get_device, save_checked, load_checked, CorruptFileError
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,8 @@ def _signature(kind: str, X, y, cfg: GLMConfig, **extra) -> dict:
 
 def _load_checkpoint(path, signature: dict) -> Optional[dict]:
     if path is None or not Path(path).exists(): return None
-    try: ck = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise RuntimeError(f"cannot read GLM checkpoint {path}: {e}") from e
-    if not isinstance(ck, dict) or ck.get('format') != GLM_CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a dinoqpm GLM checkpoint")
+    ck = load_checked(path, 'GLM checkpoint')
+    if ck.get('format') != GLM_CHECKPOINT_FORMAT: raise CorruptFileError(f"{path} is not a dinoqpm GLM checkpoint")
     diff = config_diff(ck.get('signature', {}), signature)
     if diff:
         raise ConfigError(f"{path} was written for other inputs or settings (differing: {', '.join(diff)}); "
@@ -283,7 +281,7 @@ def select_features(X, y, n_select: int, n_classes: Optional[int] = None, cfg: G
                                    f"non-zero weight even at λ = 0 ({int((X.std(0) > 0).sum())} of {d} columns vary)")
             restarts += 1
             if checkpoint is not None:
-                atomic_torch_save({'format': GLM_CHECKPOINT_FORMAT, 'signature': sig, 'W': W.cpu(), 'b': b.cpu(),
+                save_checked({'format': GLM_CHECKPOINT_FORMAT, 'signature': sig, 'W': W.cpu(), 'b': b.cpu(),
                                    'state': state.to_dict(), 'order': order, 'lam_index': lam_index, 'restarts': restarts,
                                    'generator': gen.get_state()}, checkpoint)
     # more than n_select can only happen when two columns activate in the same λ (not with one-column-at-a-time prox)
@@ -323,7 +321,8 @@ class GLMPath:
 
 def _path_glm_saga(Ztr, ytr, C, cfg):
     "The same path computed by the `glm-saga` package itself (slow; for cross-checks)."
-    from glm_saga.elasticnet import glm_saga, IndexedTensorDataset
+    try: from glm_saga.elasticnet import glm_saga, IndexedTensorDataset
+    except ImportError: raise ConfigError("backend='glm_saga' needs the optional glm-saga package: pip install 'dinoqpm[glm]'") from None
     lin = torch.nn.Linear(Ztr.shape[1], C).to(Ztr.device)
     for p in lin.parameters(): p.data.zero_()
     ld = torch.utils.data.DataLoader(IndexedTensorDataset(Ztr, ytr), batch_size=cfg.batch_size, shuffle=True)
@@ -352,7 +351,7 @@ def _path_native(Ztr, ytr, C, lams, cfg, seed, sig, checkpoint, progress) -> lis
                          cfg.path_lookbehind, cfg.batch_size, gen)
             points.append({'lam': float(lam), 'W': W.cpu().clone(), 'b': b.cpu().clone(), 'epochs': int(r['epochs'])})
             if checkpoint is not None:
-                atomic_torch_save({'format': GLM_CHECKPOINT_FORMAT, 'signature': sig, 'W': W.cpu(), 'b': b.cpu(),
+                save_checked({'format': GLM_CHECKPOINT_FORMAT, 'signature': sig, 'W': W.cpu(), 'b': b.cpu(),
                                    'state': state.to_dict(), 'points': points, 'generator': gen.get_state()}, checkpoint)
     return points
 

@@ -11,37 +11,43 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import atomic_path, atomic_write_json, get_device, provenance
+from .core import atomic_path, atomic_write_json, get_device, provenance, CorruptFileError, MissingFileError
+from .config import ConfigError
+from .data import open_rgb
 from .pipeline import find_run_config
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'IMAGE_EXTENSIONS', 'MODEL_FILES', 'resolve_model_path', 'find_images', 'Predictor', 'save_explanations',
-           'run_inference']
+__all__ = ['log', 'IMAGE_EXTENSIONS', 'MAX_VIZ_SIDE', 'MODEL_FILES', 'resolve_model_path', 'find_images', 'Predictor',
+           'save_explanations', 'run_inference']
 
 # %% ../nbs/09a_inference.ipynb #c005
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
+MAX_VIZ_SIDE = 1024      # explanation pictures are drawn on the image shrunk to at most this many pixels per side
 MODEL_FILES = {'finetune': 'finetune_model.pt', 'dense': 'dense_model.pt'}
 
 def resolve_model_path(model_path, mode: str = 'finetune') -> Path:
     "A model file, or the `finetune_model.pt` / `dense_model.pt` of a run directory."
     p = Path(model_path)
     if p.is_dir():
-        if mode not in MODEL_FILES: raise ValueError(f"mode must be one of {sorted(MODEL_FILES)}, got {mode!r}")
+        if mode not in MODEL_FILES: raise ConfigError(f"mode must be one of {sorted(MODEL_FILES)}, got {mode!r}")
+        if not (p / 'config.json').exists():
+            raise MissingFileError(f'{p} is not a dinoqpm run directory (it has no config.json): pass the folder `dinoqpm train` '
+                                    f'wrote (--run-dir) or one of its model files')
         f = p / MODEL_FILES[mode]
-        if not f.exists(): raise FileNotFoundError(f'{f} does not exist: the run in {p} has not finished its {mode} stage')
+        if not f.exists(): raise MissingFileError(f'{f} does not exist: the run in {p} has not finished its {mode} stage')
         return f
-    if not p.exists(): raise FileNotFoundError(f'model path {p} does not exist')
+    if not p.exists(): raise MissingFileError(f'model path {p} does not exist')
     return p
 
 def find_images(image_path) -> list:
     "The image files at `image_path` (a file, or a folder searched recursively), sorted."
     p = Path(image_path)
     if p.is_file(): return [p]
-    if not p.is_dir(): raise FileNotFoundError(f'image path {p} does not exist')
+    if not p.is_dir(): raise MissingFileError(f'image path {p} does not exist')
     files = sorted(f for f in p.rglob('*') if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files: raise FileNotFoundError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under {p}')
+    if not files: raise MissingFileError(f'no image files ({", ".join(IMAGE_EXTENSIONS)}) under {p}')
     return files
 
 # %% ../nbs/09a_inference.ipynb #c008
@@ -52,14 +58,21 @@ class Predictor:
         from dinoqpm.data import make_transform
         from dinoqpm.train import load_model
         self.model_path = resolve_model_path(model_path, mode)
-        self.cfg, self.run_dir = find_run_config(self.model_path)
         self.device = get_device(device)
-        self.model = load_model(self.model_path, self.device).eval()
+        self.model = load_model(self.model_path, self.device).eval()      # first: a wrong file is named for what it is
+        self.cfg, self.run_dir = find_run_config(self.model_path)
         c = self.cfg
         self.backbone = create_backbone(c.backbone.name, weights_dir=weights_dir or c.backbone.weights_dir, img_size=c.data.img_size).to(self.device)
         self.transform = make_transform(mode=c.data.preprocessing, dataset=c.data.dataset, img_size=c.data.img_size)
         names = self.run_dir / 'class_names.json'
-        self.class_names = json.loads(names.read_text()) if names.exists() else None
+        self.class_names = None
+        if names.exists():
+            try: self.class_names = json.loads(names.read_text())
+            except (OSError, ValueError) as e: raise CorruptFileError(f'{names} is unreadable ({e}); delete it (the next '
+                                                                      f'`dinoqpm train` in this run directory writes it again)') from None
+            if not (isinstance(self.class_names, list) and len(self.class_names) == self.model.n_classes):
+                raise CorruptFileError(f'{names} does not hold the {self.model.n_classes} class names of this model; delete it '
+                                       f'(the next `dinoqpm train` in this run directory writes it again)')
 
     def class_name(self, c: int) -> str:
         return self.class_names[c] if self.class_names else str(c)
@@ -114,7 +127,7 @@ def run_inference(model_path, image_path, output_json=None, *, mode: str = 'fine
         chunk, imgs, tensors = files[start:start + batch_size], [], []
         for f in chunk:
             try:
-                with Image.open(f) as im: im.load(); img = im.convert('RGB')
+                img = open_rgb(f)
                 imgs.append((f, img)); tensors.append(pred.transform(img))
             except Exception as e:   # unreadable or corrupt file: reported, not fatal
                 log.warning('cannot read %s: %s', f, e)
@@ -131,7 +144,8 @@ def run_inference(model_path, image_path, output_json=None, *, mode: str = 'fine
                  'topk_class_names': [pred.class_name(int(t)) for t in top[i]], 'topk_confidences': [float(x) for x in conf[i]]}
             if visualize:
                 stem = f'{start + i:05d}_{f.stem}'
-                ex = save_explanations(img, maps[i], W[c], viz_dir, stem, max_features)
+                small = img.copy(); small.thumbnail((MAX_VIZ_SIDE, MAX_VIZ_SIDE))   # a huge photo is drawn at a sane size
+                ex = save_explanations(small, maps[i], W[c], viz_dir, stem, max_features)
                 r['visualisation'] = ex['files']
                 r['features_shown'] = [int(sel[j]) for j in ex['features_shown']]
             results.append(r)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import AdapterConfig, ConfigError, config_diff
-from .core import atomic_torch_save, get_device
+from .core import get_device, save_checked, load_checked, CorruptFileError
 from .adapter import DinoQPMModel
 
 log = logging.getLogger(__name__)
@@ -95,9 +95,8 @@ def train_linear_classifiers(X, y, n_classes: int, lrs: Sequence[float], cfg: Li
     bw, bb = torch.zeros_like(W), torch.zeros_like(b)
     losses, start = [], 0
     if checkpoint is not None and Path(checkpoint).exists():
-        ck = torch.load(checkpoint, map_location='cpu', weights_only=True)
-        if not isinstance(ck, dict) or ck.get('format') != LINEAR_EVAL_FORMAT:
-            raise ValueError(f'{checkpoint} is not a dinoqpm linear-evaluation checkpoint')
+        ck = load_checked(checkpoint, 'linear-evaluation checkpoint')
+        if ck.get('format') != LINEAR_EVAL_FORMAT: raise CorruptFileError(f'{checkpoint} is not a dinoqpm linear-evaluation checkpoint')
         diff = config_diff(ck['signature'], sig)
         if diff: raise ConfigError(f'{checkpoint} was written for other inputs or settings (differing: {", ".join(diff)}); '
                                    f'delete it or use another run directory')
@@ -126,7 +125,7 @@ def train_linear_classifiers(X, y, n_classes: int, lrs: Sequence[float], cfg: Li
         bar.update(n_steps)
         losses.append((window / n_steps).tolist())
         if checkpoint is not None:
-            atomic_torch_save({'format': LINEAR_EVAL_FORMAT, 'signature': sig, 'iteration': it, 'weight': W.cpu(), 'bias': b.cpu(),
+            save_checked({'format': LINEAR_EVAL_FORMAT, 'signature': sig, 'iteration': it, 'weight': W.cpu(), 'bias': b.cpu(),
                                'buf_weight': bw.cpu(), 'buf_bias': bb.cpu(), 'losses': losses}, checkpoint)
         if on_log is not None: on_log(it)
     bar.close()

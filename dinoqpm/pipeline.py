@@ -4,12 +4,12 @@
 
 # %% ../nbs/09_pipeline.ipynb #c002
 from __future__ import annotations
-import hashlib, json, logging, time
+import contextlib, datetime, errno, fcntl, hashlib, json, logging, math, os, shutil, socket, sys, time
 from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import atomic_path, atomic_write_json, json_safe, runs_dir
+from .core import atomic_path, atomic_write_json, json_safe, runs_dir, CorruptFileError, RunLockedError, MissingFileError
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS, FINETUNE_DEFAULTS,
                             ConfigError, config_to_dict, config_from_dict, config_diff)
 from dataclasses import replace
@@ -17,8 +17,9 @@ from dataclasses import replace
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CONFIG_FILE', 'default_run_dir', 'init_run_dir', 'find_run_config', 'dataset_kwargs', 'load_caches',
-           'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'qp_info', 'run_qpm', 'smoke_config']
+__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'default_run_dir', 'init_run_dir',
+           'find_run_config', 'dataset_kwargs', 'load_caches', 'validate_run_config', 'run_dir_lock', 'file_sha256',
+           'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names', 'qp_info', 'run_qpm', 'smoke_config']
 
 # %% ../nbs/09_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -34,29 +35,50 @@ def _read_run_config(path) -> dict:
     if not isinstance(d, dict): raise ConfigError(f'{path} does not hold a run configuration (a JSON object)')
     return d
 
-def init_run_dir(cfg: RunConfig, run_dir) -> Path:
-    "Create `run_dir` with `config.json`, or check that an existing one was made with the same configuration."
+NEUTRAL_KEYS = ('device', 'qp.require_certified')   # settings that do not change any result
+
+def init_run_dir(cfg: RunConfig, run_dir, later_stages: Optional[dict] = None) -> Path:
+    """Create `run_dir` with `config.json`, or check that an existing one was made with the same configuration.
+    `later_stages` (`{section: [files]}`, e.g. DINO-QPM's `{'qp': [...], 'finetune': [...]}`) lists the sections whose
+    change only invalidates later stages: then those stages' files are moved to `run_dir/superseded/<time>/`, the log
+    says which stages will be redone, and the earlier ones are reused. Any other difference is refused."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir(): raise ConfigError(f'the run directory {run_dir} is a file, not a folder')
     path = run_dir / CONFIG_FILE
     new = config_to_dict(cfg)
-    if path.exists():
-        old = _read_run_config(path)
-        diff = config_diff(old, new)
-        if diff:
-            raise ConfigError(f"{run_dir} holds a run with another configuration (differing keys: {', '.join(diff)}); "
-                              f"use another --run-dir or the same settings")
-    else:
+    if not path.exists():
         atomic_write_json(path, new)
+        return run_dir
+    old = _read_run_config(path)
+    diff = [k for k in config_diff(old, new) if k not in NEUTRAL_KEYS]
+    later = dict(later_stages or {})
+    early = [k for k in diff if k.split('.')[0] not in later]
+    if early:
+        raise ConfigError(f"{run_dir} holds a run with another configuration (differing keys: {', '.join(diff)}); "
+                          f"use another --run-dir or the same settings")
+    if diff:
+        order = list(later)                                  # the sections in stage order: a change redoes it and all after
+        first = min(order.index(k.split('.')[0]) for k in diff)
+        stale = [f for sec in order[first:] for f in later[sec]]
+        dest = run_dir / 'superseded' / datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')
+        moved = []
+        for f in stale:
+            if (run_dir / f).exists():
+                (dest / f).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(run_dir / f, dest / f); moved.append(f)
+        log.warning('%s: %s changed; the %s stage(s) will be redone, the earlier ones are reused%s', run_dir, ', '.join(diff),
+                    ', '.join(order[first:]), f' (their old files moved to {dest})' if moved else '')
+    if old != new: atomic_write_json(path, new)
     return run_dir
 
 def find_run_config(path) -> tuple:
     "`(RunConfig, run_dir)` for a run directory or any file inside one (searched upwards for `config.json`)."
     p = Path(path).resolve()
-    if not p.exists(): raise FileNotFoundError(f'{path} does not exist')
+    if not p.exists(): raise MissingFileError(f'{path} does not exist')
     for d in [p if p.is_dir() else p.parent, *(p if p.is_dir() else p.parent).parents]:
         if (d / CONFIG_FILE).exists():
             return config_from_dict(RunConfig, _read_run_config(d / CONFIG_FILE)), d
-    raise FileNotFoundError(f'no {CONFIG_FILE} found in {path} or any folder above it: not a dinoqpm run directory')
+    raise MissingFileError(f'no {CONFIG_FILE} found in {path} or any folder above it: not a dinoqpm run directory')
 
 # %% ../nbs/09_pipeline.ipynb #c008
 def dataset_kwargs(cfg: RunConfig) -> dict:
@@ -75,6 +97,74 @@ def load_caches(cfg: RunConfig, cache_root=None, progress=True) -> tuple:
     kw = {'dataset_kw': dataset_kwargs(cfg)}
     return (get_feature_cache(cfg, 'train', cache_root=cache_root, progress=progress, **kw),
             get_feature_cache(cfg, 'test', cache_root=cache_root, progress=progress, **kw))
+
+# %% ../nbs/09_pipeline.ipynb #c019
+def validate_run_config(cfg: RunConfig, eval_mode='all') -> dict:
+    """Raise a `UserError` (naming the key, value or file) for anything in `cfg` that cannot run; returns what it read:
+    `{'n_classes', 'n_train'}`. SynthBirds is generated if missing (the data root is the data's, not the run's)."""
+    from dinoqpm.config import check_config
+    from dinoqpm.adapter import check_adapter_config
+    from dinoqpm.backbone import get_backbone_spec, check_weights
+    from dinoqpm.data import DATASETS, DatasetError, load_dataset, make_transform
+    from dinoqpm.evaluate import resolve_eval_mode
+    from dinoqpm.qp import require_solver
+    check_config(cfg)
+    check_adapter_config(cfg.adapter)
+    resolve_eval_mode(eval_mode)
+    d, b, q = cfg.data, cfg.backbone, cfg.qp
+    if d.dataset not in DATASETS: raise ConfigError(f"unknown dataset {d.dataset!r} (data.dataset); known: {', '.join(DATASETS)}")
+    spec = get_backbone_spec(b.name)
+    if d.img_size % spec.patch_size or d.img_size < spec.patch_size:
+        raise ConfigError(f'data.img_size={d.img_size} is not a multiple of the patch size {spec.patch_size} of {b.name}; '
+                          f'e.g. {spec.default_img_size}')
+    make_transform(d.preprocessing, d.dataset, d.img_size)
+    check_weights(b.name, b.weights_dir, d.img_size)
+    ds = load_dataset(d.dataset, 'train', root=d.root, **dataset_kwargs(cfg))
+    C = ds.n_classes
+    a = cfg.adapter
+    J = a.n_features if a.n_layers > 0 else spec.embed_dim * (2 if a.arch_type == 'concat' else 1)
+    if q.n_select > J:
+        raise ConfigError(f'qp.n_select={q.n_select} exceeds the {J} features the adapter makes (adapter.n_features)')
+    if math.comb(q.n_select, q.n_per_class) < C:
+        raise ConfigError(f'{C} classes cannot each get their own set of qp.n_per_class={q.n_per_class} out of qp.n_select='
+                          f'{q.n_select} features: there are only {math.comb(q.n_select, q.n_per_class)} such sets; '
+                          f'raise qp.n_select or qp.n_per_class')
+    require_solver(q.solver)
+    return {'n_classes': C, 'n_train': len(ds)}
+
+# %% ../nbs/09_pipeline.ipynb #c022
+LOCK_FILE = '.dinoqpm.lock'
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir):
+    "Hold the run directory's lock (see above) for the duration of the `with` block."
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    try: fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM): raise
+        if not path.exists():
+            log.info('%s is read-only and has no lock file: working without a lock (nothing can be written there)', run_dir)
+            yield run_dir; return
+        fd, writable = os.open(path, os.O_RDONLY), False
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try: h = json.loads(path.read_text() or '{}')
+            except (OSError, ValueError): h = {}
+            raise RunLockedError(f"{run_dir} is in use by another dinoqpm process (pid {h.get('pid', '?')} on {h.get('host', '?')}, "
+                                 f"since {h.get('started', '?')}: {h.get('command', '?')}); wait for it to finish, or use "
+                                 f"another --run-dir") from None
+        if writable:
+            holder = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'command': ' '.join(sys.argv)[:300],
+                                 'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
+            try: os.ftruncate(fd, 0); os.pwrite(fd, holder.encode(), 0)
+            except OSError as e: log.debug('could not record the lock holder in %s: %s', path, e)
+        yield run_dir
+    finally:
+        with contextlib.suppress(OSError): fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 # %% ../nbs/09_pipeline.ipynb #c010
 def file_sha256(path) -> str:
@@ -106,7 +196,8 @@ def evaluate_once(model_path, train_cache, test_cache, output_json, *, seed=0, e
     old = saved_results(out, model_path, eval_mode, sha)
     if old is not None:
         log.info('%s exists for this model: reusing it', out)
-        new = json_safe({**old, **(run_info or {})})   # run facts (convergence, QP) kept current
+        facts = {k: v for k, v in (run_info or {}).items() if k not in ('run_dir', 'model_path') or k not in old}
+        new = json_safe({**old, **facts})                  # run facts (convergence, QP) kept current; a moved run keeps its paths
         if new != old: atomic_write_json(out, new)
         return new
     res = evaluate(str(model_path), train_cache, test_cache, data_root=data_root, seed=seed, eval_mode=eval_mode,
@@ -153,6 +244,14 @@ def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progres
     return res
 
 # %% ../nbs/09_pipeline.ipynb #c012
+def write_class_names(run_dir, names) -> Path:
+    "`run_dir/class_names.json`, written only when it does not already hold these names (a finished rerun writes nothing)."
+    path, names = Path(run_dir) / 'class_names.json', list(names)
+    try: same = path.exists() and json.loads(path.read_text()) == names
+    except (OSError, ValueError): same = False
+    if not same: atomic_write_json(path, names)
+    return path
+
 def qp_info(qp) -> dict:
     "The QP certificate fields of a result JSON."
     return {'qp_status': qp.status, 'qp_gap': qp.gap, 'qp_mip_gap': qp.mip_gap, 'qp_seconds': qp.seconds, 'qp_solver': qp.solver,
@@ -162,12 +261,21 @@ def run_qpm(cfg: RunConfig, run_dir=None, *, runs_root=None, cache_root=None, ev
             stop_after: Optional[str] = None) -> dict:
     """Train DINO-QPM end to end in `run_dir` (default `default_run_dir(cfg)`); every finished stage is skipped on rerun.
     Returns the paths and results: `run_dir`, `dense_model`, `results_dense`, `qp`, `model`, `results`."""
+    validate_run_config(cfg, eval_mode)                             # before anything is written
+    run_dir = Path(run_dir or default_run_dir(cfg, 'qpm', runs_root))
+    if run_dir.exists() and not run_dir.is_dir(): raise ConfigError(f'the run directory {run_dir} is a file, not a folder')
+    with run_dir_lock(run_dir): return _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after)
+
+QPM_LATER_STAGES = {'qp': ['qp', 'finetune', 'finetune_model.pt', 'results_finetune.json'],
+                    'finetune': ['finetune', 'finetune_model.pt', 'results_finetune.json']}
+
+def _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after) -> dict:
     from dinoqpm.train import train_dense, finetune, load_model, convergence_info
-    run_dir = init_run_dir(cfg, run_dir or default_run_dir(cfg, 'qpm', runs_root))
+    init_run_dir(cfg, run_dir, QPM_LATER_STAGES)
     info = {'method': 'DINO-QPM', 'run_dir': str(run_dir), 'seed': cfg.seed, 'backbone': cfg.backbone.name, 'dataset': cfg.data.dataset}
     t0 = time.perf_counter()
     train_c, test_c = load_caches(cfg, cache_root, progress)
-    if getattr(train_c, 'class_names', None): atomic_write_json(run_dir / 'class_names.json', list(train_c.class_names))
+    if getattr(train_c, 'class_names', None): write_class_names(run_dir, train_c.class_names)
     out = {'run_dir': run_dir}
     dense, _ = train_dense(cfg, train_c, test_c, run_dir, progress=progress)
     out['dense_model'] = run_dir / 'dense_model.pt'

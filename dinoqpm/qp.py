@@ -4,13 +4,14 @@
 
 # %% ../nbs/05_qp.ipynb #c003
 from __future__ import annotations
-import contextlib, dataclasses, gc, heapq, itertools, json, logging, math, time
+import contextlib, dataclasses, gc, heapq, itertools, json, logging, math, os, sys, time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from .core import atomic_path, atomic_write_json, provenance
+from .core import atomic_path, atomic_write_json, provenance, UserError, MissingFileError
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -383,19 +384,31 @@ def check_qp_inputs(A, R, n_select: int, n_per_class: int, bias=None, tau=None):
     if tau is not None and not np.isfinite(tau) and tau != np.inf: raise ValueError(f'tau must be a number, got {tau}')
     return A, R, bias
 
+def _prefer_highsbox():
+    """python-mip 2.0 looks for HiGHS in the optional `highspy` package first and, where it cannot use it, warns before
+    falling back to `highsbox` (our requirement). Point it at highsbox directly, so no false alarm is printed; a user's
+    own `PMIP_HIGHS_LIBRARY` wins. Must run before `mip` is first imported."""
+    if 'PMIP_HIGHS_LIBRARY' in os.environ or 'mip' in sys.modules: return
+    try: import highsbox
+    except ImportError: return
+    lib = {'linux': 'lib/libhighs.so', 'darwin': 'lib/libhighs.dylib', 'win32': 'bin/highs.dll'}.get(sys.platform)
+    if lib and (Path(highsbox.highs_dist_dir()) / lib).exists():
+        os.environ['PMIP_HIGHS_LIBRARY'] = str(Path(highsbox.highs_dist_dir()) / lib)
+
 def require_solver(solver: str) -> str:
     "The python-mip solver name for 'highs' or 'cbc'; raises with the alternative if it is unknown or cannot load."
     key = str(solver).lower()
-    if key not in SOLVER_NAMES: raise ValueError(f"unknown solver {solver!r}; use 'highs' or 'cbc'")
+    if key not in SOLVER_NAMES: raise ConfigError(f"unknown solver {solver!r} (qp.solver); use 'highs' or 'cbc' (open source, no licence)")
     other = 'cbc' if key == 'highs' else 'highs'
     try:
         import importlib
+        _prefer_highsbox()
         backend = importlib.import_module(f'mip.{key}')
         ok, why = bool(getattr(backend, f'has_{key}', False)), 'the library did not load'
     except Exception as e: ok, why = False, f'{type(e).__name__}: {e}'
     if not ok:
         hint = ' (mip 2.0 needs `pip install highsbox` for HiGHS)' if key == 'highs' else ' (python-mip 2.0 ships it via cbcbox)'
-        raise RuntimeError(f"solver {solver!r} is not available through python-mip: {why}{hint}; try solver={other!r}")
+        raise ConfigError(f"solver {solver!r} (qp.solver) is not available through python-mip: {why}{hint}; try qp.solver={other}")
     return SOLVER_NAMES[key]
 
 @contextlib.contextmanager
@@ -482,23 +495,41 @@ class QPResult:
                 f'gap {100 * self.gap:.3f}% in {self.seconds:.1f}s with {self.solver}, tau {self.tau:.4f} ({self.n_pairs} pairs)')
 
     def save(self, path_dir, **extra):
-        "Write `qp_result.json` (scalars, history, provenance), `selection.npy` and `weight.npy` atomically into `path_dir`."
+        """Write `selection.npy` and `weight.npy`, then `qp_result.json` (scalars, history, provenance and the SHA-256 of
+        both arrays, checked by `load`), each atomically, into `path_dir`."""
+        import hashlib
         d = Path(path_dir); d.mkdir(parents=True, exist_ok=True)
+        sums = {}
         for name, arr in (('selection', self.selection), ('weight', self.weight)):
             with atomic_path(d / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, arr)
+            sums[f'{name}.npy'] = hashlib.sha256((d / f'{name}.npy').read_bytes()).hexdigest()
         meta = {k: v for k, v in dataclasses.asdict(self).items() if k not in ('selection', 'weight')}
-        atomic_write_json(d / 'qp_result.json', {**meta, 'provenance': provenance(**extra)})
+        atomic_write_json(d / 'qp_result.json', {**meta, 'files_sha256': sums, 'provenance': provenance(**extra)})
         return d
 
     @classmethod
     def load(cls, path_dir) -> 'QPResult':
+        "Read a folder written by `save`; a missing, damaged or altered file raises naming it."
+        import hashlib
+        from dinoqpm.core import CorruptFileError
         d = Path(path_dir)
         for f in ('qp_result.json', 'selection.npy', 'weight.npy'):
-            if not (d / f).exists(): raise FileNotFoundError(f'{d / f} is missing: not a saved QPResult folder')
-        meta = json.loads((d / 'qp_result.json').read_text())
+            if not (d / f).exists(): raise MissingFileError(f'{d / f} is missing: not a saved QPResult folder')
+        try: meta = json.loads((d / 'qp_result.json').read_text())
+        except (OSError, ValueError) as e: raise CorruptFileError(f'{d / "qp_result.json"} is unreadable ({e}); delete {d} to solve again') from None
+        arrays = {}
+        for name in ('selection', 'weight'):
+            f = d / f'{name}.npy'
+            want = (meta.get('files_sha256') or {}).get(f.name)
+            if want is not None and hashlib.sha256(f.read_bytes()).hexdigest() != want:
+                raise CorruptFileError(f'{f} fails its checksum (recorded in {d / "qp_result.json"}): it changed after the QP '
+                                       f'was solved; delete {d} to solve the QP again')
+            try: arrays[name] = np.load(f, allow_pickle=False)
+            except Exception as e:
+                raise CorruptFileError(f'{f} is truncated or damaged ({type(e).__name__}: {e}); delete {d} to solve the QP again') from None
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in meta.items() if k in names}
-        return cls(selection=np.load(d / 'selection.npy'), weight=np.load(d / 'weight.npy'), **kw)
+        return cls(selection=arrays['selection'], weight=arrays['weight'], **kw)
 
 # %% ../nbs/05_qp.ipynb #c032
 HIGHS_OPTIONS = {'mip_heuristic_run_feasibility_jump': False,   # ~100 s on these models for nothing (qp-measurements.md)
@@ -508,6 +539,7 @@ HIGHS_OPTIONS = {'mip_heuristic_run_feasibility_jump': False,   # ~100 s on thes
 class TopKModel:
     "The reduced QPM model on python-mip (see the notebook): build once, separate cuts on LPs, then solve as a MIP in rounds."
     def __init__(self, A, pairs, bias, n_select: int, n_per_class: int, solver: str = 'highs', threads=None, solver_options=None):
+        _prefer_highsbox()
         import mip
         self.mip = mip
         self.A = np.asarray(A, dtype=np.float64)
@@ -862,7 +894,7 @@ def solve_qp(A, R, n_select: int = 50, n_per_class: int = 5, *, tau: Optional[fl
         log.warning('%s, or set qp.require_certified=true to make this an error', msg)
     return res
 
-class QPNotCertifiedError(RuntimeError):
+class QPNotCertifiedError(UserError, RuntimeError):
     "A QP solution that misses the requested gap while `require_certified` is set."
 
 # %% ../nbs/05_qp.ipynb #c037
@@ -912,6 +944,7 @@ def solve_qp_naive(A, R, n_select: int = 50, n_per_class: int = 5, *, tau: float
                                start=start, threads=threads, solver_options=solver_options)
 
 def _solve_qp_naive(A, R, n_select, n_per_class, *, tau, solver, time_limit, mip_gap, start, threads, solver_options):
+    _prefer_highsbox()
     import mip
     t0 = time.perf_counter()
     A, R, _ = check_qp_inputs(A, R, n_select, n_per_class, None, tau)

@@ -4,12 +4,13 @@
 
 # %% ../nbs/01a_synthbirds.ipynb #c003
 from __future__ import annotations
-import io, json, logging, math, os, shutil, tempfile, time
+import fcntl, io, json, logging, math, os, shutil, tempfile, time
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
+from .core import MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -506,65 +507,74 @@ def make_synthbirds(root, seed: int = 0, n_classes: int = 20, images_per_class: 
     final = base / 'CUB_200_2011'
     if final.exists() and not overwrite: return final
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix='.CUB_200_2011-', dir=base))
+    lock = open(base / '.synthbirds.lock', 'a+')
+    fcntl.flock(lock, fcntl.LOCK_EX)                       # one generator per folder; a second one waits, then finds it
     try:
-        out = tmp / 'CUB_200_2011'
-        for d in ('images', 'segmentations', 'parts_seg', 'parts', 'attributes'): (out / d).mkdir(parents=True)
-        images, labels, split, bboxes, plocs, alines = [], [], [], [], [], []
-        present_sum = np.zeros((n_classes, len(attrs))); visible_n = np.zeros((n_classes, len(attrs)))
-        srng = np.random.default_rng([seed, 2002])
-        bar = tqdm(total=n_classes * images_per_class, desc='SynthBirds', disable=not progress)
-        for c, (spec, cname) in enumerate(zip(specs, names)):
-            folder, stem = cname, cname.split('.', 1)[1]
-            for d in ('images', 'segmentations', 'parts_seg'): (out / d / folder).mkdir()
-            n_train = min(images_per_class - 1, max(1, int(round(images_per_class * float(srng.uniform(0.45, 0.55))))))
-            is_train = np.zeros(images_per_class, bool); is_train[srng.permutation(images_per_class)[:n_train]] = True
-            for k in range(images_per_class):
-                iid = len(images) + 1
-                r = render_sample(spec, [seed, c, k], img_size)
-                rel = f'{folder}/{stem}_{k + 1:04d}.png'
-                (out / 'images' / rel).write_bytes(_png_bytes(r['image'], level=1))   # level 1: 2.5x faster, 12% larger
-                (out / 'segmentations' / rel).write_bytes(_png_bytes(r['seg']))
-                (out / 'parts_seg' / rel).write_bytes(_png_bytes(r['part_map']))
-                images.append(f'{iid} {rel}'); labels.append(f'{iid} {c + 1}'); split.append(f'{iid} {int(is_train[k])}')
-                bboxes.append(f'{iid} ' + ' '.join(f'{b:.1f}' for b in r['bbox']))
-                for p, (x, y, vis) in enumerate(r['part_locs']):
-                    plocs.append(f'{iid} {p + 1} {x:.1f} {y:.1f} {int(vis)}' if vis else f'{iid} {p + 1} 0.0 0.0 0')
-                for a, pres, cert, t in _annotate(spec, r['part_locs'], r['annotation_rng']):
-                    alines.append(f'{iid} {a + 1} {pres} {cert} {t:.3f}')
-                    if cert > 1: present_sum[c, a] += pres; visible_n[c, a] += 1
-                bar.update()
-        bar.close()
-        alines[1] += ' 0'                                     # one malformed line (an extra field), as in the real file
-        cont = 100 * present_sum / np.maximum(visible_n, 1)
-        w = lambda f, lines: (out / f).write_text('\n'.join(lines) + '\n', encoding='utf-8')
-        w('images.txt', images); w('image_class_labels.txt', labels); w('train_test_split.txt', split)
-        w('classes.txt', [f'{c + 1} {n}' for c, n in enumerate(names)]); w('bounding_boxes.txt', bboxes)
-        w('parts/parts.txt', [f'{i + 1} {p}' for i, p in enumerate(PART_NAMES)]); w('parts/part_locs.txt', plocs)
-        w('attributes/attributes.txt', [f'{i + 1} {attribute_name(*a)}' for i, a in enumerate(attrs)])
-        (tmp / 'attributes.txt').write_bytes((out / 'attributes' / 'attributes.txt').read_bytes())
-        w('attributes/image_attribute_labels.txt', alines)
-        w('attributes/class_attribute_labels_continuous.txt', [' '.join(f'{x:.10f}' for x in row) for row in cont])
-        w('attributes/certainties.txt', ['1 not visible', '2 guessing', '3 probably', '4 definitely'])
-        truth = dict(format='synthbirds-1', params=dict(seed=seed, n_classes=n_classes, images_per_class=images_per_class, img_size=img_size),
-                     part_names=list(PART_NAMES), part_map=dict(folder='parts_seg', values='0 background, k+1 for part_names[k]'),
-                     part_attributes={p: {k: list(v) for k, v in PART_ATTRIBUTES[p].items()} for p in PART_NAMES},
-                     colours={k: list(v) for k, v in COLOURS.items()},
-                     classes=[dict(label=c, class_id=c + 1, name=n, parts=s) for c, (n, s) in enumerate(zip(names, specs))],
-                     pairs=pairs, attributes=[attribute_name(*a) for a in attrs])
-        w(TRUTH_FILE, [json.dumps(truth, indent=1)])
-        # move into place: the archive folder, and attributes.txt beside it as in the CUB tarball
-        if final.exists():
-            if not overwrite: return final
-            old = tmp / 'old'
-            os.rename(final, old)
-        try: os.rename(out, final)
-        except OSError:
-            if not final.is_dir(): raise
-            log.info('%s appeared while generating; keeping it', final)
-        os.replace(tmp / 'attributes.txt', base / 'attributes.txt')
+        if final.exists() and not overwrite: return final
+        for left in base.glob('.CUB_200_2011-*'):          # what a killed generation left behind
+            log.info('removing %s, left by an interrupted generation', left)
+            shutil.rmtree(left, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix='.CUB_200_2011-', dir=base))
+        try:
+            out = tmp / 'CUB_200_2011'
+            for d in ('images', 'segmentations', 'parts_seg', 'parts', 'attributes'): (out / d).mkdir(parents=True)
+            images, labels, split, bboxes, plocs, alines = [], [], [], [], [], []
+            present_sum = np.zeros((n_classes, len(attrs))); visible_n = np.zeros((n_classes, len(attrs)))
+            srng = np.random.default_rng([seed, 2002])
+            bar = tqdm(total=n_classes * images_per_class, desc='SynthBirds', disable=not progress)
+            for c, (spec, cname) in enumerate(zip(specs, names)):
+                folder, stem = cname, cname.split('.', 1)[1]
+                for d in ('images', 'segmentations', 'parts_seg'): (out / d / folder).mkdir()
+                n_train = min(images_per_class - 1, max(1, int(round(images_per_class * float(srng.uniform(0.45, 0.55))))))
+                is_train = np.zeros(images_per_class, bool); is_train[srng.permutation(images_per_class)[:n_train]] = True
+                for k in range(images_per_class):
+                    iid = len(images) + 1
+                    r = render_sample(spec, [seed, c, k], img_size)
+                    rel = f'{folder}/{stem}_{k + 1:04d}.png'
+                    (out / 'images' / rel).write_bytes(_png_bytes(r['image'], level=1))   # level 1: 2.5x faster, 12% larger
+                    (out / 'segmentations' / rel).write_bytes(_png_bytes(r['seg']))
+                    (out / 'parts_seg' / rel).write_bytes(_png_bytes(r['part_map']))
+                    images.append(f'{iid} {rel}'); labels.append(f'{iid} {c + 1}'); split.append(f'{iid} {int(is_train[k])}')
+                    bboxes.append(f'{iid} ' + ' '.join(f'{b:.1f}' for b in r['bbox']))
+                    for p, (x, y, vis) in enumerate(r['part_locs']):
+                        plocs.append(f'{iid} {p + 1} {x:.1f} {y:.1f} {int(vis)}' if vis else f'{iid} {p + 1} 0.0 0.0 0')
+                    for a, pres, cert, t in _annotate(spec, r['part_locs'], r['annotation_rng']):
+                        alines.append(f'{iid} {a + 1} {pres} {cert} {t:.3f}')
+                        if cert > 1: present_sum[c, a] += pres; visible_n[c, a] += 1
+                    bar.update()
+            bar.close()
+            alines[1] += ' 0'                                     # one malformed line (an extra field), as in the real file
+            cont = 100 * present_sum / np.maximum(visible_n, 1)
+            w = lambda f, lines: (out / f).write_text('\n'.join(lines) + '\n', encoding='utf-8')
+            w('images.txt', images); w('image_class_labels.txt', labels); w('train_test_split.txt', split)
+            w('classes.txt', [f'{c + 1} {n}' for c, n in enumerate(names)]); w('bounding_boxes.txt', bboxes)
+            w('parts/parts.txt', [f'{i + 1} {p}' for i, p in enumerate(PART_NAMES)]); w('parts/part_locs.txt', plocs)
+            w('attributes/attributes.txt', [f'{i + 1} {attribute_name(*a)}' for i, a in enumerate(attrs)])
+            (tmp / 'attributes.txt').write_bytes((out / 'attributes' / 'attributes.txt').read_bytes())
+            w('attributes/image_attribute_labels.txt', alines)
+            w('attributes/class_attribute_labels_continuous.txt', [' '.join(f'{x:.10f}' for x in row) for row in cont])
+            w('attributes/certainties.txt', ['1 not visible', '2 guessing', '3 probably', '4 definitely'])
+            truth = dict(format='synthbirds-1', params=dict(seed=seed, n_classes=n_classes, images_per_class=images_per_class, img_size=img_size),
+                         part_names=list(PART_NAMES), part_map=dict(folder='parts_seg', values='0 background, k+1 for part_names[k]'),
+                         part_attributes={p: {k: list(v) for k, v in PART_ATTRIBUTES[p].items()} for p in PART_NAMES},
+                         colours={k: list(v) for k, v in COLOURS.items()},
+                         classes=[dict(label=c, class_id=c + 1, name=n, parts=s) for c, (n, s) in enumerate(zip(names, specs))],
+                         pairs=pairs, attributes=[attribute_name(*a) for a in attrs])
+            w(TRUTH_FILE, [json.dumps(truth, indent=1)])
+            # move into place: the archive folder, and attributes.txt beside it as in the CUB tarball
+            if final.exists():
+                if not overwrite: return final
+                old = tmp / 'old'
+                os.rename(final, old)
+            try: os.rename(out, final)
+            except OSError:
+                if not final.is_dir(): raise
+                log.info('%s appeared while generating; keeping it', final)
+            os.replace(tmp / 'attributes.txt', base / 'attributes.txt')
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fcntl.flock(lock, fcntl.LOCK_UN); lock.close()
     log.info('SynthBirds: %d classes x %d images at %d px in %.1f s -> %s', n_classes, images_per_class, img_size,
              time.perf_counter() - t0, final)
     return final
@@ -572,12 +582,12 @@ def make_synthbirds(root, seed: int = 0, n_classes: int = 20, images_per_class: 
 def load_synthbirds_truth(archive_dir) -> dict:
     "The ground truth written by `make_synthbirds` (`synthbirds_truth.json` in the archive folder)."
     p = Path(archive_dir) / TRUTH_FILE
-    if not p.is_file(): raise FileNotFoundError(f'no SynthBirds ground truth: expected {p}')
+    if not p.is_file(): raise MissingFileError(f'no SynthBirds ground truth: expected {p}')
     return json.loads(p.read_text(encoding='utf-8'))
 
 def part_label_map(archive_dir, image_relpath) -> np.ndarray:
     "Part-label map of an image (`uint8` H×W: 0 background, k+1 for part k) from `parts_seg/`; `image_relpath` as in images.txt."
     r = Path(image_relpath)
     p = Path(archive_dir) / 'parts_seg' / r.parent / (r.stem + '.png')
-    if not p.is_file(): raise FileNotFoundError(f'no part-label map for {image_relpath}: expected {p}')
+    if not p.is_file(): raise MissingFileError(f'no part-label map for {image_relpath}: expected {p}')
     with Image.open(p) as im: return np.asarray(im, dtype=np.uint8).copy()

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import RunConfig, PhaseConfig, ConfigError, config_to_dict, config_diff
-from .core import atomic_torch_save, atomic_write_text, get_device, seed_everything, provenance
+from .core import (atomic_write_text, get_device, seed_everything, provenance, save_checked, load_checked,
+                          CorruptFileError, UserError)
 from .adapter import DinoQPMModel, SparseBLDDHead, ModelOutput, model_spec, model_from_spec
 from .losses import feature_diversity_loss, sparsity_loss
 
@@ -213,8 +214,8 @@ def eval_accuracy(model: DinoQPMModel, cache_or_dataset, batch_size: int = 256, 
 CHECKPOINT_FORMAT = 'dinoqpm-checkpoint/1'
 MODEL_FORMAT = 'dinoqpm-model/1'
 
-class NonFiniteLossError(FloatingPointError):
-    "A training loss became NaN or infinite."
+class NonFiniteLossError(UserError, FloatingPointError):
+    "A training loss became NaN or infinite (a learning rate too high, or NaN in the tokens); the message says where."
 
 def _crc(*arrays) -> int:
     c = 0
@@ -271,10 +272,12 @@ def _refuse_mismatch(path, saved: dict, current: dict):
                           f"Use another run_dir, or delete the file to start this phase afresh.")
 
 def _load(path, what: str) -> dict:
-    try: ck = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise RuntimeError(f"cannot read {what} {path}: {e}") from e
-    if not isinstance(ck, dict) or ck.get('format') not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
-        raise ValueError(f"{path} is not a dinoqpm {what} (format key {ck.get('format') if isinstance(ck, dict) else type(ck).__name__!r})")
+    "A dinoqpm model file or checkpoint, verified (`dinoqpm.core.load_checked`); anything else is a `CorruptFileError`."
+    ck = load_checked(path, what)
+    if ck.get('format') not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
+        hint = (' It looks like backbone weights (a mapping of tensor names): pass a run directory or a dinoqpm model file, '
+                'and put backbone weights in the weights folder (backbone.weights_dir).' if ck and all(isinstance(v, torch.Tensor) for v in ck.values()) else '')
+        raise CorruptFileError(f"{path} is not a dinoqpm {what} (format key {ck.get('format')!r}).{hint}")
     return ck
 
 # %% ../nbs/04_train.ipynb #c021
@@ -371,7 +374,8 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
                     kept = f"the last good checkpoint {ckpt_path} (after epoch {epoch}) is kept" \
                         if ckpt_path is not None and ckpt_path.exists() else "no checkpoint had been written yet"
                     raise NonFiniteLossError(f"non-finite loss ({vals[0].item()}) in phase '{phase}', epoch {epoch + 1}, "
-                                             f"step {step + 1} of {steps}; {kept}")
+                                             f"step {step + 1} of {steps}; {kept}; lower {phase if phase in ('dense', 'finetune') else 'the phase'}"
+                                             f".lr, or check the cached tokens for NaN")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -396,7 +400,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             log.info("%s epoch %d/%d: %s", phase, epoch + 1, pcfg.epochs,
                      ', '.join(f'{k}={v:.4g}' for k, v in row.items() if isinstance(v, float)))
             if ckpt_path is not None:
-                atomic_torch_save({'format': CHECKPOINT_FORMAT, 'phase': phase, 'epoch': epoch + 1,
+                save_checked({'format': CHECKPOINT_FORMAT, 'phase': phase, 'epoch': epoch + 1,
                                    'model': model.state_dict(), 'optimizer': opt.state_dict(), 'rng': _rng_state(order_gen),
                                    'config': config_to_dict(cfg), 'signature': signature, 'spec': model_spec(model),
                                    'history': history}, ckpt_path)
@@ -463,7 +467,7 @@ def _plain(obj):
 
 def save_model(model: DinoQPMModel, path, **extra) -> Path:
     "Write `model` (architecture, state dict with its head, plus `extra` plain data) atomically to `path`."
-    return atomic_torch_save({'format': MODEL_FORMAT, 'spec': model_spec(model), 'model': model.state_dict(),
+    return save_checked({'format': MODEL_FORMAT, 'spec': model_spec(model), 'model': model.state_dict(),
                               **{k: _plain(v) for k, v in extra.items()}}, path)
 
 def load_model(path, device='cpu') -> DinoQPMModel:

@@ -4,6 +4,7 @@ import itertools, json, math
 import numpy as np
 import pytest
 import dinoqpm.qp as qp
+from dinoqpm.config import ConfigError
 from dinoqpm.qp import (QPResult, choose_tau, penalised_pairs, qp_constants, scaled_similarity, solve_qp, solve_qp_exhaustive,
                         solve_qp_naive)
 
@@ -108,7 +109,7 @@ def test_bias_enters_the_objective():
     assert res.z_b == pytest.approx(bias[res.selection].sum())
 
 
-def test_time_limited_run_is_feasible_with_an_honest_gap(monkeypatch):
+def test_time_limited_run_is_feasible_with_an_honest_gap(monkeypatch, caplog):
     "A solver stopped by the limit (mocked: bound 10 % above the incumbent) must give 'feasible' and that gap, never 'optimal'."
     A, R, tau = small_instance(4, J=12, C=5)
     monkeypatch.setattr(qp.TopKModel, 'solve_lp', lambda self: None)          # no root certificate
@@ -123,11 +124,15 @@ def test_time_limited_run_is_feasible_with_an_honest_gap(monkeypatch):
         out = real_offer_value(*a, **k); inc_value[0] = max(inc_value[0] or -np.inf, out['objective']); return out
     monkeypatch.setattr(qp, 'qp_objective', spy)
     monkeypatch.setattr(qp.TopKModel, 'solve_mip', stopped_by_limit)
-    res = solve_qp(A, R, 5, 2, tau=tau, time_limit=5)
-    assert calls and res.status == 'feasible'
+    with caplog.at_level('WARNING', logger='dinoqpm.qp'): res = solve_qp(A, R, 5, 2, tau=tau, time_limit=5)
+    assert calls and res.status == 'feasible' and not res.certified
     assert res.bound == pytest.approx(1.1 * res.objective, rel=1e-9)
     assert res.gap == pytest.approx(0.1, rel=1e-6)
     check_feasible(res, 12, 5, 5, 2)
+    warned = [r for r in caplog.records if r.levelname == 'WARNING' and 'not certified (gap 10.00% > 0.50%' in r.getMessage()]
+    assert len(warned) == 1                                          # never silent
+    with pytest.raises(qp.QPNotCertifiedError, match='qp.require_certified is set'):
+        solve_qp(A, R, 5, 2, tau=tau, time_limit=5, require_certified=True)
 
 
 def test_real_time_limit_reports_a_valid_certificate():
@@ -170,8 +175,8 @@ def test_unavailable_solver_names_itself_and_the_alternative(monkeypatch):
     import mip.cbc
     monkeypatch.setattr(mip.cbc, 'has_cbc', False)
     A, R, tau = small_instance(0)
-    with pytest.raises(RuntimeError) as e: solve_qp(A, R, 4, 2, tau=tau, solver='cbc')
-    assert "'cbc' is not available" in str(e.value) and "solver='highs'" in str(e.value)
+    with pytest.raises(ConfigError) as e: solve_qp(A, R, 4, 2, tau=tau, solver='cbc')
+    assert "'cbc' (qp.solver) is not available" in str(e.value) and "qp.solver=highs" in str(e.value)
 
 
 def test_clique_rule_reference_and_intended():
@@ -204,3 +209,14 @@ def test_save_load_roundtrip(tmp_path):
     assert full.shape == (4, 8) and (full[:, res.selection] == res.weight).all() and full.sum() == 8
     with pytest.raises(FileNotFoundError, match='selection.npy'):
         (tmp_path / 'qp' / 'selection.npy').unlink(); QPResult.load(tmp_path / 'qp')
+
+
+def test_solving_prints_no_false_highs_alarm():
+    "python-mip is pointed at highsbox directly: no 'HiGHS C API not accessible ... Falling back' warning on stderr."
+    import subprocess, sys
+    code = ("from dinoqpm.qp import solve_qp, synthetic_qp_features, qp_constants\n"
+            "F, y = synthetic_qp_features(30, 6, 300, n_concepts=15, concepts_per_class=3, seed=0)\n"
+            "A, R = qp_constants(F, y, 6); print(solve_qp(A, R, 8, 3, time_limit=10).status)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == 'optimal', r.stderr
+    assert 'Falling back' not in r.stderr and 'not accessible' not in r.stderr, r.stderr

@@ -65,8 +65,10 @@ MUTANTS = {
                                   "        except ValueError as e:\n            pass\n        if False:", [f'{NB}[02_backbone]']),
     'missing_masks_silent': ('01_data', 'data', "            if require_masks:\n                missing.append(", "            if False:\n                missing.append(",
                              [f'{NB}[01_data]', 'tests/test_data.py']),
-    'convergence_never_flags': ('04_train', 'train', "    if abs(drop) <= max(rtol * scale, atol): return {**out, 'converged': True}",
+    'convergence_never_flags': ('04_train', 'train', "    if abs(change) <= max(rtol * scale, atol) + 2 * se: return {**out, 'converged': True}",
                                 "    return {**out, 'converged': True}", [f'{NB}[04_train]']),
+    'convergence_without_noise_allowance': ('04_train', 'train', "    if abs(change) <= max(rtol * scale, atol) + 2 * se: return {**out, 'converged': True}",
+                                            "    if abs(change) <= max(rtol * scale, atol): return {**out, 'converged': True}", [f'{NB}[04_train]']),
 }
 
 
