@@ -21,7 +21,7 @@ __all__ = ['log', 'CACHE_FORMAT', 'ARRAY_NAMES', 'PROGRESS_FILE', 'StaleCacheErr
            'get_feature_cache']
 
 # %% ../nbs/02a_cache.ipynb #c005
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2   # 2: CNN tokens without the BatchNorm drift of a train-mode grid probe (format 1 had it)
 ARRAY_NAMES = ('patch', 'cls', 'labels', 'image_ids', 'masks', 'masks_dilated')
 
 class StaleCacheError(UserError, ValueError):
