@@ -16,9 +16,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CACHE_FORMAT', 'ARRAY_NAMES', 'PROGRESS_FILE', 'StaleCacheError', 'default_cache_root', 'sha256_file',
-           'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir', 'FeatureCache', 'save_feature_cache',
-           'open_feature_cache', 'cache_bytes', 'extract_tokens', 'samples_fingerprint', 'build_feature_cache',
-           'get_feature_cache']
+           'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir', 'safe_name', 'FeatureCache',
+           'save_feature_cache', 'open_feature_cache', 'cache_bytes', 'extract_tokens', 'samples_fingerprint',
+           'build_feature_cache', 'get_feature_cache']
 
 # %% ../nbs/02a_cache.ipynb #c005
 CACHE_FORMAT = 2   # 2: CNN tokens without the BatchNorm drift of a train-mode grid probe (format 1 had it)
@@ -61,8 +61,12 @@ def key_hash(key: dict) -> str:
     return _json_hash(key)[:16]
 
 def cache_dir(key: dict, cache_root=None) -> Path:
-    "`<cache_root>/<dataset>/<backbone>/<keyhash>/<split>`."
-    return default_cache_root(cache_root) / key['dataset'] / key['backbone'] / key_hash(key) / key['split']
+    "`<cache_root>/<dataset>/<backbone>/<keyhash>/<split>` (a `timm:<model>` backbone in a folder `timm-<model>`)."
+    return default_cache_root(cache_root) / key['dataset'] / safe_name(key['backbone']) / key_hash(key) / key['split']
+
+def safe_name(name: str) -> str:
+    "A backbone or dataset name as a folder name (`timm:vit_b` → `timm-vit_b`)."
+    return ''.join(c if c.isalnum() or c in '._-' else '-' for c in str(name))
 
 # %% ../nbs/02a_cache.ipynb #c008
 def _to_numpy(a, dtype=None):
@@ -375,12 +379,12 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
                         preprocessing: str = 'paper', img_size: Optional[int] = None, cache_root=None, batch_size: int = 16,
                         chunk_size: int = 64, device='auto', progress: bool = True, num_workers: Optional[int] = None,
                         verify: str = 'full', rebuild: bool = False, dataset_kw: Optional[dict] = None,
-                        on_chunk: Optional[Callable] = None) -> FeatureCache:
+                        on_chunk: Optional[Callable] = None, weights_file=None) -> FeatureCache:
     "The cached tokens of `dataset`/`split` under `backbone`, computed (or resumed) if there is no valid cache for this key."
     from dinoqpm.data import load_dataset, make_transform
     spec = get_backbone_spec(backbone)
     img_size = int(img_size or spec.default_img_size)
-    wfile = weights_path(backbone, weights_dir)
+    wfile = weights_path(backbone, weights_dir, weights_file)
     if not wfile.is_file(): raise _missing_weights_error(spec, wfile)
     ds = load_dataset(dataset, split, root=root, transform=make_transform(mode=preprocessing, dataset=dataset, img_size=img_size),
                       **(dataset_kw or {}))
@@ -393,12 +397,13 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
             log.info('using cached %s %s tokens of %s from %s', dataset, split, backbone, folder)
             return fc
         except StaleCacheError as e: log.warning('refusing the cache: %s; rebuilding it', e)
-    bb = create_backbone(backbone, weights_dir=weights_dir, img_size=img_size)
+    bb = create_backbone(backbone, weights_dir=weights_dir, img_size=img_size, weights_file=weights_file)
     return extract_tokens(ds, bb, folder, key, batch_size=batch_size, chunk_size=chunk_size, device=device,
                             num_workers=num_workers, progress=progress, overwrite=rebuild, verify=verify, on_chunk=on_chunk)
 
 def get_feature_cache(cfg, split: str, cache_root=None, progress: bool = True, **kw) -> FeatureCache:
     "`build_feature_cache` for the data and backbone of a `dinoqpm.config.RunConfig`."
     return build_feature_cache(cfg.data.dataset, split, cfg.backbone.name, root=cfg.data.root, weights_dir=cfg.backbone.weights_dir,
+                               weights_file=cfg.backbone.weights_file,
                                preprocessing=cfg.data.preprocessing, img_size=cfg.data.img_size, cache_root=cache_root,
                                device=cfg.device, progress=progress, **kw)

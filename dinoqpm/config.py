@@ -23,7 +23,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = 'CUB2011'          # CUB2011 | StanfordCars | SynthBirds
+    dataset: str = 'CUB2011'          # CUB2011 | StanfordCars | SynthBirds | folder (your own images, in data.root)
     root: Optional[str] = None        # None: $DINOQPM_DATA, else ~/tmp/Datasets
     preprocessing: str = 'paper'      # paper (dataset mean/std, then min-max to [0,1]) | imagenet
     img_size: int = 224               # input side length given to the backbone
@@ -31,11 +31,14 @@ class DataConfig:
     synth_images_per_class: Optional[int] = None # SynthBirds only: images per class (None = generator default)
     synth_img_size: Optional[int] = None         # SynthBirds only: generated image size (None = generator default)
     require_masks: bool = True        # CUB2011: a missing segmentations/ folder is an error (False: run without Plausibility)
+    test_fraction: float = 0.2        # folder datasets without train/ and test/ or split.csv: the share of each class held out
+    split_seed: int = 0               # ... and the seed of that split
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    name: str = 'dinov2_vitb14_reg4'  # see `dinoqpm.backbone.list_backbones()`
+    name: str = 'dinov2_vitb14_reg4'  # see `dinoqpm.backbone.list_backbones()`, or timm:<any timm model>
     weights_dir: Optional[str] = None # None: $DINOQPM_WEIGHTS, else ~/tmp/model_weights
+    weights_file: Optional[str] = None  # a weights file of its own (needed for timm:<model>; overrides weights_dir)
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -193,6 +196,7 @@ def check_config(cfg: 'RunConfig') -> 'RunConfig':
         if not ok: bad.append(f'{key}={_get_dotted(cfg, key)!r}: {what}')
     d = cfg.data
     need(d.img_size >= 1, 'data.img_size', 'must be >= 1')
+    need(0 < d.test_fraction < 1, 'data.test_fraction', 'must be in (0, 1)')
     for k in ('synth_classes', 'synth_images_per_class', 'synth_img_size'):
         need(getattr(d, k) is None or getattr(d, k) >= 1, f'data.{k}', 'must be >= 1 (or null for the default)')
     need(cfg.device == 'auto' or cfg.device.split(':')[0] in ('cpu', 'cuda', 'mps'), 'device', "expected auto, cpu, cuda, cuda:N or mps")

@@ -62,7 +62,8 @@ class Predictor:
         self.model = load_model(self.model_path, self.device).eval()      # first: a wrong file is named for what it is
         self.cfg, self.run_dir = find_run_config(self.model_path)
         c = self.cfg
-        self.backbone = create_backbone(c.backbone.name, weights_dir=weights_dir or c.backbone.weights_dir, img_size=c.data.img_size).to(self.device)
+        self.backbone = create_backbone(c.backbone.name, weights_dir=weights_dir or c.backbone.weights_dir, img_size=c.data.img_size,
+                                        weights_file=c.backbone.weights_file).to(self.device)
         self.transform = make_transform(mode=c.data.preprocessing, dataset=c.data.dataset, img_size=c.data.img_size)
         names = self.run_dir / 'class_names.json'
         self.class_names = None

@@ -26,7 +26,8 @@ CONFIG_FILE = 'config.json'
 
 def default_run_dir(cfg: RunConfig, method: str = 'qpm', runs_root=None) -> Path:
     "`<runs root>/<dataset>/<backbone>/<method>/<seed>` (runs root: `$DINOQPM_RUNS` or `~/tmp/dinoqpm_runs`)."
-    return runs_dir(runs_root) / cfg.data.dataset / cfg.backbone.name / method / str(cfg.seed)
+    from dinoqpm.cache import safe_name
+    return runs_dir(runs_root) / cfg.data.dataset / safe_name(cfg.backbone.name) / method / str(cfg.seed)
 
 def _read_run_config(path) -> dict:
     "The `config.json` at `path` as a dict; an unreadable or corrupt file raises `ConfigError` naming it."
@@ -118,7 +119,7 @@ def validate_run_config(cfg: RunConfig, eval_mode='all') -> dict:
         raise ConfigError(f'data.img_size={d.img_size} is not a multiple of the patch size {spec.patch_size} of {b.name}; '
                           f'e.g. {spec.default_img_size}')
     make_transform(d.preprocessing, d.dataset, d.img_size)
-    check_weights(b.name, b.weights_dir, d.img_size)
+    check_weights(b.name, b.weights_dir, d.img_size, weights_file=b.weights_file)
     ds = load_dataset(d.dataset, 'train', root=d.root, **dataset_kwargs(cfg))
     C = ds.n_classes
     a = cfg.adapter
