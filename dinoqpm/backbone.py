@@ -323,11 +323,15 @@ def _timm_state_dict_for(model: nn.Module, path: Path, spec: BackboneSpec, mmap:
     timm converter makes of the file (original layouts such as Meta's); then every key and shape is checked."""
     sd = _read_state_dict(path, mmap)
     want = model.state_dict()
-    if set(sd) != set(want):
+    reshaped = [k for k in set(sd) & set(want) if tuple(sd[k].shape) != tuple(want[k].shape)]
+    _shapes = {k: tuple(sd[k].shape) for k in reshaped}
+    if set(sd) != set(want) or reshaped:      # another layout, or another input size (timm resamples pos_embed)
         fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
         if fn is not None:
             try: sd = fn(sd, model)
             except Exception as e: log.debug('timm converter of %s did not apply to %s: %s', spec.timm_arch, path, e)
+        for k in sorted(reshaped):
+            log.info('%s: %s %s resampled by timm to %s (the input size of this run)', path.name, k, _shapes[k], tuple(want[k].shape))
     _check_fits(sd, model, path, spec.timm_arch)
     return sd
 

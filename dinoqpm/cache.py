@@ -364,7 +364,8 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
 
 # %% ../nbs/02a_cache.ipynb #c022
 def samples_fingerprint(dataset) -> str:
-    "A hash of the dataset's sample list (paths relative to its folder, labels, image ids), class names and transform."
+    """A hash of the dataset's sample list (paths relative to its folder, labels, image ids), class names and transform,
+    and of its files' sizes and times where the dataset offers them (`content_fingerprint`: the folder dataset)."""
     root = Path(getattr(dataset, 'root', '/'))
     def rel(p):
         p = Path(p)
@@ -372,8 +373,10 @@ def samples_fingerprint(dataset) -> str:
         except ValueError: return str(p)
     samples = getattr(dataset, 'samples', None)
     rows = ([(rel(s.path), int(s.label), int(s.image_id)) for s in samples] if samples is not None else [len(dataset)])
-    return _json_hash(dict(samples=rows, class_names=list(getattr(dataset, 'class_names', []) or []),
-                           transform=repr(getattr(dataset, 'transform', None))))[:16]
+    d = dict(samples=rows, class_names=list(getattr(dataset, 'class_names', []) or []),
+             transform=repr(getattr(dataset, 'transform', None)))
+    if getattr(dataset, 'content_fingerprint', None): d['content'] = dataset.content_fingerprint
+    return _json_hash(d)[:16]
 
 def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14_reg4', *, root=None, weights_dir=None,
                         preprocessing: str = 'paper', img_size: Optional[int] = None, cache_root=None, batch_size: int = 16,
@@ -390,7 +393,7 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
                       **(dataset_kw or {}))
     key = feature_cache_key(dataset, split, backbone, weights_fingerprint(wfile), preprocessing, img_size, samples_fingerprint(ds),
                             masks=getattr(ds, 'has_masks', False))
-    folder = cache_dir(key, default_cache_root(cache_root, root))
+    folder = cache_dir(key, default_cache_root(cache_root, None if dataset == 'folder' else root))  # not inside your images
     if folder.exists() and not rebuild:
         try:
             fc = open_feature_cache(folder, key, verify)

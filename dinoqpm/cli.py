@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('train', help='cache features, dense training, QP, finetuning and evaluation in one run directory')
     t.add_argument('--config', help='YAML or JSON file with configuration overrides (default: the paper configuration)')
     t.add_argument('--demo', action='store_true', help='start from the quick embedded demo (SynthBirds + EfficientNet-Lite0)')
+    t.add_argument('--data', metavar='FOLDER', help='train on your own images: a folder with one sub-folder per class '
+                   '(sets data.dataset=folder and data.root=FOLDER; see the folder dataset in the docs)')
     t.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
                    help='override one setting, e.g. --set dense.epochs=5 (repeatable)')
     t.add_argument('--seed', type=int, help='random seed (overrides the configuration)')
@@ -75,9 +77,12 @@ def _eval_mode(s: str):
     return mode
 
 def train_config(args) -> RunConfig:
-    "The run configuration of `dinoqpm train`: paper defaults (or `--demo`), then `--config`, then `--set`, then `--seed`."
+    """The run configuration of `dinoqpm train`: paper defaults (or `--demo`), then `--config`, then `--data`, then
+    `--set`, then `--seed`."""
     cfg = demo_config() if args.demo else RunConfig()
     if args.config: cfg = load_config(args.config, base=cfg)
+    if getattr(args, 'data', None):
+        cfg = update_config(cfg, {'data.dataset': 'folder', 'data.root': str(Path(args.data).expanduser().resolve())})
     cfg = update_config(cfg, parse_overrides(args.overrides))
     if args.seed is not None: cfg = update_config(cfg, {'seed': args.seed})
     return cfg

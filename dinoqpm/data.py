@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Optional
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -18,12 +19,12 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'DATASETS', 'IMAGENET_STATS', 'DATASET_STATS', 'PREPROCESSING', 'DatasetError', 'Sample', 'dilate_mask',
-           'resize_mask_uint8', 'resize_mask_to_grid', 'open_rgb', 'ImageDataset', 'CUB2011Dataset',
+           'resize_mask_uint8', 'resize_mask_to_grid', 'open_rgb', 'ImageDataset', 'locate_archive', 'CUB2011Dataset',
            'StanfordCarsDataset', 'ensure_synthbirds', 'SynthBirdsDataset', 'load_dataset', 'Preprocess',
            'make_transform', 'compute_mean_std']
 
 # %% ../nbs/01_data.ipynb #c005
-DATASETS = ('CUB2011', 'StanfordCars', 'SynthBirds')
+DATASETS = ('CUB2011', 'StanfordCars', 'SynthBirds', 'folder')   # folder: your own images (dinoqpm.folder)
 
 class DatasetError(UserError, ValueError):
     "A dataset folder or file is missing, unreadable or inconsistent; the message lists every problem found."
@@ -246,8 +247,23 @@ def _cap(problems: list, kind: str) -> list:
     if len(problems) <= _MAX_LISTED: return problems
     return problems[:_MAX_LISTED] + [f'... and {len(problems) - _MAX_LISTED} more {kind}']
 
+def locate_archive(root, folder: str, inner: Optional[str], marker: str) -> tuple:
+    """`(data root, archive folder)` of a dataset whose archive is `<data root>/<folder>[/<inner>]` and holds `marker`:
+    `root` may be the data root, the dataset folder or the archive folder itself (the first that holds `marker`;
+    none: the data-root reading, for the error message)."""
+    r = data_root(root)
+    cands = [(r, r / folder / inner if inner else r / folder)]
+    if inner: cands.append((r.parent, r / inner))
+    cands.append((r.parent.parent if inner else r.parent, r))
+    for base, arch in cands:
+        if (arch / marker).exists():
+            if base != r: log.info('reading %s from %s (data.root names the dataset folder itself)', folder, arch)
+            return base, arch
+    return cands[0]
+
 class CUB2011Dataset(ImageDataset):
-    "CUB-200-2011 in its archive layout, read from `<root>/CUB200/CUB_200_2011/` (`root`: the data root)."
+    """CUB-200-2011 in its archive layout, read from `<root>/CUB200/CUB_200_2011/` (`root`: the data root, or the
+    `CUB200` or `CUB_200_2011` folder itself)."""
     name, folder = 'CUB2011', 'CUB200'
     hint = ('CUB-200-2011 comes as CUB_200_2011.tgz (images and annotations; attributes.txt sits beside the '
             'CUB_200_2011 folder) and segmentations.tgz (masks), from the Caltech-UCSD Birds-200-2011 page; '
@@ -255,8 +271,7 @@ class CUB2011Dataset(ImageDataset):
 
     def __init__(self, root=None, split: str = 'train', transform=None, require_masks: bool = True):
         if split not in ('train', 'test'): raise DatasetError(f'{self.name}: split must be "train" or "test", got {split!r}')
-        self.data_root = data_root(root)
-        archive = self.data_root / self.folder / 'CUB_200_2011'
+        self.data_root, archive = locate_archive(root, self.folder, 'CUB_200_2011', 'images.txt')
         missing = [f'{f} (expected at {archive / f})' for f in _CUB_FILES if not (archive / f).is_file()]
         seg = [archive / 'segmentations', archive.parent / 'segmentations']
         self.segmentations_dir = next((p for p in seg if p.is_dir()), None)
@@ -400,7 +415,7 @@ def _mat_records(path: Path, key: str):
     return np.atleast_1d(m[key])
 
 class StanfordCarsDataset(ImageDataset):
-    "Stanford Cars (196 classes), read from `<root>/StanfordCars/` (`root`: the data root). No masks."
+    "Stanford Cars (196 classes), read from `<root>/StanfordCars/` (`root`: the data root or that folder). No masks."
     name, folder, has_masks = 'StanfordCars', 'StanfordCars', False
     hint = ('Stanford Cars: cars_train.tgz, cars_test.tgz and car_devkit.tgz from the Stanford AI Lab release '
             '(mirrored on Kaggle as eduardo4jesus/stanford-cars-dataset); cars_test_annos_withlabels.mat was '
@@ -408,7 +423,7 @@ class StanfordCarsDataset(ImageDataset):
 
     def __init__(self, root=None, split: str = 'train', transform=None):
         if split not in ('train', 'test'): raise DatasetError(f'{self.name}: split must be "train" or "test", got {split!r}')
-        base = data_root(root) / self.folder
+        self.data_root, base = locate_archive(root, self.folder, None, 'car_devkit')
         annos = 'car_devkit/cars_train_annos.mat' if split == 'train' else 'cars_test_annos_withlabels.mat'
         img_dir = 'cars_train' if split == 'train' else 'cars_test'
         need = ['car_devkit/cars_meta.mat', annos]
@@ -444,10 +459,10 @@ class StanfordCarsDataset(ImageDataset):
 def ensure_synthbirds(root=None, **make_kw) -> Path:
     "The SynthBirds archive folder `<root>/SynthBirds/CUB_200_2011`, generated (atomically) if missing."
     from dinoqpm.synthbirds import make_synthbirds, load_synthbirds_truth
-    archive = data_root(root) / 'SynthBirds' / 'CUB_200_2011'
+    base, archive = locate_archive(root, 'SynthBirds', 'CUB_200_2011', 'images.txt')
     if not archive.is_dir():
         log.info('generating SynthBirds into %s', archive)
-        return make_synthbirds(data_root(root), overwrite=False, **make_kw)
+        return make_synthbirds(base, overwrite=False, **make_kw)
     if make_kw:
         params = load_synthbirds_truth(archive).get('params', {})
         diff = {k: (params.get(k), v) for k, v in make_kw.items() if k != 'progress' and params.get(k) != v}
@@ -479,7 +494,11 @@ class SynthBirdsDataset(CUB2011Dataset):
 _LOADERS = {'CUB2011': CUB2011Dataset, 'StanfordCars': StanfordCarsDataset, 'SynthBirds': SynthBirdsDataset}
 
 def load_dataset(name: str, split: str = 'train', root=None, transform=None, **kw) -> ImageDataset:
-    "The `split` ('train' | 'test') of dataset `name` (one of `DATASETS`) under the data root."
+    """The `split` ('train' | 'test') of dataset `name` (one of `DATASETS`) under the data root (for `'folder'`:
+    `root` is the folder of your images, see `dinoqpm.folder`)."""
+    if name == 'folder':
+        from dinoqpm.folder import FolderDataset
+        return FolderDataset(root, split, transform, **kw)
     if name not in _LOADERS: raise DatasetError(f'unknown dataset {name!r}', [f'valid names: {", ".join(DATASETS)}'])
     return _LOADERS[name](root, split, transform, **kw)
 
@@ -518,6 +537,7 @@ def make_transform(mode: str = 'paper', dataset: str = 'CUB2011', img_size: int 
     "Backbone preprocessing: `'paper'` (dataset mean/std, then global min-max to [0,1]) or `'imagenet'`."
     if mode not in PREPROCESSING: raise DatasetError(f'unknown preprocessing {mode!r} (data.preprocessing); valid: {", ".join(PREPROCESSING)}')
     if mode == 'imagenet': return Preprocess(mode, *IMAGENET_STATS, img_size)
+    if dataset == 'folder': return Preprocess(mode, *IMAGENET_STATS, img_size)   # your images: no published statistics
     if dataset not in DATASET_STATS:
         raise DatasetError(f'no mean/std for dataset {dataset!r} (data.dataset); known: {", ".join(DATASET_STATS)}; '
                            f'use data.preprocessing=imagenet for other data')

@@ -229,6 +229,9 @@ def evaluate(model, train_cache, test_cache, *, dataset: Optional[str] = None, d
     if ann['test_masks'] is None and dataset in CUB_FORMAT_DATASETS and key.get('masks') is False:
         skipped_ann.setdefault('plausibility', f'no segmentation masks were cached: the {dataset} folder has no segmentations/ '
                                                f'(run with data.require_masks=false)')
+    if ann['test_masks'] is None and dataset == 'folder':
+        skipped_ann.setdefault('plausibility', 'no segmentation masks: the image folder has no masks/ folder '
+                                               '(masks/<image path>, any non-zero pixel = object)')
     ann.setdefault('test_masks_dilated', getattr(test_cache, 'masks_dilated', None))
     res = evaluate_arrays(train_features=tr['features'].numpy(), train_labels=tr['labels'].numpy(),
                           train_logits=tr['logits'].numpy(), test_logits=te['logits'].numpy(), test_labels=te['labels'].numpy(),

@@ -17,17 +17,26 @@ from dataclasses import replace
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'default_run_dir', 'init_run_dir',
-           'find_run_config', 'dataset_kwargs', 'load_caches', 'validate_run_config', 'run_dir_lock', 'file_sha256',
-           'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names', 'qp_info', 'run_qpm', 'smoke_config']
+__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'default_run_dir', 'dataset_label',
+           'init_run_dir', 'find_run_config', 'dataset_kwargs', 'load_caches', 'validate_run_config', 'run_dir_lock',
+           'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
+           'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config']
 
 # %% ../nbs/09_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
 
 def default_run_dir(cfg: RunConfig, method: str = 'qpm', runs_root=None) -> Path:
-    "`<runs root>/<dataset>/<backbone>/<method>/<seed>` (runs root: `$DINOQPM_RUNS` or `~/tmp/dinoqpm_runs`)."
+    """`<runs root>/<dataset>/<backbone>/<method>/<seed>` (runs root: `$DINOQPM_RUNS` or `~/tmp/dinoqpm_runs`; a folder
+    dataset is `folder-<its folder's name>`)."""
     from dinoqpm.cache import safe_name
-    return runs_dir(runs_root) / cfg.data.dataset / safe_name(cfg.backbone.name) / method / str(cfg.seed)
+    return runs_dir(runs_root) / dataset_label(cfg) / safe_name(cfg.backbone.name) / method / str(cfg.seed)
+
+def dataset_label(cfg: RunConfig) -> str:
+    "The dataset's name in paths and logs: `data.dataset`, or `folder-<name of data.root>` for your own images."
+    from dinoqpm.cache import safe_name
+    d = cfg.data
+    if d.dataset != 'folder' or not d.root: return d.dataset
+    return 'folder-' + safe_name(Path(d.root).expanduser().resolve().name)
 
 def _read_run_config(path) -> dict:
     "The `config.json` at `path` as a dict; an unreadable or corrupt file raises `ConfigError` naming it."
@@ -83,8 +92,10 @@ def find_run_config(path) -> tuple:
 
 # %% ../nbs/09_pipeline.ipynb #c008
 def dataset_kwargs(cfg: RunConfig) -> dict:
-    "Extra keyword arguments for `load_dataset`: `require_masks` for the CUB-format datasets, the SynthBirds size settings."
+    """Extra keyword arguments for `load_dataset`: `require_masks` for the CUB-format datasets, the SynthBirds size
+    settings, the split settings of a folder dataset."""
     d = cfg.data
+    if d.dataset == 'folder': return {'test_fraction': d.test_fraction, 'split_seed': d.split_seed}
     if d.dataset not in ('CUB2011', 'SynthBirds'): return {}
     kw = {'require_masks': d.require_masks}
     if d.dataset == 'SynthBirds':
@@ -253,6 +264,13 @@ def write_class_names(run_dir, names) -> Path:
     if not same: atomic_write_json(path, names)
     return path
 
+def write_split_provenance(cfg: RunConfig, run_dir) -> Optional[Path]:
+    "For a folder dataset: `run_dir/split.csv`, every image with its split and class (written only when it changed)."
+    if cfg.data.dataset != 'folder': return None
+    from dinoqpm.folder import scan_folder, write_split_file
+    d = cfg.data
+    return write_split_file(scan_folder(d.root, d.test_fraction, d.split_seed), Path(run_dir) / 'split.csv')
+
 def qp_info(qp) -> dict:
     "The QP certificate fields of a result JSON."
     return {'qp_status': qp.status, 'qp_gap': qp.gap, 'qp_mip_gap': qp.mip_gap, 'qp_seconds': qp.seconds, 'qp_solver': qp.solver,
@@ -277,6 +295,7 @@ def _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after) -> dict:
     t0 = time.perf_counter()
     train_c, test_c = load_caches(cfg, cache_root, progress)
     if getattr(train_c, 'class_names', None): write_class_names(run_dir, train_c.class_names)
+    write_split_provenance(cfg, run_dir)
     out = {'run_dir': run_dir}
     dense, _ = train_dense(cfg, train_c, test_c, run_dir, progress=progress)
     out['dense_model'] = run_dir / 'dense_model.pt'

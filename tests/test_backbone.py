@@ -79,7 +79,7 @@ def test_missing_file_message(tmp_path, monkeypatch):
         spec = B.get_backbone_spec(name)
         with pytest.raises(FileNotFoundError) as e: B.create_backbone(name)
         assert str(tmp_path / 'w' / spec.weights_file) in str(e.value) and spec.published_at in str(e.value)
-        assert spec.published_at.startswith('https://dl.fbaipublicfiles.com/')
+        assert spec.published_at.startswith(('https://dl.fbaipublicfiles.com/', 'https://ai.meta.com/'))   # DINOv3: gated
 
 
 def test_wrong_files(tmp_path):

@@ -8,7 +8,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from dinoqpm.data import (DATASETS, DATASET_STATS, CUB2011Dataset, DatasetError, StanfordCarsDataset, compute_mean_std,
+from dinoqpm.data import (DATASETS, DATASET_STATS, IMAGENET_STATS, CUB2011Dataset, DatasetError, StanfordCarsDataset, compute_mean_std,
                           dilate_mask, load_dataset, make_transform, resize_mask_to_grid, resize_mask_uint8)
 from dinoqpm.synthbirds import (PART_NAMES, design_classes, load_synthbirds_truth, make_synthbirds, pair_difference,
                                 part_label_map)
@@ -194,7 +194,7 @@ def test_bad_split_and_unknown_dataset(tmp_path):
     write_cub(tmp_path)
     with pytest.raises(DatasetError, match='split'): CUB2011Dataset(tmp_path, 'val')
     with pytest.raises(DatasetError, match='CUB2011, StanfordCars, SynthBirds'): load_dataset('Birds', 'train', root=tmp_path)
-    assert DATASETS == ('CUB2011', 'StanfordCars', 'SynthBirds')
+    assert DATASETS == ('CUB2011', 'StanfordCars', 'SynthBirds', 'folder')
     assert load_dataset('CUB2011', 'train', root=tmp_path).n_classes == 3
 
 
@@ -300,7 +300,9 @@ def test_paper_transform():
     y = make_transform('imagenet', img_size=224)(img)
     assert y.shape == (3, 224, 224) and float(y.min()) < -1 and float(y.max()) > 1
     with pytest.raises(ValueError, match='no mean/std'): make_transform('paper', 'Aircraft')
-    assert set(DATASET_STATS) == set(DATASETS)
+    assert set(DATASET_STATS) == set(DATASETS) - {'folder'}
+    f = make_transform('paper', 'folder')                      # your own images: ImageNet's statistics
+    assert (f.mean, f.std) == IMAGENET_STATS and f.mode == 'paper'
 
 
 # ---------------------------------------------------------------- SynthBirds
