@@ -23,23 +23,28 @@ PALETTE = ('#1F5BFF', '#12A33C', '#E8110F', '#9124D6', '#FF7A00', '#00A3A3', '#E
 
 def feature_palette(weight, palette: Sequence[str] = PALETTE) -> list:
     """One colour per selected feature (the columns of the `[C, J']` head weight). Features that share a class get
-    different colours (greedy colouring in feature order, least-used free colour first), so a class's features drawn
-    together are told apart; the same feature has the same colour in every figure and in the explorer."""
+    different colours whenever the palette allows (DSatur graph colouring: the feature with the most differently coloured
+    neighbours first, then the least-used free colour), so a class's features drawn together are told apart; the same
+    feature has the same colour in every figure and in the explorer."""
     W = as_numpy(weight) != 0
     if W.ndim != 2: raise ValueError(f'weight must be [n_classes, n_features], got shape {W.shape}')
     if not len(palette): raise ValueError('empty palette')
+    J, K = W.shape[1], len(palette)
     together = (W.T.astype(np.int64) @ W.astype(np.int64)) > 0
-    used, out = np.zeros(len(palette), np.int64), []
-    for j in range(W.shape[1]):
-        taken = {out[i] for i in range(j) if together[i, j]}
-        free = [k for k in range(len(palette)) if k not in taken]
-        if not free:
-            log.info('feature %d shares a class with features of all %d colours: a colour repeats', j, len(palette))
-            free = list(range(len(palette)))
-        k = min(free, key=lambda k: (used[k], k))
+    np.fill_diagonal(together, False)
+    colour, used = [-1] * J, np.zeros(K, np.int64)
+    for _ in range(J):
+        todo = [j for j in range(J) if colour[j] < 0]
+        sat = lambda j: len({colour[i] for i in np.flatnonzero(together[j]) if colour[i] >= 0})
+        j = min(todo, key=lambda j: (-sat(j), -int(together[j].sum()), j))
+        clash = np.zeros(K, np.int64)
+        for i in np.flatnonzero(together[j]):
+            if colour[i] >= 0: clash[colour[i]] += 1
+        if clash.min() > 0: log.info('feature %d shares classes with features of all %d colours: a colour repeats', j, K)
+        k = min(range(K), key=lambda k: (clash[k], used[k], k))
+        colour[j] = k
         used[k] += 1
-        out.append(k)
-    return [palette[k] for k in out]
+    return [palette[k] for k in colour]
 
 # %% ../nbs/06c_render.ipynb #c009
 def feature_levels(maps, q: float = 0.99) -> tuple:
