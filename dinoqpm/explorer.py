@@ -5,13 +5,15 @@
 # %% ../nbs/12a_explorer.ipynb #c003
 from __future__ import annotations
 import html, json, logging, re
+from typing import Optional
 from pathlib import Path
 from .core import atomic_write_text, json_safe
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PAGE_CSS', 'PAGE_JS', 'PAGE_TEMPLATE', 'explorer_page', 'write_explorer']
+__all__ = ['log', 'PAGE_CSS', 'PAGE_JS', 'PAGE_TEMPLATE', 'BROWSERS', 'explorer_page', 'write_explorer', 'find_browser',
+           'browser_flags', 'screenshot']
 
 # %% ../nbs/12a_explorer.ipynb #c006
 PAGE_CSS = r"""
@@ -282,3 +284,41 @@ def write_explorer(folder) -> Path:
     folder = Path(folder)
     card = json.loads((folder / 'explanation.json').read_text())
     return atomic_write_text(folder / 'index.html', explorer_page(card))
+
+# %% ../nbs/12a_explorer.ipynb #c014
+BROWSERS = ('chromium', 'chromium-browser', 'google-chrome', 'google-chrome-stable')
+
+def find_browser() -> Optional[str]:
+    "The path of a Chromium-family browser on this machine (`$DINOQPM_BROWSER` first), or `None`."
+    import os, shutil
+    for name in ([os.environ['DINOQPM_BROWSER']] if os.environ.get('DINOQPM_BROWSER') else []) + list(BROWSERS):
+        p = shutil.which(name)
+        if p: return p
+    return None
+
+def browser_flags(user_data_dir) -> list:
+    "Flags for a headless, offline, sandbox-free (we may run as root) Chromium with a fresh profile."
+    return ['--headless=new', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
+            '--disable-component-update', '--disable-sync', '--disable-dev-shm-usage', '--hide-scrollbars',
+            f'--user-data-dir={user_data_dir}']
+
+def screenshot(page, png, size=(1400, 1700), browser=None, timeout: float = 120) -> Optional[Path]:
+    """A screenshot of `page` (a local HTML file) taken by headless Chromium, written to `png` (palette PNG, to stay
+    small); `None` (and a warning) when no Chromium is installed."""
+    import subprocess, tempfile
+    from PIL import Image
+    from dinoqpm.core import atomic_path
+    browser = browser or find_browser()
+    if browser is None:
+        log.warning('no Chromium found (%s): no screenshot of %s', ', '.join(BROWSERS), page)
+        return None
+    page, png = Path(page).resolve(), Path(png)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / 'shot.png'
+        cmd = [browser, *browser_flags(Path(tmp) / 'profile'), f'--window-size={size[0]},{size[1]}', '--virtual-time-budget=5000',
+               f'--screenshot={raw}', page.as_uri()]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if r.returncode or not raw.exists(): raise RuntimeError(f'{browser} could not screenshot {page}: {r.stderr[-500:]}')
+        with Image.open(raw) as im, atomic_path(png, suffix='.png') as t:
+            im.convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(t, format='PNG', optimize=True)
+    return png
