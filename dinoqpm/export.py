@@ -388,6 +388,8 @@ def export_model(model_path, out, *, cache_root=None, n_prototypes: int = 5, n_e
     from dinoqpm.pipeline import load_caches
     from dinoqpm.train import load_model, cache_fingerprint, _load
     from dinoqpm import __version__
+    if n_prototypes < 1 or n_examples < 0:
+        raise ExportError(f'--prototypes must be at least 1 and --examples at least 0; got {n_prototypes} and {n_examples}')
     files = _run_files(model_path)
     out = Path(out)
     previous = _previous_export(out)

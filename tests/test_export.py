@@ -44,11 +44,11 @@ def test_cli_export_is_byte_identical_and_inference_equals_the_run(exported):
     assert r.returncode == 0, r.stderr[-3000:]
     assert _files(e.d / 'cli_model') == _files(e.out)
     for f in _files(e.out): assert (e.d / 'cli_model' / f).read_bytes() == (e.out / f).read_bytes(), f
-    r = dinoqpm('inference', '--model-path', e.run, '--image-path', e.images, '--output-json', e.d / 'pred_run.json', cwd=e.d)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = dinoqpm('inference', '--model-path', e.d / 'cli_model', '--weights-dir', e.d / 'weights', '--image-path', e.images,
-                '--output-json', e.d / 'pred_export.json', cwd=e.d)
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = main_in_process('inference', '--model-path', e.run, '--image-path', e.images, '--output-json', e.d / 'pred_run.json')
+    assert code == 0, err
+    code, err = main_in_process('inference', '--model-path', e.d / 'cli_model', '--weights-dir', e.d / 'weights',
+                                '--image-path', e.images, '--output-json', e.d / 'pred_export.json')
+    assert code == 0, err
     keys = ('image_path', 'pred_class', 'pred_class_name', 'pred_confidence', 'topk_classes', 'topk_confidences', 'features_shown')
     a, b = (json.loads((e.d / f).read_text())['predictions'] for f in ('pred_run.json', 'pred_export.json'))
     assert len(a) == 4 and [{k: p[k] for k in keys} for p in a] == [{k: p[k] for k in keys} for p in b]
@@ -113,6 +113,8 @@ def test_refusals_are_one_line_errors(exported, tmp_path):
     assert code == 2 and 'not the weights this model was trained on' in err and want in err and str(other / wf.name) in err, err
     code, err = infer(e.out, '--weights-dir', e.d / 'weights', '--mode', 'dense')
     assert code == 2 and 'finetuned model only' in err, err
+    code, err = main_in_process('export', '--model-path', e.run, '--out', tmp_path / 'y', '--prototypes', '0')
+    assert code == 2 and '--prototypes must be at least 1' in err, err
 
 def _browser():
     "Chromium, its driver and selenium, or skip (fail in CI, where .ci/run installs them)."
