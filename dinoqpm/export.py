@@ -329,7 +329,7 @@ def model_card(config: dict, card: dict) -> str:
               '```bash', 'dinoqpm inference --model-path path/to/this/folder --image-path photos/ --output-json preds.json', '```', '',
               f"The backbone weights are not part of this folder: `load_pretrained` reads `{bb['weights_file']}` from your weights "
               f"folder (`$DINOQPM_WEIGHTS`, `~/tmp/model_weights`, or `weights_dir=` / `--weights-dir`) and refuses a file whose "
-              f"SHA-256 is not the one above" + (f" (published at {bb['published_at']})." if bb.get('published_at') else '.'), '',
+              f"SHA-256 is not the one above" + (f"; it comes from {bb['published_at']}." if bb.get('published_at') else '.'), '',
               '## Explore', '', '`index.html` opens from the file system in any browser (no server, no network): the class × feature '
               'assignment, every feature\'s prototypes, the classes that use it and its scores, a comparison of any two classes, and '
               'test images with their local explanations.', '',
