@@ -15,12 +15,14 @@ $(VENV)/.installed: setup.py settings.ini
 test: install
 	$(BIN)/python -m pytest -q tests
 
-# Table 1 and the paper's figures on the embedded demo (quick mode); outputs in figures/, executed notebooks in runs/
+# Table 1 and the paper's figures on the embedded demo (quick mode), and the exported demo model (figures/demo_model/);
+# outputs in figures/, executed notebooks in runs/
 table1: install
 	mkdir -p runs
 	$(BIN)/papermill -k python3 --log-output nbs/paper/run_table1.ipynb runs/run_table1.ipynb
 	$(BIN)/papermill -k python3 nbs/paper/run_fig_cover.ipynb runs/run_fig_cover.ipynb
 	$(BIN)/papermill -k python3 nbs/paper/run_fig_classes.ipynb runs/run_fig_classes.ipynb
+	$(BIN)/papermill -k python3 nbs/paper/run_export.ipynb runs/run_export.ipynb
 
 export: install
 	$(BIN)/nbdev_export

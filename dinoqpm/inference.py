@@ -52,11 +52,18 @@ def find_images(image_path) -> list:
 
 # %% ../nbs/09a_inference.ipynb #c008
 class Predictor:
-    "A trained model with its backbone, preprocessing and class names, ready for image files."
+    "A trained model (a run directory, a model file or an exported folder) with its backbone, preprocessing and class names, ready for image files."
     def __init__(self, model_path, mode: str = 'finetune', device='auto', weights_dir=None):
         from dinoqpm.backbone import create_backbone
         from dinoqpm.data import make_transform
         from dinoqpm.train import load_model
+        from dinoqpm.export import is_exported, read_export
+        if is_exported(model_path):                 # a folder written by `dinoqpm export` (model.safetensors + config.json)
+            self.device = get_device(device)
+            ex = self.export = read_export(model_path, self.device, weights_dir, mode)
+            self.model_path = self.run_dir = ex.path
+            self.cfg, self.model, self.backbone, self.class_names, self.transform = ex.cfg, ex.model, ex.backbone, ex.class_names, ex.transform
+            return
         self.model_path = resolve_model_path(model_path, mode)
         self.device = get_device(device)
         self.model = load_model(self.model_path, self.device).eval()      # first: a wrong file is named for what it is

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
            'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params', 'steps_to_epochs', 'paper_config', 'row_run_dir',
            'run_table1_seed', 'run_table1', 'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1',
-           'FigureData', 'figure_data', 'pick_examples', 'class_label', 'cover_figure', 'sharing_pairs',
+           'FigureData', 'figure_data', 'pick_examples', 'class_label', 'figure_style', 'cover_figure', 'sharing_pairs',
            'class_comparison_figure', 'assignment_overview_figure', 'params_from_namespace']
 
 # %% ../nbs/11_paper.ipynb #c005
@@ -368,29 +368,94 @@ def _axis_image(ax, img, title=None):
     for s in ax.spines.values(): s.set_visible(False)
     if title: ax.set_title(title, fontsize=7)
 
-def cover_figure(d: FigureData, k: Optional[int] = None):
-    """The paper's cover figure: (a) input, (b) the linear probe's CAM on the frozen patch tokens ("DINO GradCAM"),
-    (c) DINO-QPM's local explanation (its class's features in one picture), (d) each of those features."""
+def figure_style(d: FigureData):
+    "The `FeatureStyle` of the figures: the model's colours, map levels over the test maps."
+    from dinoqpm.render import feature_style
+    return feature_style(d.qpm.head_weight().detach().cpu().numpy(), d.test['maps'])
+
+def _place(fig, x, y, w, h, img=None, frame=True):
+    "An axes at `x, y, w, h` inches (from the bottom left) showing `img`, with a thin frame."
+    W, H = fig.get_size_inches()
+    ax = fig.add_axes([x / W, y / H, w / W, h / H])
+    if img is not None: ax.imshow(img, interpolation='lanczos')
+    ax.set_xticks([]); ax.set_yticks([])
+    for s in ax.spines.values(): s.set_visible(frame); s.set_linewidth(0.6)
+    return ax
+
+def _inch(fig, x, y):
+    W, H = fig.get_size_inches()
+    return x / W, y / H
+
+def _line(fig, x0, y0, x1, y1, **kw):
     import matplotlib.pyplot as plt
-    from dinoqpm.explain import probe_cam, overlay_cam, overlay_features, feature_panels
+    (a, b), (c, e) = _inch(fig, x0, y0), _inch(fig, x1, y1)
+    fig.add_artist(plt.Line2D([a, c], [b, e], transform=fig.transFigure, color=kw.pop('color', 'k'), lw=kw.pop('lw', 0.8), **kw))
+
+def _arrow(fig, x0, y0, x1, y1):
+    from matplotlib.patches import FancyArrowPatch
+    fig.add_artist(FancyArrowPatch(_inch(fig, x0, y0), _inch(fig, x1, y1), transform=fig.transFigure, arrowstyle='-|>',
+                                   mutation_scale=12, lw=1.0, color='k'))
+
+def _box(fig, x, y, w, h, text, color):
+    from matplotlib.patches import FancyBboxPatch
+    (a, b), (c, e) = _inch(fig, x, y), _inch(fig, w, h)
+    fig.add_artist(FancyBboxPatch((a, b), c, e, boxstyle='round,pad=0.0,rounding_size=0.012', transform=fig.transFigure,
+                                  fc=color, ec='#999999', lw=0.6))
+    fig.text(*_inch(fig, x + w / 2, y + h / 2), text, ha='center', va='center', fontsize=8.5, family='serif')
+
+def _label(fig, x, y, text, **kw):
+    fig.text(*_inch(fig, x, y), text, fontsize=kw.pop('fontsize', 8), style=kw.pop('style', 'italic'), family='serif', **kw)
+
+def cover_figure(d: FigureData, k: Optional[int] = None, px: int = 256):
+    """The paper's cover figure: (a) the input, (b) the CLS linear probe's CAM on the frozen patch tokens ("DINO
+    GradCAM"), (c) DINO-QPM's local explanation (the predicted class's features in one picture), (d) each of them, laid
+    out as in the paper with the frozen backbone and the adapter between."""
+    import matplotlib.pyplot as plt
+    from dinoqpm.explain import probe_cam, overlay_cam
+    from dinoqpm.render import square_image, local_explanation, feature_panels
     k = pick_examples(d)[0] if k is None else k
     img = d.image(k)
-    c = int(d.test['preds'][k])
+    c, y_true = int(d.test['preds'][k]), int(d.test['labels'][k])
     feats = _features_of(d, c)
+    style = figure_style(d)
     maps = d.test['maps'][k].numpy()
     pc = int(d.probe_test['preds'][k])
     w_probe = d.probe.head_weight().detach().cpu().numpy()[pc]
     cam = probe_cam(np.asarray(d.test_cache.patch[k], dtype=np.float32), w_probe, tuple(d.test_cache.grid))
-    panels = feature_panels(img, maps[feats])
-    fig, axes = plt.subplots(1, 3 + len(feats), figsize=(1.6 * (3 + len(feats)), 2.0))
+    sq = square_image(img, px)
+    n = len(feats)
+    rows = 2 if n > 2 else 1
+    cols = max(1, math.ceil(n / rows))
+    s, p, gap = 1.25, 2.5 / rows if rows == 2 else 1.25, 0.03   # image side, feature panel side, gap (inches)
+    x_d = 5.8
+    fig = plt.figure(figsize=(x_d + cols * p + (cols - 1) * gap + 0.05, 2.95))
     name = lambda cls: class_label(d, cls)
-    _axis_image(axes[0], np.asarray(img), f'(a) input\n{name(int(d.test["labels"][k]))}')
-    _axis_image(axes[1], overlay_cam(img, cam), f'(b) CLS linear probe CAM\n→ {name(pc)}')
-    _axis_image(axes[2], overlay_features(img, maps[feats]), f'(c) DINO-QPM\n→ {name(c)}')
+    bb = d.cfg.backbone.name
+    bb_text = 'Frozen DINO' if bb.startswith(('dinov2', 'dino_')) else 'Frozen backbone'
+    _place(fig, 0.0, 1.5, s, s, sq)
+    _label(fig, s / 2, 1.38, f'(a) Input image: {name(y_true)}', ha='center', va='top')
+    _box(fig, 1.6, 1.9, 1.15, 0.46, f'{bb_text}\n({bb})' if bb_text == 'Frozen backbone' else bb_text, '#C9C9F7')
+    _box(fig, 3.12, 1.9, 1.26, 0.46, 'Interpretability\nAdapter', '#F4C9C9')
+    _arrow(fig, s + 0.05, 2.13, 1.6, 2.13); _arrow(fig, 2.75, 2.13, 3.12, 2.13); _arrow(fig, 3.75, 2.36, 3.75, 2.66)
+    fig.text(*_inch(fig, 3.75, 2.7), f'Classification: {name(c)}', ha='center', va='bottom', fontsize=8.5, family='serif')
+    _place(fig, 1.55, 0.0, s, s, overlay_cam(sq, cam))
+    _line(fig, 2.175, 1.9, 2.175, s, ls='--')
+    _label(fig, 1.48, s / 2, f'(b) CLS probe\nGrad-CAM\n→ {name(pc)}', ha='right', va='center', multialignment='center')
+    _place(fig, 3.12, 0.0, s, s, local_explanation(sq, maps, style, feats))
+    _line(fig, 3.75, 1.9, 3.75, s, ls='--')
+    _label(fig, 4.45, s / 2 - 0.1, '(c) DINO-QPM\nLocal Explanation', ha='left', va='center', multialignment='center')
+    panels = feature_panels(sq, maps, style, feats)
+    top = 2.5 + (gap if rows == 2 else 0)
     sel = d.qpm.selection.cpu().numpy()
-    for i, (ax, pnl) in enumerate(zip(axes[3:], panels)):
-        _axis_image(ax, pnl, f'(d) feature {int(sel[feats[i]])}')
-    fig.suptitle(f'{d.cfg.data.dataset} / {d.cfg.backbone.name}', fontsize=7, y=1.02)
+    for i, pnl in enumerate(panels):
+        r, q = divmod(i, cols)
+        x, y = x_d + q * (p + gap), top - (r + 1) * p - r * gap
+        ax = _place(fig, x, y, p, p, pnl)
+        ax.text(0.04, 0.96, f'{int(sel[feats[i]])}', transform=ax.transAxes, ha='left', va='top', fontsize=7,
+                color=style.colors[feats[i]], fontweight='bold', bbox=dict(fc='white', ec='none', alpha=0.75, pad=1.0))
+    grid_h = rows * p + (rows - 1) * gap
+    _line(fig, 3.12 + s, s, x_d, top); _line(fig, 3.12 + s, s, x_d, top - grid_h)
+    _label(fig, x_d + (cols * p + (cols - 1) * gap) / 2, top + 0.08, '(d) Class-independent Diverse Features', ha='center', va='bottom')
     return fig
 
 # %% ../nbs/11_paper.ipynb #c016
@@ -407,12 +472,24 @@ def sharing_pairs(weight: np.ndarray, designed=None) -> list:
     designed = {tuple(sorted(x)) for x in (designed or [])}
     return sorted(pairs, key=lambda t: (tuple(sorted(t[:2])) not in designed, t[0], t[1]))
 
-def class_comparison_figure(d: FigureData, pair: Optional[tuple] = None):
-    """The Blackbird figure: two classes that share all but one feature, one correctly classified test image each, and
-    the maps of the union of their features; brackets mark each class's features. On SynthBirds a designed pair is
-    preferred and the part that tells them apart is named."""
+def _bracket(fig, x0, x1, y, up: bool, text: str):
+    "A bracket from `x0` to `x1` at height `y` (inches), ends bent towards the images, a triangle and `text` outside."
+    from matplotlib.patches import Polygon
+    t = 0.09 if up else -0.09          # the ends point away from the text
+    _line(fig, x0, y - t, x0, y, lw=1.0); _line(fig, x1, y - t, x1, y, lw=1.0); _line(fig, x0, y, x1, y, lw=1.0)
+    m, h, w = (x0 + x1) / 2, 0.09, 0.1
+    tri = [_inch(fig, m - w, y), _inch(fig, m + w, y), _inch(fig, m, y + (h if up else -h))]
+    fig.add_artist(Polygon(tri, closed=True, transform=fig.transFigure, color='k'))
+    fig.text(*_inch(fig, m, y + (0.15 if up else -0.15)), text, ha='center', va='bottom' if up else 'top', fontsize=8, family='serif')
+
+def class_comparison_figure(d: FigureData, pair: Optional[tuple] = None, px: int = 224):
+    """The paper's Blackbird figure: two classes that share all but one feature, one test image each (correctly
+    classified when there is one), and the union of their features, class A's only first, the shared ones, then class B's
+    only; a bracket marks each class's features. On SynthBirds a designed pair is preferred and the part that tells them
+    apart is named under the figure."""
+    import textwrap
     import matplotlib.pyplot as plt
-    from dinoqpm.explain import feature_panels
+    from dinoqpm.render import square_image, feature_panels
     W = d.qpm.head_weight().detach().cpu().numpy()
     truth = getattr(d.dataset, 'truth', None)
     designed, part_of = [], {}
@@ -429,34 +506,41 @@ def class_comparison_figure(d: FigureData, pair: Optional[tuple] = None):
     a, b = pair
     fa, fb = set(_features_of(d, a)), set(_features_of(d, b))
     cols = sorted(fa - fb) + sorted(fa & fb) + sorted(fb - fa)
+    style = figure_style(d)
     sel = d.qpm.selection.cpu().numpy()
-    fig, axes = plt.subplots(2, 1 + len(cols), figsize=(1.5 * (1 + len(cols)), 3.4))
+    p, left, n = 1.1, 0.22, len(cols)
+    lab_h, br_h, id_h = 0.22, 0.2, 0.2
+    H = 2 * (lab_h + br_h) + id_h + 2 * p + (0.18 if part_of.get(tuple(sorted((a, b)))) else 0)
+    fig = plt.figure(figsize=(left + (1 + n) * p + 0.05, H))
     name = lambda cls: class_label(d, cls)
+    y_rows = [H - lab_h - br_h - id_h - p, H - lab_h - br_h - id_h - 2 * p]
     for row, cls in enumerate((a, b)):
-        ks = pick_examples(d, 1, [cls])
-        k = ks[0]
-        img = d.image(k)
+        k = pick_examples(d, 1, [cls])[0]
+        img = square_image(d.image(k), px)
         wrong = int(d.test['preds'][k]) != int(d.test['labels'][k])
-        _axis_image(axes[row, 0], np.asarray(img), name(cls) + (' (misclassified)' if wrong else ''))
-        panels = feature_panels(img, d.test['maps'][k].numpy()[cols])
-        mine = fa if cls == a else fb
-        for i, (ax, pnl) in enumerate(zip(axes[row, 1:], panels)):
-            _axis_image(ax, pnl if cols[i] in mine else (np.asarray(pnl) * 0.35 + 165).astype(np.uint8),
-                        f'{int(sel[cols[i]])}' if row == 0 else None)
-    for row, mine in ((0, fa), (1, fb)):                       # brackets over each class's features
-        idx = [i + 1 for i, j in enumerate(cols) if j in mine]
-        x0 = axes[row, min(idx)].get_position().x0; x1 = axes[row, max(idx)].get_position().x1
-        y = axes[row, 1].get_position().y1 + (0.045 if row == 0 else -0.004 - axes[row, 1].get_position().height - 0.03)
-        fig.add_artist(plt.Line2D([x0, x1], [y, y], color='k', lw=1.2, transform=fig.transFigure))
+        y = y_rows[row]
+        _place(fig, left, y, p, p, img)
+        fig.text(*_inch(fig, left - 0.04, y + p / 2), textwrap.fill(name(cls), 16) + ('\n(misclassified)' if wrong else ''), rotation=90,
+                 ha='right', va='center', fontsize=8, family='serif')
+        for i, pnl in enumerate(feature_panels(img, d.test['maps'][k].numpy(), style, cols)):
+            _place(fig, left + (1 + i) * p, y, p, p, pnl)
+    for i, j in enumerate(cols):
+        fig.text(*_inch(fig, left + (1.5 + i) * p, y_rows[0] + p + 0.05), f'{int(sel[j])}', ha='center', va='bottom',
+                 fontsize=8.5, family='serif', color=style.colors[j], fontweight='bold')
+    ia = [i for i, j in enumerate(cols) if j in fa]; ib = [i for i, j in enumerate(cols) if j in fb]
+    _bracket(fig, left + (1 + min(ia)) * p, left + (2 + max(ia)) * p, y_rows[0] + p + id_h + 0.06, True, f'Features {name(a)}')
+    _bracket(fig, left + (1 + min(ib)) * p, left + (2 + max(ib)) * p, y_rows[1] - 0.08, False, f'Features {name(b)}')
     part = part_of.get(tuple(sorted((a, b))))
-    fig.suptitle(f'{name(a)} vs {name(b)}: {len(fa & fb)} shared features'
-                 + (f'; designed to differ only in the {part}' if part else ''), fontsize=8, y=1.04)
+    if part:
+        fig.text(*_inch(fig, left, 0.02), f'{len(fa & fb)} shared features; the two classes are designed to differ only in the {part}',
+                 ha='left', va='bottom', fontsize=7, color='#555555', family='serif', style='italic')
     return fig
 
 def assignment_overview_figure(d: FigureData, n_images: int = 3, patch: int = 3):
     """The global explanation: the class × feature assignment matrix, and each selected feature's top-activating test
     image patches (a `patch` × `patch` token window around the maximum, cut from the image)."""
     import matplotlib.pyplot as plt
+    from dinoqpm.render import square_image
     W = d.qpm.head_weight().detach().cpu().numpy()
     C, J = W.shape
     sel = d.qpm.selection.cpu().numpy()
@@ -466,15 +550,19 @@ def assignment_overview_figure(d: FigureData, n_images: int = 3, patch: int = 3)
     fig = plt.figure(figsize=(max(6, 0.22 * J + 2), 3 + 0.9 * J / 4))
     gs = fig.add_gridspec(2, 1, height_ratios=[max(2, C / 12), max(3, 0.9 * J / 4)])
     ax = fig.add_subplot(gs[0])
-    ax.imshow(W != 0, aspect='auto', cmap='Greys', interpolation='nearest')
+    colors = figure_style(d).colors
+    from dinoqpm.explain import hex_to_rgb
+    rgb = np.where((W != 0)[..., None], np.array([hex_to_rgb(c) for c in colors], np.uint8)[None], np.uint8(245))
+    ax.imshow(rgb, aspect='auto', interpolation='nearest')
     ax.set_xlabel('selected feature'); ax.set_ylabel('class')
     ax.set_xticks(range(J)); ax.set_xticklabels([str(int(s)) for s in sel], fontsize=5, rotation=90)
+    for t, c in zip(ax.get_xticklabels(), colors): t.set_color(c)
     ax.set_title(f'assignment: {C} classes × {J} features, {int((W != 0).sum(1).max())} per class', fontsize=8)
     sub = gs[1].subgridspec(int(math.ceil(J / 4)), 4 * n_images, wspace=0.05, hspace=0.3)
     for j in range(J):
         top = np.argsort(-f[:, j], kind='stable')[:n_images]
         for t, k in enumerate(top):
-            img = np.asarray(d.image(int(k)).convert('RGB'))
+            img = square_image(d.image(int(k)), 224)              # the backbone's view: square crops
             H, Wd = img.shape[:2]
             y, x = np.unravel_index(int(maps[k, j].argmax()), (h, w))
             r0, r1 = max(0, y - patch // 2), min(h, y + patch // 2 + 1)
@@ -482,6 +570,7 @@ def assignment_overview_figure(d: FigureData, n_images: int = 3, patch: int = 3)
             crop = img[int(r0 * H / h):int(r1 * H / h), int(c0 * Wd / w):int(c1 * Wd / w)]
             a2 = fig.add_subplot(sub[j // 4, (j % 4) * n_images + t])
             _axis_image(a2, crop, f'{int(sel[j])}' if t == 0 else None)
+            if t == 0: a2.title.set_color(colors[j])
     return fig
 
 # %% ../nbs/11_paper.ipynb #c018

@@ -78,6 +78,12 @@ def test_train_on_my_images_with_masks(world):
     pred = json.loads((t / 'pred.json').read_text())['predictions'][0]
     assert pred['pred_class_name'] in names
 
+    r = dinoqpm('export', '--model-path', run, '--out', t / 'shared', '--cache-root', t / 'cache', '--prototypes', 2,
+                '--examples', 1, cwd=t)                                       # a model of your images, shareable
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((t / 'shared' / 'class_names.json').read_text()) == names
+    assert all(n in (t / 'shared' / 'index.html').read_text() for n in names)
+
 
 def test_train_on_my_images_without_masks_and_seeded_split(world):
     t, mine = world
