@@ -40,9 +40,15 @@ def check_adapter_config(cfg: AdapterConfig) -> AdapterConfig:
 
 # %% ../nbs/03_adapter.ipynb #c008
 class TokenBatchNorm(nn.BatchNorm1d):
-    "BatchNorm over the last axis of `[..., C]` inputs; statistics over every leading axis (batch × tokens)."
+    """BatchNorm over the last axis of `[..., C]` inputs; statistics over every leading axis (batch × tokens). With
+    `synchronized` set (data-parallel training), the statistics are those of the rows of all ranks together."""
+    synchronized = False
     def forward(self, x):
-        return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        flat = x.reshape(-1, x.shape[-1])
+        if self.synchronized and self.training:
+            from dinoqpm.distributed import synced_batch_norm
+            return synced_batch_norm(self, flat).reshape(x.shape)
+        return super().forward(flat).reshape(x.shape)
 
 # %% ../nbs/03_adapter.ipynb #c010
 class MLPAdapter(nn.Module):

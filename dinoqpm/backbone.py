@@ -166,8 +166,17 @@ class FrozenBackbone(nn.Module):
             model.eval()
             with torch.no_grad(): h, w = model.forward_features(torch.zeros(1, 3, img_size, img_size)).shape[-2:]
             self.grid = (int(h), int(w))
+        self.channels_last = False
+        self.set_channels_last(not spec.is_vit)   # CNNs: NHWC convolutions (1.6-1.9x faster on the CPU, see below)
         self.requires_grad_(False)
         super().train(False)
+
+    def set_channels_last(self, on: bool = True):
+        "Run a CNN's convolutions in `channels_last` (NHWC) memory format, or back in NCHW (a ViT is unaffected)."
+        if self.spec.is_vit: return self
+        self.model.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+        self.channels_last = bool(on)
+        return self
 
     def train(self, mode: bool = True):
         "A frozen backbone stays in eval mode whatever is asked."
@@ -176,10 +185,12 @@ class FrozenBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> TokenOutput:
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.img_size, self.img_size):
             raise ValueError(f'{self.name} expects images [B, 3, {self.img_size}, {self.img_size}], got {list(x.shape)}')
+        if self.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         feats = self.model.forward_features(x)
         if self.spec.is_vit:
             patch = feats[:, self.num_prefix_tokens:]
             return TokenOutput(patch, feats[:, 0] if self.spec.has_cls else patch.mean(1), self.grid)
+        feats = feats.contiguous()                               # NCHW again: the token order of every other path
         return TokenOutput(feats.flatten(2).transpose(1, 2), feats.mean((2, 3)), tuple(feats.shape[-2:]))
 
     def info(self) -> dict:

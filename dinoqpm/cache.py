@@ -9,19 +9,22 @@ from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
 import torch
-from .core import data_root, atomic_write_json, atomic_path, get_device, provenance, UserError, DiskSpaceError
+from .core import (data_root, atomic_write_bytes, atomic_write_json, atomic_path, get_device, provenance, UserError,
+                          DiskSpaceError, RunLockedError)
+from . import distributed as D
 from .backbone import FrozenBackbone, create_backbone, get_backbone_spec, weights_path, _missing_weights_error
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CACHE_FORMAT', 'ARRAY_NAMES', 'PROGRESS_FILE', 'StaleCacheError', 'default_cache_root', 'sha256_file',
-           'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir', 'safe_name', 'FeatureCache',
-           'save_feature_cache', 'open_feature_cache', 'cache_bytes', 'extract_tokens', 'samples_fingerprint',
-           'build_feature_cache', 'get_feature_cache']
+__all__ = ['log', 'CACHE_FORMAT', 'PRECISIONS', 'ARRAY_NAMES', 'PROGRESS_FILE', 'CHUNKS_DIR', 'StaleCacheError',
+           'default_cache_root', 'sha256_file', 'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir',
+           'safe_name', 'FeatureCache', 'save_feature_cache', 'open_feature_cache', 'cache_bytes',
+           'effective_precision', 'extract_tokens', 'samples_fingerprint', 'build_feature_cache', 'get_feature_cache']
 
 # %% ../nbs/02a_cache.ipynb #c005
-CACHE_FORMAT = 2   # 2: CNN tokens without the BatchNorm drift of a train-mode grid probe (format 1 had it)
+CACHE_FORMAT = 3   # 3: CNN tokens computed in channels_last; 2: without the BatchNorm drift of a train-mode grid probe
+PRECISIONS = ('bf16', 'fp32')
 ARRAY_NAMES = ('patch', 'cls', 'labels', 'image_ids', 'masks', 'masks_dilated')
 
 class StaleCacheError(UserError, ValueError):
@@ -51,10 +54,11 @@ def _json_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 def feature_cache_key(dataset: str, split: str, backbone: str, weights: dict, preprocessing: str, img_size: int,
-                      samples_fingerprint: Optional[str] = None, masks: bool = False) -> dict:
-    "Everything the cached values depend on, as a JSON-able dict (`masks`: whether segmentation masks are cached too)."
+                      samples_fingerprint: Optional[str] = None, masks: bool = False, precision: str = 'fp32') -> dict:
+    """Everything the cached values depend on, as a JSON-able dict (`masks`: whether segmentation masks are cached too;
+    `precision`: the arithmetic of the backbone, `'fp32'` or CUDA's `'bf16'` autocast)."""
     return dict(format=CACHE_FORMAT, dataset=dataset, split=split, samples=samples_fingerprint, backbone=backbone,
-                weights=weights, preprocessing=preprocessing, img_size=int(img_size), masks=bool(masks))
+                weights=weights, preprocessing=preprocessing, img_size=int(img_size), masks=bool(masks), precision=precision)
 
 def key_hash(key: dict) -> str:
     "A short stable hash of a cache key (first 16 hex digits of SHA-256 over its sorted JSON)."
@@ -208,16 +212,28 @@ def open_feature_cache(folder, key: Optional[dict] = None, verify: str = 'full')
 
 # %% ../nbs/02a_cache.ipynb #c016
 PROGRESS_FILE = 'progress.json'
+CHUNKS_DIR = 'chunks'          # one empty marker file per finished chunk, written by the rank that computed it
 
 @contextlib.contextmanager
 def _build_lock(folder: Path):
+    """Hold the lock of `folder`'s build for this job (its rank 0 under torchrun); another job building it is refused,
+    with its process id, host and start time."""
+    import datetime, socket, sys
     lock = folder.parent / f'.{folder.name}.lock'
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, 'a+') as f:
         try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info('another process is building %s; waiting for it', folder)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            try: h = json.loads(f.read() or '{}')
+            except ValueError: h = {}
+            raise RunLockedError(f"the feature cache {folder} is being built by another job (pid {h.get('pid', '?')} on "
+                                 f"{h.get('host', '?')}, since {h.get('started', '?')}: {h.get('command', '?')}); wait for it "
+                                 f"to finish and run again (the finished cache is then reused), or use another --cache-root") from None
+        f.seek(0); f.truncate()
+        f.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'command': ' '.join(sys.argv)[:300],
+                            'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}))
+        f.flush()
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -229,11 +245,32 @@ def _resume_state(partial: Path, state: dict, layout: dict) -> Optional[dict]:
         for name, (shape, dtype) in layout.items():
             dt, sh, _ = _npy_header(partial / f'{name}.npy')
             same = same and sh == shape and dt == np.dtype(dtype)
-        if same and 0 <= saved['done'] <= state['n'] and saved['chunk_size'] % saved['batch_size'] == 0: return saved
+        if same and 0 <= saved.get('done', 0) <= state['n'] and saved['chunk_size'] % saved['batch_size'] == 0: return saved
         log.warning('%s belongs to another run; starting afresh', partial)
     except (OSError, ValueError, KeyError, TypeError): pass
     if partial.exists(): shutil.rmtree(partial)
     return None
+
+def _done_chunks(partial: Path, state: dict) -> set:
+    "Chunks whose rows are final: a marker each (and, from a run of an older version, the recorded prefix `done`)."
+    cs = state['chunk_size']
+    done = {k for k in range(state.get('done', 0) // cs)}
+    d = partial / CHUNKS_DIR
+    if d.is_dir(): done |= {int(p.name) for p in d.iterdir() if p.name.isdigit()}
+    return done
+
+class _RowFile:
+    "Rows of one preallocated `.npy` file written in place with `pwrite` (disjoint rows from several processes are safe)."
+    def __init__(self, path: Path):
+        dt, shape, self.offset = _npy_header(path)
+        self.dtype, self.row = dt, int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+        self.fd = os.open(path, os.O_RDWR)
+    def write(self, start: int, rows):
+        b = memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast('B')
+        pos = self.offset + start * self.row
+        while len(b): k = os.pwrite(self.fd, b, pos); b, pos = b[k:], pos + k
+    def sync(self): os.fsync(self.fd)
+    def close(self): os.close(self.fd)
 
 def cache_bytes(layout: dict, n: int, grid, masks: bool = True) -> int:
     "Bytes the cache arrays of `layout` (plus the two boolean mask arrays) take on disk, headers included."
@@ -274,16 +311,65 @@ def _worker_errors_named():
         raise
 
 def _default_workers() -> int:
-    "Loader processes: one decodes while the backbone computes even on 2 cores (0.69x -> 0.93x of the bare forward there)."
-    n = os.cpu_count() or 1
+    """Loader processes per rank: `min(8, cores per rank)` on a GPU; on the CPU one fewer than the rank's cores (one
+    decodes while the backbone computes even on 2 cores: 0.69x -> 0.93x of the bare forward there), none on one core."""
+    n = max(1, (os.cpu_count() or 1) // D.local_world_size())
+    if torch.cuda.is_available(): return min(8, n)
     return 0 if n < 2 else min(8, n - 1)
+
+def effective_precision(precision: str, device) -> str:
+    "The arithmetic of extraction: `precision` ('bf16' autocast or 'fp32') on CUDA; the CPU always computes in fp32."
+    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} (backbone.precision)")
+    return precision if torch.device(device).type == 'cuda' else 'fp32'
+
+def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify):
+    """Rank 0 (or the one process): the space check, the lock, an existing cache, or the partial folder to fill.
+    Returns `(verdict, lock context)` with verdict `('ready', None)` or `('extract', state)`."""
+    stack = contextlib.ExitStack()
+    try:
+        if not folder.exists() and not (partial / PROGRESS_FILE).exists():
+            _check_free_space(folder, layout, n, grid)                 # before anything is written, the lock included
+        stack.enter_context(_build_lock(folder))
+        if folder.exists() and key is not None and not overwrite:
+            try: open_feature_cache(folder, key, verify); return ('ready', None), stack
+            except StaleCacheError: pass
+        if overwrite and partial.exists(): shutil.rmtree(partial)
+        saved = _resume_state(partial, state, layout)
+        if saved:
+            if (saved['batch_size'], saved['chunk_size']) != (state['batch_size'], state['chunk_size']):
+                log.info('resuming with the interrupted run\'s batch size %d and chunk size %d', saved['batch_size'], saved['chunk_size'])
+            state = {**state, 'batch_size': saved['batch_size'], 'chunk_size': saved['chunk_size'], 'done': saved.get('done', 0)}
+        else:
+            partial.mkdir(parents=True, exist_ok=True)
+            for name, (shape, dtype) in layout.items():
+                np.lib.format.open_memmap(partial / f'{name}.npy', mode='w+', dtype=dtype, shape=shape)._mmap.close()
+                _reserve(partial / f'{name}.npy')
+            atomic_write_json(partial / PROGRESS_FILE, state)
+        (partial / CHUNKS_DIR).mkdir(exist_ok=True)
+        return ('extract', state), stack
+    except BaseException:
+        stack.close(); raise
+
+def _shared_verdict(fn):
+    "`fn()` on rank 0, its verdict on every rank; an error on rank 0 stops all ranks with its message."
+    if not D.is_distributed(): return fn()
+    res, err = (None, None), None
+    if D.is_main():
+        try: res = fn()
+        except Exception as e: err = e
+    verdict = D.broadcast_object(('error', f'{type(err).__name__}: {err}') if err is not None else res[0])
+    if err is not None: raise err
+    if verdict[0] == 'error': raise RunLockedError(f'rank 0 could not prepare the feature cache: {verdict[1]}')
+    return verdict, res[1] if D.is_main() else contextlib.ExitStack()
 
 def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict] = None, *, batch_size: int = 16,
                      chunk_size: int = 64, device='auto', num_workers: Optional[int] = None, progress: bool = True,
-                     overwrite: bool = False, verify: str = 'full', on_chunk: Optional[Callable] = None) -> FeatureCache:
+                     overwrite: bool = False, verify: str = 'full', on_chunk: Optional[Callable] = None,
+                     precision: str = 'bf16') -> FeatureCache:
     """Compute `backbone` tokens for every item of `dataset` into the cache folder `folder`, resuming an interrupted run.
     An existing `folder` is returned as is if it matches `key` (and `overwrite` is False); otherwise it is replaced.
-    `overwrite` also discards an interrupted run instead of resuming it."""
+    `overwrite` also discards an interrupted run instead of resuming it. Under torchrun every rank computes its share of
+    the chunks into the same files and rank 0 finishes the folder. `precision`: autocast on CUDA (`'bf16'`) or not."""
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
     folder = Path(folder)
@@ -292,75 +378,83 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
     if n == 0: raise ValueError('the dataset is empty')
     layout = dict(patch=((n, grid[0] * grid[1], dim), np.float16), cls=((n, dim), np.float16),
                   labels=((n,), np.int64), image_ids=((n,), np.int64))
-    if not folder.exists() and not (partial / PROGRESS_FILE).exists():
-        _check_free_space(folder, layout, n, grid)                     # before anything is written, the lock included
-    with _build_lock(folder):
-        if folder.exists() and key is not None and not overwrite:   # built by another process while we waited?
-            with contextlib.suppress(StaleCacheError): return open_feature_cache(folder, key, verify)
-        chunk_size = -(-max(chunk_size, batch_size) // batch_size) * batch_size
-        dev = get_device(device)
-        state = dict(key_hash=key_hash(key) if key else None, n=n, grid=list(grid), embed_dim=dim, device=dev.type,
-                     batch_size=batch_size, chunk_size=chunk_size, done=0)
-        if overwrite and partial.exists(): shutil.rmtree(partial)
-        saved = _resume_state(partial, state, layout)
-        if saved:
-            if (saved['batch_size'], saved['chunk_size']) != (batch_size, chunk_size):
-                log.info('resuming with the interrupted run\'s batch size %d and chunk size %d', saved['batch_size'], saved['chunk_size'])
-            state.update(batch_size=saved['batch_size'], chunk_size=saved['chunk_size'], done=saved['done'])
-            log.info('resuming %s at image %d of %d', folder, state['done'], n)
-        partial.mkdir(parents=True, exist_ok=True)
-        arrays = {name: np.lib.format.open_memmap(partial / f'{name}.npy', mode='r+' if saved else 'w+', dtype=dtype, shape=shape)
-                  for name, (shape, dtype) in layout.items()}
-        if not saved:
-            for name in layout: _reserve(partial / f'{name}.npy')
-        if not saved: atomic_write_json(partial / PROGRESS_FILE, state)
+    dev = D.rank_device(device)
+    prec = effective_precision(precision, dev)
+    chunk_size = -(-max(chunk_size, batch_size) // batch_size) * batch_size
+    state = dict(key_hash=key_hash(key) if key else None, n=n, grid=list(grid), embed_dim=dim, device=dev.type,
+                 batch_size=batch_size, chunk_size=chunk_size, done=0, precision=prec)
+    verdict, lock = _shared_verdict(lambda: _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify))
+    if verdict[0] == 'ready':
+        lock.close()
+        return open_feature_cache(folder, key, verify)
+    with lock:
+        state = verdict[1]
+        bs, cs = state['batch_size'], state['chunk_size']
+        done = _done_chunks(partial, state)
+        n_chunks = -(-n // cs)
+        mine = [k for k in range(n_chunks) if k % D.world_size() == D.rank() and k not in done]
+        start = sum(min(cs, n - k * cs) for k in done)
+        if done: log.info('resuming %s with %d of %d images done', folder, start, n)
+        rows = [i for k in mine for i in range(k * cs, min(n, (k + 1) * cs))]
+        files = {name: _RowFile(partial / f'{name}.npy') for name in layout}
         backbone.to(dev)
-        start, bs, cs = state['done'], state['batch_size'], state['chunk_size']
         workers = _default_workers() if num_workers is None else num_workers
-        workers = min(workers, max(0, -(-(n - start) // bs) - 1))   # no loader process for a single batch
-        loader = DataLoader(Subset(dataset, range(start, n)), batch_size=bs, shuffle=False, num_workers=workers,
-                            pin_memory=dev.type == 'cuda')
-        pos, t0 = start, time.perf_counter()
-        with tqdm(total=n, initial=start, unit='img', disable=not progress, desc=f'tokens {backbone.name}') as bar, \
-                torch.inference_mode(), _worker_errors_named():
-            for batch in loader:
-                out = backbone(batch['image'].to(dev, non_blocking=True))
-                patch, cls = out.patch.to(torch.float16), out.cls.to(torch.float16)
-                if not (torch.isfinite(patch).all() and torch.isfinite(cls).all()):
-                    raise OverflowError(f'{backbone.name} gave values beyond float16 range at images {pos}..{pos + len(patch) - 1}')
-                b = len(patch)
-                arrays['patch'][pos:pos + b] = patch.cpu().numpy()
-                arrays['cls'][pos:pos + b] = cls.cpu().numpy()
-                arrays['labels'][pos:pos + b] = np.asarray(batch['label'], dtype=np.int64)
-                arrays['image_ids'][pos:pos + b] = np.asarray(batch['image_id'], dtype=np.int64)
-                pos += b
-                bar.update(b)
-                if pos % cs == 0 or pos == n:
-                    for a in arrays.values(): a.flush()
-                    atomic_write_json(partial / PROGRESS_FILE, {**state, 'done': pos})
-                    if on_chunk is not None: on_chunk(pos, n)
+        workers = min(workers, max(0, -(-len(rows) // bs) - 1))   # no loader process for a single batch
+        loader = DataLoader(Subset(dataset, rows), batch_size=bs, shuffle=False, num_workers=workers,
+                            pin_memory=dev.type == 'cuda', persistent_workers=False)
+        t0, k_i, in_chunk = time.perf_counter(), 0, 0
+        autocast = torch.autocast('cuda', dtype=torch.bfloat16) if prec == 'bf16' else contextlib.nullcontext()
+        try:
+            with tqdm(total=len(rows), unit='img', disable=not (progress and D.is_main()), desc=f'tokens {backbone.name}') as bar, \
+                    torch.inference_mode(), _worker_errors_named():
+                for batch in loader:
+                    with autocast: out = backbone(batch['image'].to(dev, non_blocking=True))
+                    patch, cls = out.patch.to(torch.float16), out.cls.to(torch.float16)
+                    k = mine[k_i]
+                    pos = k * cs + in_chunk
+                    if not (torch.isfinite(patch).all() and torch.isfinite(cls).all()):
+                        raise OverflowError(f'{backbone.name} gave values beyond float16 range at images {pos}..{pos + len(patch) - 1}')
+                    b = len(patch)
+                    files['patch'].write(pos, patch.cpu().numpy()); files['cls'].write(pos, cls.cpu().numpy())
+                    files['labels'].write(pos, np.asarray(batch['label'], dtype=np.int64))
+                    files['image_ids'].write(pos, np.asarray(batch['image_id'], dtype=np.int64))
+                    in_chunk += b
+                    bar.update(b)
+                    if in_chunk == min(cs, n - k * cs):                # chunk k is final: make it durable, then mark it
+                        for f in files.values(): f.sync()
+                        atomic_write_bytes(partial / CHUNKS_DIR / str(k), b'')
+                        if on_chunk is not None: on_chunk(min(n, (k + 1) * cs), n)
+                        k_i, in_chunk = k_i + 1, 0
+        finally:
+            for f in files.values(): f.close()
+        if k_i != len(mine): raise RuntimeError(f'the loader gave {k_i} of the {len(mine)} chunks of this process')
+        D.barrier()                                                   # every rank's chunks are final
         seconds = time.perf_counter() - t0
-        if pos != n: raise RuntimeError(f'the loader gave {pos - start} of the {n - start} remaining images')
-        del arrays
-        if getattr(dataset, 'has_masks', False):
-            for name, dilate in (('masks', False), ('masks_dilated', True)):
-                m = np.asarray(dataset.token_masks(grid=grid, dilate=dilate)).astype(bool)
-                if m.shape != (n, *grid): raise ValueError(f'token_masks gave {m.shape}, expected {(n, *grid)}')
-                with atomic_path(partial / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, m)
-        extra = dict(backbone=backbone.info(), provenance=provenance(),
-                     extraction=dict(device=str(dev), batch_size=bs, chunk_size=cs, resumed_at=start, seconds=round(seconds, 3),
-                                     images_per_s=round((n - start) / max(seconds, 1e-9), 3)))
-        _write_manifest(partial, key, grid, dataset.n_classes, getattr(dataset, 'class_names', None) or
-                        [str(i) for i in range(dataset.n_classes)], extra)
-        (partial / PROGRESS_FILE).unlink()
-        trash = None
-        if folder.exists():
-            trash = folder.with_name(f'.{folder.name}.old-{os.getpid()}-{time.time_ns()}')
-            os.rename(folder, trash)
-        os.rename(partial, folder)
-        if trash is not None: shutil.rmtree(trash, ignore_errors=True)
-        log.info('cached %d images of %s in %s (%.1f images/s)', n, backbone.name, folder, extra['extraction']['images_per_s'])
-        return open_feature_cache(folder, key, verify='quick')
+        if D.is_main():
+            missing = sorted(set(range(n_chunks)) - _done_chunks(partial, state))
+            if missing: raise RuntimeError(f'{partial}: chunks {missing[:10]} were not computed by any rank')
+            if getattr(dataset, 'has_masks', False):
+                for name, dilate in (('masks', False), ('masks_dilated', True)):
+                    m = np.asarray(dataset.token_masks(grid=grid, dilate=dilate)).astype(bool)
+                    if m.shape != (n, *grid): raise ValueError(f'token_masks gave {m.shape}, expected {(n, *grid)}')
+                    with atomic_path(partial / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, m)
+            extra = dict(backbone=backbone.info(), provenance=provenance(),
+                         extraction=dict(device=str(dev), precision=prec, processes=D.world_size(), batch_size=bs,
+                                         chunk_size=cs, resumed_at=start, seconds=round(seconds, 3),
+                                         images_per_s=round((n - start) / max(seconds, 1e-9), 3)))
+            _write_manifest(partial, key, grid, dataset.n_classes, getattr(dataset, 'class_names', None) or
+                            [str(i) for i in range(dataset.n_classes)], extra)
+            (partial / PROGRESS_FILE).unlink()
+            shutil.rmtree(partial / CHUNKS_DIR)
+            trash = None
+            if folder.exists():
+                trash = folder.with_name(f'.{folder.name}.old-{os.getpid()}-{time.time_ns()}')
+                os.rename(folder, trash)
+            os.rename(partial, folder)
+            if trash is not None: shutil.rmtree(trash, ignore_errors=True)
+            log.info('cached %d images of %s in %s (%.1f images/s)', n, backbone.name, folder, extra['extraction']['images_per_s'])
+        D.barrier()                                                   # the folder is in place for every rank
+    return open_feature_cache(folder, key, verify='quick')
 
 # %% ../nbs/02a_cache.ipynb #c022
 def samples_fingerprint(dataset) -> str:
@@ -382,8 +476,9 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
                         preprocessing: str = 'paper', img_size: Optional[int] = None, cache_root=None, batch_size: int = 16,
                         chunk_size: int = 64, device='auto', progress: bool = True, num_workers: Optional[int] = None,
                         verify: str = 'full', rebuild: bool = False, dataset_kw: Optional[dict] = None,
-                        on_chunk: Optional[Callable] = None, weights_file=None) -> FeatureCache:
-    "The cached tokens of `dataset`/`split` under `backbone`, computed (or resumed) if there is no valid cache for this key."
+                        on_chunk: Optional[Callable] = None, weights_file=None, precision: str = 'bf16') -> FeatureCache:
+    """The cached tokens of `dataset`/`split` under `backbone`, computed (or resumed) if there is no valid cache for this key.
+    Under torchrun every rank takes part in the extraction (see `extract_tokens`)."""
     from dinoqpm.data import load_dataset, make_transform
     spec = get_backbone_spec(backbone)
     img_size = int(img_size or spec.default_img_size)
@@ -392,7 +487,7 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
     ds = load_dataset(dataset, split, root=root, transform=make_transform(mode=preprocessing, dataset=dataset, img_size=img_size),
                       **(dataset_kw or {}))
     key = feature_cache_key(dataset, split, backbone, weights_fingerprint(wfile), preprocessing, img_size, samples_fingerprint(ds),
-                            masks=getattr(ds, 'has_masks', False))
+                            masks=getattr(ds, 'has_masks', False), precision=effective_precision(precision, D.rank_device(device)))
     folder = cache_dir(key, default_cache_root(cache_root, None if dataset == 'folder' else root))  # not inside your images
     if folder.exists() and not rebuild:
         try:
@@ -402,11 +497,14 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
         except StaleCacheError as e: log.warning('refusing the cache: %s; rebuilding it', e)
     bb = create_backbone(backbone, weights_dir=weights_dir, img_size=img_size, weights_file=weights_file)
     return extract_tokens(ds, bb, folder, key, batch_size=batch_size, chunk_size=chunk_size, device=device,
-                            num_workers=num_workers, progress=progress, overwrite=rebuild, verify=verify, on_chunk=on_chunk)
+                            num_workers=num_workers, progress=progress, overwrite=rebuild, verify=verify, on_chunk=on_chunk,
+                            precision=precision)
 
 def get_feature_cache(cfg, split: str, cache_root=None, progress: bool = True, **kw) -> FeatureCache:
-    "`build_feature_cache` for the data and backbone of a `dinoqpm.config.RunConfig`."
+    "`build_feature_cache` for the data and backbone of a `dinoqpm.config.RunConfig` (with its dataset settings)."
+    from dinoqpm.pipeline import dataset_kwargs
+    kw.setdefault('dataset_kw', dataset_kwargs(cfg))
     return build_feature_cache(cfg.data.dataset, split, cfg.backbone.name, root=cfg.data.root, weights_dir=cfg.backbone.weights_dir,
                                weights_file=cfg.backbone.weights_file,
                                preprocessing=cfg.data.preprocessing, img_size=cfg.data.img_size, cache_root=cache_root,
-                               device=cfg.device, progress=progress, **kw)
+                               device=cfg.device, progress=progress, precision=cfg.backbone.precision, **kw)

@@ -13,8 +13,9 @@ from .core import setup_logging, UserError, describe_os_error
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'LOG_LEVELS', 'COMMANDS', 'USER_ERRORS', 'positive_int', 'build_parser', 'train_config', 'cmd_train',
-           'cmd_inference', 'cmd_evaluate', 'cmd_export', 'user_message', 'main']
+__all__ = ['log', 'LOG_LEVELS', 'COMMANDS', 'DISTRIBUTED_COMMANDS', 'USER_ERRORS', 'positive_int', 'build_parser', 'train_config',
+           'cmd_train', 'cmd_extract', 'cmd_table1', 'cmd_inference', 'cmd_evaluate', 'cmd_export', 'user_message',
+           'main']
 
 # %% ../nbs/10_cli.ipynb #c005
 def positive_int(s: str) -> int:
@@ -32,18 +33,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help='logging level; DEBUG also prints the traceback of an error (as does $DINOQPM_DEBUG=1)')
     sub = p.add_subparsers(dest='command', required=True)
 
-    t = sub.add_parser('train', help='cache features, dense training, QP, finetuning and evaluation in one run directory')
-    t.add_argument('--config', help='YAML or JSON file with configuration overrides (default: the paper configuration)')
-    t.add_argument('--demo', action='store_true', help='start from the quick embedded demo (SynthBirds + EfficientNet-Lite0)')
-    t.add_argument('--data', metavar='FOLDER', help='train on your own images: a folder with one sub-folder per class '
-                   '(sets data.dataset=folder and data.root=FOLDER; see the folder dataset in the docs)')
-    t.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
-                   help='override one setting, e.g. --set dense.epochs=5 (repeatable)')
-    t.add_argument('--seed', type=int, help='random seed (overrides the configuration)')
+    def config_args(t):
+        t.add_argument('--config', help='YAML or JSON file with configuration overrides (default: the paper configuration)')
+        t.add_argument('--demo', action='store_true', help='start from the quick embedded demo (SynthBirds + EfficientNet-Lite0)')
+        t.add_argument('--data', metavar='FOLDER', help='train on your own images: a folder with one sub-folder per class '
+                       '(sets data.dataset=folder and data.root=FOLDER; see the folder dataset in the docs)')
+        t.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
+                       help='override one setting, e.g. --set dense.epochs=5 (repeatable)')
+        t.add_argument('--seed', type=int, help='random seed (overrides the configuration)')
+        t.add_argument('--cache-root', help='feature cache folder (default: <data root>/dinoqpm_cache)')
+        t.add_argument('--no-progress', action='store_true', help='hide progress bars')
+
+    t = sub.add_parser('train', help='cache features, dense training, QP, finetuning and evaluation in one run directory '
+                       '(under torchrun: sharded extraction, data-parallel training)')
+    config_args(t)
     t.add_argument('--run-dir', help='run directory (default: $DINOQPM_RUNS/<dataset>/<backbone>/qpm/<seed>)')
-    t.add_argument('--cache-root', help='feature cache folder (default: <data root>/dinoqpm_cache)')
     t.add_argument('--eval-mode', default='all', help="metrics to compute: all | fast | comma list of metric ids")
-    t.add_argument('--no-progress', action='store_true', help='hide progress bars')
+
+    x = sub.add_parser('extract', help='build (or resume) the train and test feature caches of a configuration and stop '
+                       '(under torchrun every process extracts its share)')
+    config_args(x)
+
+    tb = sub.add_parser('table1', help="Table 1's runs (method x seed), spread over the processes of a torchrun job, then the table")
+    tb.add_argument('--set', dest='params', action='append', default=[], metavar='NAME=VALUE',
+                    help='a parameter of nbs/paper/run_table1.ipynb: dataset, backbone, data_root, weights_dir, runs_root, '
+                         'out_dir, mode, seeds, device, probe_protocol, require_masks (repeatable)')
+    tb.add_argument('--only', action='append', default=[], metavar='method=M,seed=S',
+                    help='run only these cells (repeatable; e.g. one per SLURM array job), without writing the table')
+    tb.add_argument('--merge', action='store_true', help='write the table from the finished cells; trains nothing')
+    tb.add_argument('--no-progress', action='store_true')
 
     i = sub.add_parser('inference', help='predict image files with a trained model and explain each prediction')
     i.add_argument('--model-path', required=True, help='a run directory, a model file (.pt) or an exported folder (dinoqpm export)')
@@ -99,9 +117,43 @@ def cmd_train(args) -> dict:
     from dinoqpm.pipeline import run_qpm
     cfg = train_config(args)
     out = run_qpm(cfg, args.run_dir, cache_root=args.cache_root, eval_mode=_eval_mode(args.eval_mode), progress=not args.no_progress)
-    r = out['results']
-    log.info('finished: accuracy %.4f, run directory %s', r.get('Accuracy', float('nan')), out['run_dir'])
+    r = out['results'] or {}                   # None on ranks > 0 of a torchrun job: rank 0 evaluates
+    if r: log.info('finished: accuracy %.4f, run directory %s', r.get('Accuracy', float('nan')), out['run_dir'])
     return {'run_dir': str(out['run_dir']), 'results': str(out['run_dir'] / 'results_finetune.json')}
+
+def cmd_extract(args) -> dict:
+    from dinoqpm.pipeline import extract_caches
+    caches = extract_caches(train_config(args), cache_root=args.cache_root, progress=not args.no_progress)
+    for split, c in zip(('train', 'test'), caches): log.info('%s tokens: %d images in %s', split, len(c.labels), c.path)
+    return {split: str(c.path) for split, c in zip(('train', 'test'), caches)}
+
+def _paper_params(items):
+    "`--set name=value` of `dinoqpm table1` as `PaperParams` (booleans from true/false)."
+    import dataclasses
+    from dinoqpm.paper import PaperParams, paper_params
+    kinds = {f.name: f.type for f in dataclasses.fields(PaperParams)}
+    kw = {}
+    for k, v in parse_overrides(items).items():
+        if kinds.get(k) in (bool, 'bool'):
+            if v.lower() not in ('true', 'false', '1', '0'): raise ConfigError(f'--set {k}={v}: expected true or false')
+            v = v.lower() in ('true', '1')
+        kw[k] = v
+    return paper_params(**kw)
+
+def cmd_table1(args) -> dict:
+    from dinoqpm import distributed as D
+    from dinoqpm.paper import merge_table1, parse_cells, run_table1_cells, table1_cells, write_table1
+    p = _paper_params(args.params)
+    if args.merge and args.only: raise ConfigError('--merge writes the table from finished cells; leave out --only')
+    if not args.merge:
+        run_table1_cells(p, table1_cells(p, only=parse_cells(args.only)), progress=not args.no_progress)
+        if args.only:
+            log.info('cells done; write the table with: dinoqpm table1 --merge (and the same --set parameters)')
+            return {}
+    if not D.is_main(): return {}
+    paths = write_table1(merge_table1(p), p)
+    log.info('Table 1 written: %s', ', '.join(str(v) for v in paths.values()))
+    return {k: str(v) for k, v in paths.items()}
 
 def cmd_inference(args) -> dict:
     from dinoqpm.inference import run_inference
@@ -132,7 +184,9 @@ def cmd_export(args) -> dict:
     log.info('exported to %s: open %s in a browser, or load it with dinoqpm.load_pretrained', out, out / 'index.html')
     return {'out': str(out)}
 
-COMMANDS = {'train': cmd_train, 'inference': cmd_inference, 'evaluate': cmd_evaluate, 'export': cmd_export}
+COMMANDS = {'train': cmd_train, 'extract': cmd_extract, 'table1': cmd_table1, 'inference': cmd_inference,
+            'evaluate': cmd_evaluate, 'export': cmd_export}
+DISTRIBUTED_COMMANDS = ('train', 'extract', 'table1')      # the others run in one process
 
 # %% ../nbs/10_cli.ipynb #c010
 USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -149,8 +203,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     debug = args.log_level == 'DEBUG' or os.environ.get('DINOQPM_DEBUG', '') not in ('', '0')
+    from dinoqpm import distributed as D
     try:
+        if D.launched():
+            if args.command not in DISTRIBUTED_COMMANDS:
+                raise ConfigError(f'dinoqpm {args.command} runs in one process: start it without torchrun '
+                                  f'(torchrun is for {", ".join(DISTRIBUTED_COMMANDS)})')
+            D.init_distributed()
         COMMANDS[args.command](args)
+        D.shutdown()
     except KeyboardInterrupt:
         sys.stderr.write(f'dinoqpm {args.command}: interrupted; run the same command again to continue where it stopped\n')
         return 130

@@ -39,6 +39,7 @@ class BackboneConfig:
     name: str = 'dinov2_vitb14_reg4'  # see `dinoqpm.backbone.list_backbones()`, or timm:<any timm model>
     weights_dir: Optional[str] = None # None: $DINOQPM_WEIGHTS, else ~/tmp/model_weights
     weights_file: Optional[str] = None  # a weights file of its own (needed for timm:<model>; overrides weights_dir)
+    precision: str = 'bf16'           # token extraction on CUDA: bf16 autocast | fp32 (the CPU always computes in fp32)
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -200,6 +201,7 @@ def check_config(cfg: 'RunConfig') -> 'RunConfig':
     for k in ('synth_classes', 'synth_images_per_class', 'synth_img_size'):
         need(getattr(d, k) is None or getattr(d, k) >= 1, f'data.{k}', 'must be >= 1 (or null for the default)')
     need(cfg.device == 'auto' or cfg.device.split(':')[0] in ('cpu', 'cuda', 'mps'), 'device', "expected auto, cpu, cuda, cuda:N or mps")
+    need(cfg.backbone.precision in ('bf16', 'fp32'), 'backbone.precision', 'expected bf16 or fp32')
     a = cfg.adapter
     need(a.n_layers >= 0, 'adapter.n_layers', 'must be >= 0')
     need(a.hidden >= 1, 'adapter.hidden', 'must be >= 1'); need(a.n_features >= 1, 'adapter.n_features', 'must be >= 1')

@@ -4,24 +4,26 @@
 
 # %% ../nbs/11_paper.ipynb #c002
 from __future__ import annotations
-import dataclasses, logging, math
+import dataclasses, json, logging, math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .core import repo_root, provenance
+from .core import atomic_write_text, repo_root, provenance
 from .config import (RunConfig, ConfigError, config_to_dict, demo_config, update_config)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
-           'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params', 'steps_to_epochs', 'paper_config', 'row_run_dir',
-           'run_table1_seed', 'run_table1', 'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1',
-           'FigureData', 'figure_data', 'pick_examples', 'class_label', 'figure_style', 'cover_figure', 'sharing_pairs',
-           'class_comparison_figure', 'assignment_overview_figure', 'params_from_namespace']
+           'TABLE1_CELLS', 'CELL_OF_ROW', 'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params', 'steps_to_epochs',
+           'paper_config', 'row_run_dir', 'run_table1_seed', 'parse_cells', 'table1_cells', 'cell_file',
+           'run_table1_cell', 'merge_table1', 'run_table1_cells', 'run_table1', 'run_backbone', 'is_demo', 'row_notes',
+           'table1_notes', 'write_table1', 'FigureData', 'figure_data', 'pick_examples', 'class_label', 'figure_style',
+           'cover_figure', 'sharing_pairs', 'class_comparison_figure', 'assignment_overview_figure',
+           'params_from_namespace']
 
 # %% ../nbs/11_paper.ipynb #c005
 MODES = ('quick', 'full', 'smoke')
@@ -191,13 +193,97 @@ def run_table1_seed(p: PaperParams, seed: int, rows=TABLE1_ROWS, progress=True) 
             record(name, r.metrics, f, **extra)
     return records
 
-def run_table1(p: PaperParams, rows=TABLE1_ROWS, progress=True) -> pd.DataFrame:
-    "The tidy Table 1 results of every seed (one row per method and seed)."
+# Table 1's independent cells: rows that share a run directory are one cell (DINO-QPM and its dense phase; SLDD and Q-SENN)
+TABLE1_CELLS = {'linear_probe': ('linear_probe',), 'dense_frozen': ('dense_frozen',), 'qpm': ('dense_qpm', 'qpm'),
+                'sldd_qsenn': ('sldd', 'qsenn')}
+CELL_OF_ROW = {r: g for g, rs in TABLE1_CELLS.items() for r in rs}
+
+def _check_rows(rows):
     bad = [r for r in rows if r not in TABLE1_ROWS]
     if bad: raise ConfigError(f"unknown Table 1 row(s) {bad}; rows are {TABLE1_ROWS}")
-    recs = []
-    for seed in p.seed_list: recs += run_table1_seed(p, seed, rows, progress)
+
+def parse_cells(specs) -> list:
+    "`['method=qpm,seed=1', 'method=sldd']` → `[{'method': 'qpm', 'seed': 1}, {'method': 'sldd'}]` (`--only`)."
+    out = []
+    for spec in specs or []:
+        d = {}
+        for part in str(spec).split(','):
+            k, sep, v = part.partition('=')
+            k, v = k.strip(), v.strip()
+            if not sep or k not in ('method', 'seed') or not v:
+                raise ConfigError(f"--only {spec!r}: expected method=<{'|'.join((*TABLE1_ROWS, *TABLE1_CELLS))}>,seed=<int> (either may be left out)")
+            if k == 'method' and v not in TABLE1_ROWS and v not in TABLE1_CELLS:
+                raise ConfigError(f"--only {spec!r}: unknown method {v!r}; methods are {', '.join((*TABLE1_ROWS, *TABLE1_CELLS))}")
+            try: d[k] = int(v) if k == 'seed' else v
+            except ValueError: raise ConfigError(f"--only {spec!r}: seed must be an integer") from None
+        out.append(d)
+    return out
+
+def table1_cells(p: PaperParams, rows=TABLE1_ROWS, only=()) -> list:
+    "The `(cell, seed)` pairs Table 1 needs for `rows` (seed-major), restricted to those matching any of `only` (`parse_cells`)."
+    _check_rows(rows)
+    cells = [(g, s) for s in p.seed_list for g in TABLE1_CELLS if any(CELL_OF_ROW[r] == g for r in rows)]
+    def hit(c, o):
+        g, s = c
+        return ('method' not in o or o['method'] == g or CELL_OF_ROW.get(o['method']) == g) and ('seed' not in o or o['seed'] == s)
+    if only:
+        cells = [c for c in cells if any(hit(c, o) for o in only)]
+        if not cells: raise ConfigError(f'--only {only} selects none of the cells of seeds {p.seeds}')
+    return cells
+
+def cell_file(p: PaperParams, cell: str, seed: int) -> Path:
+    "Where a finished cell keeps its Table 1 records: `table1_<cell>.json` in its run directory."
+    return row_run_dir(p, paper_config(p, seed), TABLE1_CELLS[cell][-1]) / f'table1_{cell}.json'
+
+def _record_json(o):
+    return o.item() if hasattr(o, 'item') else str(o)
+
+def run_table1_cell(p: PaperParams, cell: str, seed: int, progress=True) -> list:
+    "Train (or reuse) one cell and write its records beside its runs; returns the records."
+    recs = run_table1_seed(p, seed, TABLE1_CELLS[cell], progress)
+    f = cell_file(p, cell, seed)
+    atomic_write_text(f, json.dumps({'params': dataclasses.asdict(p), 'cell': cell, 'seed': seed, 'records': recs},
+                                    default=_record_json, indent=1))    # NaN kept as NaN: the table is the same either way
+    return recs
+
+def merge_table1(p: PaperParams, rows=TABLE1_ROWS) -> pd.DataFrame:
+    """The tidy Table 1 from the cells' record files (trains nothing); a missing cell or one made with other parameters
+    is a `ConfigError` naming it and the command that makes it."""
+    _check_rows(rows)
+    recs, missing = [], []
+    for seed in p.seed_list:
+        got = {}
+        for cell in dict.fromkeys(CELL_OF_ROW[r] for r in rows):
+            f = cell_file(p, cell, seed)
+            if not f.exists(): missing.append(f'method={cell},seed={seed} ({f})'); continue
+            d = json.loads(f.read_text())
+            if d.get('params') != dataclasses.asdict(p):
+                diff = {k: (d.get('params', {}).get(k), v) for k, v in dataclasses.asdict(p).items() if d.get('params', {}).get(k) != v}
+                raise ConfigError(f'{f} was made with other parameters: ' + ', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items()))
+            got.update({r['row']: r for r in d['records']})
+        recs += [got[r] for r in rows if r in got]
+    if missing:
+        raise ConfigError(f'{len(missing)} Table 1 cell(s) are not finished: {"; ".join(missing[:8])}'
+                          f'{" ..." if len(missing) > 8 else ""}; run them first, e.g. dinoqpm table1 --only {missing[0].split(" ")[0]}')
     return pd.DataFrame(recs)
+
+def run_table1_cells(p: PaperParams, cells, progress=True):
+    """Run `cells` (`table1_cells`). Under torchrun the job first builds the feature caches together (every rank its
+    share), then rank `r` of `N` runs cells `r, r + N, ...`, each as an independent single-process run in its own run
+    directory; returns when every rank has finished."""
+    from dinoqpm import distributed as D
+    from dinoqpm.pipeline import load_caches
+    if cells: load_caches(paper_config(p, cells[0][1]), progress=progress and D.is_main())   # the caches do not depend on the seed
+    with D.independently():
+        for cell, seed in cells[D.job_rank()::D.job_world_size()]:
+            log.info('Table 1 cell %s, seed %d (process %d of %d)', cell, seed, D.job_rank(), D.job_world_size())
+            run_table1_cell(p, cell, seed, progress and D.job_rank() == 0)
+    D.job_barrier()
+
+def run_table1(p: PaperParams, rows=TABLE1_ROWS, progress=True) -> pd.DataFrame:
+    "The tidy Table 1 results of every seed (one row per method and seed): every cell run (or reused), then merged."
+    run_table1_cells(p, table1_cells(p, rows), progress)
+    return merge_table1(p, rows)
 
 # %% ../nbs/11_paper.ipynb #c012
 def run_backbone(p: PaperParams) -> str:

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'default_run_dir', 'dataset_label',
-           'init_run_dir', 'find_run_config', 'dataset_kwargs', 'load_caches', 'validate_run_config', 'run_dir_lock',
-           'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
+           'init_run_dir', 'find_run_config', 'dataset_kwargs', 'extract_caches', 'load_caches', 'validate_run_config',
+           'run_dir_lock', 'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
            'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config']
 
 # %% ../nbs/09_pipeline.ipynb #c005
@@ -102,6 +102,12 @@ def dataset_kwargs(cfg: RunConfig) -> dict:
         syn = {'n_classes': d.synth_classes, 'images_per_class': d.synth_images_per_class, 'img_size': d.synth_img_size}
         kw.update({k: v for k, v in syn.items() if v is not None})
     return kw
+
+def extract_caches(cfg: RunConfig, cache_root=None, progress=True) -> tuple:
+    """`dinoqpm extract`: check the configuration's data and backbone, then build (or resume) its train and test caches
+    and stop: the step to run once on a GPU node. Under torchrun every rank extracts its share of the chunks."""
+    _validate_on_every_rank(cfg, 'all')
+    return load_caches(cfg, cache_root, progress)
 
 def load_caches(cfg: RunConfig, cache_root=None, progress=True) -> tuple:
     "The train and test `FeatureCache` of `cfg` (built on first use, resumed if interrupted)."
@@ -280,40 +286,65 @@ def run_qpm(cfg: RunConfig, run_dir=None, *, runs_root=None, cache_root=None, ev
             stop_after: Optional[str] = None) -> dict:
     """Train DINO-QPM end to end in `run_dir` (default `default_run_dir(cfg)`); every finished stage is skipped on rerun.
     Returns the paths and results: `run_dir`, `dense_model`, `results_dense`, `qp`, `model`, `results`."""
-    validate_run_config(cfg, eval_mode)                             # before anything is written
+    from dinoqpm import distributed as D
+    _validate_on_every_rank(cfg, eval_mode)                         # before anything is written
     run_dir = Path(run_dir or default_run_dir(cfg, 'qpm', runs_root))
     if run_dir.exists() and not run_dir.is_dir(): raise ConfigError(f'the run directory {run_dir} is a file, not a folder')
-    with run_dir_lock(run_dir): return _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after)
+    with (run_dir_lock(run_dir) if D.is_main() else contextlib.nullcontext()):           # under torchrun rank 0 holds it
+        return _run_qpm(cfg, run_dir, cache_root, eval_mode, progress and D.is_main(), stop_after)
+
+def _validate_on_every_rank(cfg: RunConfig, eval_mode):
+    """`validate_run_config` on rank 0 first (it may generate SynthBirds), then on the others; a refusal on rank 0 stops
+    every rank with rank 0's message."""
+    from dinoqpm import distributed as D
+    from dinoqpm.core import UserError
+    if not D.is_distributed(): return validate_run_config(cfg, eval_mode)
+    err = ''
+    if D.is_main():
+        try: validate_run_config(cfg, eval_mode)
+        except UserError as e: err = str(e)
+    err = D.broadcast_object(err)
+    if err: raise ConfigError(err)
+    if not D.is_main(): validate_run_config(cfg, eval_mode)
 
 QPM_LATER_STAGES = {'qp': ['qp', 'finetune', 'finetune_model.pt', 'results_finetune.json'],
                     'finetune': ['finetune', 'finetune_model.pt', 'results_finetune.json']}
 
 def _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after) -> dict:
+    """The stages of `run_qpm`. Under torchrun every rank extracts its share of the tokens and trains its share of every
+    batch; rank 0 alone writes the run directory, evaluates and solves the QP (whose solution it broadcasts)."""
     from dinoqpm.train import train_dense, finetune, load_model, convergence_info
-    init_run_dir(cfg, run_dir, QPM_LATER_STAGES)
+    from dinoqpm import distributed as D
+    main = D.is_main()
+    if main: init_run_dir(cfg, run_dir, QPM_LATER_STAGES)
+    D.barrier()
     info = {'method': 'DINO-QPM', 'run_dir': str(run_dir), 'seed': cfg.seed, 'backbone': cfg.backbone.name, 'dataset': cfg.data.dataset}
+    if D.is_distributed(): info['processes'] = D.world_size()
     t0 = time.perf_counter()
     train_c, test_c = load_caches(cfg, cache_root, progress)
-    if getattr(train_c, 'class_names', None): write_class_names(run_dir, train_c.class_names)
-    write_split_provenance(cfg, run_dir)
+    if main:
+        if getattr(train_c, 'class_names', None): write_class_names(run_dir, train_c.class_names)
+        write_split_provenance(cfg, run_dir)
     out = {'run_dir': run_dir}
     dense, _ = train_dense(cfg, train_c, test_c, run_dir, progress=progress)
     out['dense_model'] = run_dir / 'dense_model.pt'
     conv = {'dense': dense.convergence}
     out['results_dense'] = evaluate_once(out['dense_model'], train_c, test_c, run_dir / 'results_dense.json', seed=cfg.seed,
                                          eval_mode=eval_mode, run_info={**info, 'method': 'DINO-QPM dense', **convergence_info(conv)},
-                                         data_root=cfg.data.root)
-    if stop_after == 'dense': return out
-    qp = solve_qp_once(cfg, out['dense_model'], train_c, run_dir / 'qp', progress=progress)
+                                         data_root=cfg.data.root) if main else None
+    if stop_after == 'dense': D.barrier(); return out
+    qp = solve_qp_once(cfg, out['dense_model'], train_c, run_dir / 'qp', progress=progress) if main else None
+    qp = D.broadcast_object(qp)
     out['qp'] = qp
-    if stop_after == 'qp': return out
+    if stop_after == 'qp': D.barrier(); return out
     ft, _ = finetune(cfg, load_model(out['dense_model']), train_cache=train_c, test_cache=test_c, run_dir=run_dir, qp_result=qp,
                      progress=progress)
     out['model'] = run_dir / 'finetune_model.pt'
     conv['finetune'] = ft.convergence
     out['results'] = evaluate_once(out['model'], train_c, test_c, run_dir / 'results_finetune.json', seed=cfg.seed,
                                    eval_mode=eval_mode, run_info={**info, **qp_info(qp), **convergence_info(conv)},
-                                   data_root=cfg.data.root)
+                                   data_root=cfg.data.root) if main else None
+    D.barrier()
     log.info('DINO-QPM run finished in %.0f s: %s', time.perf_counter() - t0, run_dir)
     return out
 

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from .config import RunConfig, PhaseConfig, ConfigError, config_to_dict, config_diff
 from .core import (atomic_write_text, get_device, seed_everything, provenance, save_checked, load_checked,
                           CorruptFileError, UserError)
-from .adapter import DinoQPMModel, SparseBLDDHead, ModelOutput, model_spec, model_from_spec
+from .adapter import DinoQPMModel, SparseBLDDHead, ModelOutput, TokenBatchNorm, model_spec, model_from_spec
+from . import distributed as D
 from .losses import feature_diversity_loss, sparsity_loss
 
 log = logging.getLogger(__name__)
@@ -127,11 +128,13 @@ def _single_threaded_reader():
     if _OPENMP is None: _OPENMP = 'parallel backend: OpenMP' in torch.__config__.parallel_info()
     if _OPENMP: torch.set_num_threads(1)
 
-def iter_batches(dataset: TokenDataset, batch_size: int, order=None, device=None, prefetch: Optional[bool] = None):
-    """Yield `(tokens, labels, indices)` batches of `dataset` in `order` (default: sequential). With `prefetch` a thread reads
-    the next batch meanwhile; the default turns it on for a GPU, or when torch leaves a CPU core free for it."""
+def iter_batches(dataset: TokenDataset, batch_size: int, order=None, device=None, prefetch: Optional[bool] = None,
+                 chunks=None):
+    """Yield `(tokens, labels, indices)` batches of `dataset` in `order` (default: sequential), or exactly the position
+    arrays `chunks` if given. With `prefetch` a thread reads the next batch meanwhile; the default turns it on for a GPU,
+    or when torch leaves a CPU core free for it."""
     order = np.arange(len(dataset)) if order is None else np.asarray(order)
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)] if chunks is None else list(chunks)
     if not chunks: return
     device = torch.device(device or 'cpu')
     cuda = device.type == 'cuda'
@@ -317,6 +320,26 @@ def _pooled_accuracy(model: DinoQPMModel, f, y) -> dict:
     model.train(was_training)
     return {'loss': F.cross_entropy(logits, y).item(), 'acc': (logits.argmax(1) == y).sum().item() / max(len(y), 1), 'n': len(y)}
 
+def _data_parallel(model: DinoQPMModel, pooled: bool, pcfg: PhaseConfig, phase: str, device):
+    """Wrap `model` (or only its head, for the pooled fast path) in `DistributedDataParallel` with BatchNorm statistics
+    and dropout masks of the global batch; returns `(ddp module, global-batch dropouts, undo)`."""
+    from torch.nn.parallel import DistributedDataParallel
+    D.check_batch_size(pcfg.batch_size, f'{phase}.batch_size')
+    drops = D.use_global_batch_dropout(model)
+    bns = [m for m in model.modules() if isinstance(m, TokenBatchNorm)]
+    for m in bns: m.synchronized = True
+    import inspect
+    sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters
+            else {'broadcast_buffers': False})    # every rank computes the same BatchNorm statistics: nothing to send
+    net = DistributedDataParallel(model.head if pooled else model, device_ids=[device.index] if device.type == 'cuda' else None,
+                                  **sync)
+    log.info('%s: data-parallel over %d processes, %d samples per rank and step', phase, D.world_size(),
+             pcfg.batch_size // D.world_size())
+    def undo():
+        for m in bns: m.synchronized = False
+        D.restore_dropout(model)
+    return net, drops, undo
+
 def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMModel, params, train_cache, test_cache,
                 run_dir, signature: dict, progress: bool, on_epoch_end: Sequence[Callable], eval_every: int, device):
     train_ds = TokenDataset(train_cache)
@@ -343,14 +366,28 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
     if pooled:                                  # identity adapter, no map loss: f is fixed, train the head on it
         f_train, y_train = _pooled_vectors(model, train_ds, device)
         f_test, y_test = _pooled_vectors(model, test_ds, device) if test_ds is not None else (None, None)
-    def batches(order):
-        if not pooled: yield from ((t, l) for t, l, _ in iter_batches(train_ds, pcfg.batch_size, order, device)); return
+    ddp = D.is_distributed()
+    progress = progress and D.is_main()
+    net, global_drops, undo = (_data_parallel(model, pooled, pcfg, phase, device) if ddp else (None, [], lambda: None))
+    def global_batches(order):
+        "`(rows of this rank, rows of the whole global batch)` for each global batch, sorted by cache index."
         for i in range(0, len(order), pcfg.batch_size):
-            idx = torch.from_numpy(np.sort(order[i:i + pcfg.batch_size])).to(f_train.device)
-            yield f_train[idx], y_train[idx]
+            c = order[i:i + pcfg.batch_size]
+            c = c[np.argsort(train_ds.indices[c], kind='stable')]
+            yield (c[D.rank_rows(len(c))] if ddp else c), len(c)
+    def batches(order):
+        parts = list(global_batches(order))
+        sizes = [n for _, n in parts]
+        if not pooled:
+            for (t, l, _), n in zip(iter_batches(train_ds, pcfg.batch_size, device=device, chunks=[c for c, _ in parts]), sizes):
+                yield t, l, n
+            return
+        for c, n in parts:
+            idx = torch.from_numpy(c).to(f_train.device)
+            yield f_train[idx], y_train[idx], n
     def forward(x):
-        if not pooled: return model(x, train_ds.grid)
-        logits, final = model.head(x)
+        if not pooled: return (net or model)(x, train_ds.grid)
+        logits, final = (net or model.head)(x)
         return ModelOutput(logits, x, None, final)
     bar = tqdm(total=pcfg.epochs * steps, initial=start * steps, desc=phase, disable=not progress, dynamic_ncols=True)
     try:
@@ -361,8 +398,11 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             model.train(); _opt_mode(opt, True)
             sums = torch.zeros(4, dtype=torch.float64)
             correct = 0
-            for step, (x, labels) in enumerate(batches(order)):
+            for step, (x, labels, n_global) in enumerate(batches(order)):
+                for g in global_drops: g.global_rows, g.rows = n_global, D.rank_rows(n_global)
                 out = forward(x)
+                if len(labels) == 0:                  # a rank without rows in a short last batch still takes part
+                    opt.zero_grad(set_to_none=True); (out.logits.sum() * 0).backward(); opt.step(); bar.update(1); continue
                 ce = F.cross_entropy(out.logits, labels)
                 div = (feature_diversity_loss(out.maps, out.final_features, out.logits, model.head_weight(), pcfg.beta_div)
                        if pcfg.beta_div else ce.new_zeros(()))
@@ -377,7 +417,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
                                              f"step {step + 1} of {steps}; {kept}; lower {phase if phase in ('dense', 'finetune') else 'the phase'}"
                                              f".lr, or check the cached tokens for NaN")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * (len(labels) * D.world_size() / n_global) if ddp else loss).backward()   # DDP averages over ranks
                 opt.step()
                 n = len(labels)
                 sums += vals * n
@@ -387,6 +427,9 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
                     seen = (step * pcfg.batch_size + n) if step < steps - 1 else len(train_ds)
                     bar.set_postfix(epoch=epoch + 1, loss=f'{sums[0].item() / seen:.3f}', acc=f'{correct / seen:.3f}')
             _opt_mode(opt, False)
+            if ddp:                                   # the epoch's sums over every rank's rows
+                sums = D.all_reduce_sum(sums)
+                correct = int(D.all_reduce_sum(torch.tensor([correct], dtype=torch.float64))[0].item())
             N = len(train_ds)
             row = {'epoch': epoch + 1, 'train_loss': sums[0].item() / N, 'train_ce': sums[1].item() / N,
                    'train_div': sums[2].item() / N, 'train_sparsity': sums[3].item() / N, 'train_acc': correct / N,
@@ -399,7 +442,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             history.append(row)
             log.info("%s epoch %d/%d: %s", phase, epoch + 1, pcfg.epochs,
                      ', '.join(f'{k}={v:.4g}' for k, v in row.items() if isinstance(v, float)))
-            if ckpt_path is not None:
+            if ckpt_path is not None and D.is_main():
                 save_checked({'format': CHECKPOINT_FORMAT, 'phase': phase, 'epoch': epoch + 1,
                                    'model': model.state_dict(), 'optimizer': opt.state_dict(), 'rng': _rng_state(order_gen),
                                    'config': config_to_dict(cfg), 'signature': signature, 'spec': model_spec(model),
@@ -408,6 +451,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             for cb in on_epoch_end: cb({'phase': phase, 'epoch': epoch + 1, 'model': model, 'history': history, 'checkpoint': ckpt_path})
     finally:
         bar.close()
+        undo()
     _opt_mode(opt, False)
     final = _eval_copy(model, pcfg, train_ds, device, cfg.seed).eval()
     final.convergence = convergence(history)
@@ -499,7 +543,7 @@ def train_dense(cfg: RunConfig, train_cache, test_cache=None, run_dir=None, prog
                 on_epoch_end: Sequence[Callable] = (), eval_every: int = 5):
     """Train the dense model on `train_cache`; returns `(model, history)`. With `run_dir`, checkpoints every epoch to
     `run_dir/dense/` (resumed when present), logs to `run_dir/dense/log.csv` and writes `run_dir/dense_model.pt`."""
-    pcfg, device = cfg.dense, get_device(cfg.device)
+    pcfg, device = cfg.dense, D.rank_device(cfg.device)
     signature = _phase_signature(cfg, 'dense', train_cache)
     final_path = Path(run_dir) / 'dense_model.pt' if run_dir is not None else None
     done = _finished(final_path, signature, device)
@@ -510,10 +554,11 @@ def train_dense(cfg: RunConfig, train_cache, test_cache=None, run_dir=None, prog
                          head_dropout=pcfg.head_dropout, grid=tuple(train_cache.grid)).to(device)
     model, history = _train_loop('dense', pcfg, cfg, model, model.parameters(), train_cache, test_cache, run_dir,
                                  signature, progress, on_epoch_end, eval_every, device)
-    if final_path is not None:
+    if final_path is not None and D.is_main():
         save_model(model, final_path, phase='dense', config=config_to_dict(cfg), signature=signature, history=history,
                    convergence=model.convergence,
                    provenance=provenance(seed=cfg.seed, phase='dense'))
+    D.barrier()                                  # the file exists for every rank from here on
     return model, history
 
 # %% ../nbs/04_train.ipynb #c027
@@ -564,7 +609,7 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
     checkpoints go to `run_dir/<phase>/` and the result to `run_dir/<phase>_model.pt`."""
     if train_cache is None: raise ValueError("finetune needs train_cache")
     _check_cache(train_cache)
-    pcfg, device = cfg.finetune, get_device(cfg.device)
+    pcfg, device = cfg.finetune, D.rank_device(cfg.device)
     if qp_result is not None: selection, weight = qp_result.selection, qp_result.weight
     model = copy.deepcopy(model).to(device)
     if head is None:
@@ -588,10 +633,11 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
     params = list(model.adapter.parameters()) + [p for p in model.head.parameters() if p.requires_grad]
     model, history = _train_loop(phase, pcfg, cfg, model, params, train_cache, test_cache, run_dir, signature,
                                  progress, on_epoch_end, eval_every, device)
-    if final_path is not None:
+    if final_path is not None and D.is_main():
         save_model(model, final_path, phase=phase, config=config_to_dict(cfg), signature=signature, history=history,
                    convergence=model.convergence,
                    provenance=provenance(seed=cfg.seed, phase=phase))
+    D.barrier()
     return model, history
 
 def finetune_from_qp(cfg: RunConfig, model: DinoQPMModel, qp_result, train_cache, test_cache=None, run_dir=None,

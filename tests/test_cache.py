@@ -58,8 +58,9 @@ def test_sigkill_mid_chunk_then_resume_gives_identical_arrays(setup, kill_at_cal
     assert r.returncode == -9, r.stderr[-2000:]
     partial = ref.path.relative_to(d / 'ref')
     partial = root / partial.parent / f'{partial.name}.partial'
-    done = json.loads((partial / C.PROGRESS_FILE).read_text())['done']
-    assert done == ((kill_at_call - 1) * 2 // 4) * 4          # only whole flushed chunks count as done
+    chunks = sorted(int(p.name) for p in (partial / C.CHUNKS_DIR).iterdir())
+    assert chunks == list(range((kill_at_call - 1) * 2 // 4))  # only whole flushed chunks count as done
+    done = 4 * len(chunks)
     assert not (partial.parent / ref.path.name).exists()
     res = C.build_feature_cache('SynthBirds', 'train', 'dinov2_test_tiny', cache_root=root, **{**kw, 'batch_size': 3})
     assert res.manifest['extraction']['resumed_at'] == done
@@ -105,7 +106,7 @@ def test_key_follows_weights_and_settings(setup, tmp_path):
         C.build_feature_cache('SynthBirds', 'train', 'dinov2_test_tiny', cache_root=d / 'ref', **{**kw, 'weights_dir': tmp_path / 'none'})
 
 
-def test_concurrent_builder_waits_and_reuses(setup):
+def test_a_second_job_on_the_same_cache_is_refused(setup):
     d, kw, ref = setup
     root = d / 'concurrent'
     slow = KILLER.replace('os.kill(os.getpid(), signal.SIGKILL)', 'None').replace('return orig(self, x)', 'import time; time.sleep(0.15); return orig(self, x)')
@@ -119,9 +120,11 @@ def test_concurrent_builder_waits_and_reuses(setup):
             time.sleep(0.1)
         assert lock is not None
         calls = []
-        fc = C.build_feature_cache('SynthBirds', 'train', 'dinov2_test_tiny', cache_root=root, **kw, on_chunk=lambda a, b: calls.append(a))
-        assert calls == []          # nothing computed here: it waited for the other process and used its cache
+        with pytest.raises(C.RunLockedError, match=f'being built by another job \\(pid {p.pid} on'):
+            C.build_feature_cache('SynthBirds', 'train', 'dinov2_test_tiny', cache_root=root, **kw, on_chunk=lambda a, b: calls.append(a))
+        assert calls == []          # nothing computed, nothing written by the refused job
         assert p.wait(timeout=120) == 0
+        fc = C.build_feature_cache('SynthBirds', 'train', 'dinov2_test_tiny', cache_root=root, **kw)   # afterwards: reused
         same(fc, ref)
     finally:
         if p.poll() is None: p.kill()

@@ -1,0 +1,61 @@
+"""Run by tests/test_distributed.py, with and without `torchrun`: one job of the smoke configuration.
+
+    python dist_worker.py extract CONFIG CACHE_ROOT [KILL_RANK KILL_AFTER_CHUNKS]
+    python dist_worker.py train CONFIG CACHE_ROOT RUN_DIR WRITES_LOG
+
+`extract` builds both caches in small chunks (batch 2, chunk 2) so that both ranks have several; with KILL_RANK the
+process of that rank kills itself (SIGKILL) after KILL_AFTER_CHUNKS of its chunks. `train` runs `dinoqpm train`; every
+rank but 0 records each file it opens for writing, creates, renames or deletes under RUN_DIR into WRITES_LOG.
+"""
+import json, os, signal, sys
+from pathlib import Path
+
+
+def record_writes(under: Path, log_file: Path):
+    "An audit hook: every write-mode open, mkdir, rename, replace or removal of a path under `under`."
+    seen, under = [], str(under.resolve())
+    def hook(event, args):
+        path = None
+        if event == 'open':
+            p, mode, flags = (list(args) + [None, None])[:3]
+            writing = (isinstance(mode, str) and any(c in mode for c in 'wax+')) or \
+                      (isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            path = p if writing else None
+        elif event in ('os.mkdir', 'os.rename', 'os.replace', 'os.remove', 'os.rmdir', 'shutil.rmtree', 'os.truncate'):
+            path = args[0]
+        if isinstance(path, (str, bytes, os.PathLike)) and not isinstance(path, int):
+            p = os.path.abspath(os.fsdecode(path))
+            if p.startswith(under): seen.append(f'{event} {p}')
+    sys.addaudithook(hook)
+    import atexit
+    atexit.register(lambda: log_file.write_text(json.dumps(seen)))
+
+
+def main():
+    cmd, config, cache_root = sys.argv[1], sys.argv[2], sys.argv[3]
+    rank = int(os.environ.get('RANK', 0))
+    if cmd == 'extract':
+        from dinoqpm import distributed as D
+        from dinoqpm.cache import get_feature_cache
+        from dinoqpm.config import load_config
+        D.init_distributed('cpu')
+        cfg = load_config(config)
+        kill = None
+        if len(sys.argv) > 5 and int(sys.argv[4]) == rank:
+            left = [int(sys.argv[5])]
+            def kill(done, total):
+                left[0] -= 1
+                if left[0] <= 0: os.kill(os.getpid(), signal.SIGKILL)
+        for split in ('train', 'test'):
+            get_feature_cache(cfg, split, cache_root=cache_root, progress=False, batch_size=2, chunk_size=2, on_chunk=kill)
+        D.shutdown()
+    elif cmd == 'train':
+        run_dir, writes = Path(sys.argv[4]), Path(sys.argv[5])
+        if rank != 0: record_writes(run_dir, writes)
+        from dinoqpm.cli import main as cli
+        sys.exit(cli(['--log-level', 'WARNING', 'train', '--config', config, '--cache-root', cache_root, '--run-dir',
+                      str(run_dir), '--no-progress']))
+
+
+if __name__ == '__main__':
+    main()
