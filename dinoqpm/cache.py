@@ -401,7 +401,7 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
         workers = _default_workers() if num_workers is None else num_workers
         workers = min(workers, max(0, -(-len(rows) // bs) - 1))   # no loader process for a single batch
         loader = DataLoader(Subset(dataset, rows), batch_size=bs, shuffle=False, num_workers=workers,
-                            pin_memory=dev.type == 'cuda', persistent_workers=False)
+                            pin_memory=dev.type == 'cuda', persistent_workers=workers > 0)
         t0, k_i, in_chunk = time.perf_counter(), 0, 0
         autocast = torch.autocast('cuda', dtype=torch.bfloat16) if prec == 'bf16' else contextlib.nullcontext()
         try:
@@ -439,7 +439,7 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
                     if m.shape != (n, *grid): raise ValueError(f'token_masks gave {m.shape}, expected {(n, *grid)}')
                     with atomic_path(partial / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, m)
             extra = dict(backbone=backbone.info(), provenance=provenance(),
-                         extraction=dict(device=str(dev), precision=prec, processes=D.world_size(), batch_size=bs,
+                         extraction=dict(device=str(dev), precision=prec, processes=D.world_size(), workers=workers, batch_size=bs,
                                          chunk_size=cs, resumed_at=start, seconds=round(seconds, 3),
                                          images_per_s=round((n - start) / max(seconds, 1e-9), 3)))
             _write_manifest(partial, key, grid, dataset.n_classes, getattr(dataset, 'class_names', None) or

@@ -257,8 +257,10 @@ def merge_table1(p: PaperParams, rows=TABLE1_ROWS) -> pd.DataFrame:
             f = cell_file(p, cell, seed)
             if not f.exists(): missing.append(f'method={cell},seed={seed} ({f})'); continue
             d = json.loads(f.read_text())
-            if d.get('params') != dataclasses.asdict(p):
-                diff = {k: (d.get('params', {}).get(k), v) for k, v in dataclasses.asdict(p).items() if d.get('params', {}).get(k) != v}
+            mine = {k: v for k, v in dataclasses.asdict(p).items() if k != 'out_dir'}     # where the table goes is no result
+            theirs = {k: v for k, v in (d.get('params') or {}).items() if k != 'out_dir'}
+            if theirs != mine:
+                diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
                 raise ConfigError(f'{f} was made with other parameters: ' + ', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items()))
             got.update({r['row']: r for r in d['records']})
         recs += [got[r] for r in rows if r in got]
@@ -272,8 +274,8 @@ def run_table1_cells(p: PaperParams, cells, progress=True):
     share), then rank `r` of `N` runs cells `r, r + N, ...`, each as an independent single-process run in its own run
     directory; returns when every rank has finished."""
     from dinoqpm import distributed as D
-    from dinoqpm.pipeline import load_caches
-    if cells: load_caches(paper_config(p, cells[0][1]), progress=progress and D.is_main())   # the caches do not depend on the seed
+    from dinoqpm.pipeline import extract_caches
+    if cells: extract_caches(paper_config(p, cells[0][1]), progress=progress and D.is_main())   # the caches do not depend on the seed
     with D.independently():
         for cell, seed in cells[D.job_rank()::D.job_world_size()]:
             log.info('Table 1 cell %s, seed %d (process %d of %d)', cell, seed, D.job_rank(), D.job_world_size())

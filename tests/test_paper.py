@@ -57,6 +57,38 @@ def test_table1_notebook(shared):
     assert not per_seed['converged'].any() and per_seed['not_converged'].str.contains('epoch').all()
 
 
+def _dinoqpm(*args, cwd):
+    import os
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TQDM_DISABLE='1')
+    return subprocess.run([sys.executable, '-m', 'dinoqpm', '--log-level', 'WARNING', *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_table1_merge_writes_the_same_table_without_training(shared, tmp_path):
+    """`dinoqpm table1 --merge` reads the cells the notebook ran: the same table, byte for byte, and no model file touched."""
+    if not (shared / 'figures' / 'table1.csv').exists(): _run(ROOT / 'nbs' / 'paper' / 'run_table1.ipynb', shared)
+    models = {p: p.stat().st_mtime_ns for p in (shared / 'runs').rglob('*.pt')}
+    r = _dinoqpm('table1', '--merge', '--set', 'mode=smoke', '--set', f'runs_root={shared / "runs"}', '--set',
+                 f'out_dir={tmp_path / "merged"}', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ('table1.csv', 'table1_per_seed.csv', 'table1.md'):
+        assert (tmp_path / 'merged' / f).read_text() == (shared / 'figures' / f).read_text(), f
+    assert {p: p.stat().st_mtime_ns for p in (shared / 'runs').rglob('*.pt')} == models
+
+
+def test_table1_one_cell_then_merge_names_the_missing_cells(tmp_path):
+    args = ('--set', 'mode=smoke', '--set', f'runs_root={tmp_path / "runs"}', '--set', f'out_dir={tmp_path / "fig"}')
+    r = _dinoqpm('table1', '--only', 'method=dense_frozen,seed=0', *args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(p.name for p in (tmp_path / 'runs' / 'SynthBirds' / 'dinov2_test_tiny').iterdir())
+    assert runs == ['dense_frozen']                                         # only that cell's run directory
+    assert not (tmp_path / 'fig').exists()
+    r = _dinoqpm('table1', '--merge', *args, cwd=tmp_path)
+    assert r.returncode == 2 and '3 Table 1 cell(s) are not finished' in r.stderr and 'method=qpm,seed=0' in r.stderr
+    r = _dinoqpm('table1', '--only', 'method=svm', *args, cwd=tmp_path)
+    assert r.returncode == 2 and "unknown method 'svm'" in r.stderr
+
+
 def test_table1_numbers_match_an_independent_computation(shared):
     """The wiring from evaluate to the table files: Accuracy, Plausibility and SID@5 of every row, recomputed here from the
     saved model file's maps and weights with the plain-numpy metrics of tests/reference_metrics.py, equal the per-seed CSV,
