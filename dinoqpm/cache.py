@@ -439,7 +439,8 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
                     if m.shape != (n, *grid): raise ValueError(f'token_masks gave {m.shape}, expected {(n, *grid)}')
                     with atomic_path(partial / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, m)
             extra = dict(backbone=backbone.info(), provenance=provenance(),
-                         extraction=dict(device=str(dev), precision=prec, processes=D.world_size(), workers=workers, batch_size=bs,
+                         extraction=dict(device=str(dev), precision=prec, processes=D.world_size(), threads=torch.get_num_threads(),
+                                         workers=workers, batch_size=bs,
                                          chunk_size=cs, resumed_at=start, seconds=round(seconds, 3),
                                          images_per_s=round((n - start) / max(seconds, 1e-9), 3)))
             _write_manifest(partial, key, grid, dataset.n_classes, getattr(dataset, 'class_names', None) or
