@@ -209,21 +209,23 @@ def dense_readings(cfg: RunConfig, train_cache, test_cache, run_dir=None, qpm_de
     return out
 
 # %% ../nbs/07_baselines.ipynb #c040
-def logistic_regression_check(train_cache, test_cache, C: float = 1.0, max_iter: int = 5000) -> dict:
-    "Test accuracy of a converged scikit-learn logistic regression on the standardised cached CLS tokens (`C`, L-BFGS)."
+def logistic_regression_check(train_cache, test_cache, C: float = 1.0, max_iter: int = 5000, standardise: bool = False) -> dict:
+    """Test accuracy of a converged scikit-learn logistic regression (`C`, L-BFGS) on the cached CLS tokens as the probe
+    reads them, or standardised per feature on the training split (`standardise=True`)."""
     import warnings
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    m = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    m = make_pipeline(*([StandardScaler()] if standardise else []), LogisticRegression(C=C, max_iter=max_iter))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always', ConvergenceWarning)
         m.fit(np.asarray(train_cache.cls, np.float64), np.asarray(train_cache.labels))
     converged = not any(issubclass(x.category, ConvergenceWarning) for x in w)
     acc = float(m.score(np.asarray(test_cache.cls, np.float64), np.asarray(test_cache.labels)))
     return {'accuracy': acc, 'C': C, 'converged': converged, 'n_iter': int(m[-1].n_iter_.max()),
-            'what': f'sklearn LogisticRegression(C={C}) on the standardised cached CLS tokens'}
+            'standardise': standardise,
+            'what': f'sklearn LogisticRegression(C={C}) on the {"standardised " if standardise else ""}cached CLS tokens'}
 
 # %% ../nbs/07_baselines.ipynb #c020
 STAGE_FORMAT = 'dinoqpm-baseline-stage/1'

@@ -342,7 +342,8 @@ def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, ver
         else:
             partial.mkdir(parents=True, exist_ok=True)
             for name, (shape, dtype) in layout.items():
-                np.lib.format.open_memmap(partial / f'{name}.npy', mode='w+', dtype=dtype, shape=shape)._mmap.close()
+                m = np.lib.format.open_memmap(partial / f'{name}.npy', mode='w+', dtype=dtype, shape=shape)   # header + size
+                m.flush(); del m
                 _reserve(partial / f'{name}.npy')
             atomic_write_json(partial / PROGRESS_FILE, state)
         (partial / CHUNKS_DIR).mkdir(exist_ok=True)

@@ -46,7 +46,8 @@ def test_table1_notebook(shared):
     assert 'NOT THE PAPER' in md and 'dinov2_test_tiny' in md and 'QP (DINO-QPM): seed 0: ' in md
     assert 'NOT CONVERGED (converged: over the last 20% of epochs' in md and 'DINO-SLDD seed 0: dense: only 3 epoch(s)' in md
     assert "CLS linear probe: the authors' recipe" in md and '1 seed (0)' in md
-    assert 'Probe check: a converged scikit-learn LogisticRegression (C = 1) on the same standardised cached CLS tokens' in md
+    assert 'Probe check: a converged scikit-learn LogisticRegression (C = 1) on the same cached CLS tokens the probe reads' in md
+    assert 'On the tokens standardised per feature (which the authors\' recipe does not do) it reaches' in md
     assert 'demo' in (fig / 'table1.tex').read_text().lower()
     prov = json.loads((fig / 'table1_provenance.json').read_text())
     assert prov['demo'] is True and prov['seeds'] == [0] and prov['qp'][0]['qp_status'] in ('optimal', 'feasible')
