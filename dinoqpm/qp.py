@@ -488,7 +488,8 @@ class QPResult:
         "One line for tables: `'certified (gap 0.36% <= 0.50%, 0.2s, highs, optimal)'` or `'not certified (gap 1.20% > 0.50%, ...)'`."
         gap = f'{100 * self.gap:.2f}%' if np.isfinite(self.gap) else 'unknown'
         what = f'gap {gap} <= {100 * self.mip_gap:.2f}%' if self.certified else f'gap {gap} > {100 * self.mip_gap:.2f}%'
-        return f"{'certified' if self.certified else 'not certified'} ({what}, {self.seconds:.1f}s, {self.solver}, {self.status})"
+        secs = f'{self.seconds:.1f}s' if self.seconds >= 1 else f'{self.seconds:.3f}s'       # a root-LP certificate takes ms
+        return f"{'certified' if self.certified else 'not certified'} ({what}, {secs}, {self.solver}, {self.status})"
 
     def summary(self) -> str:
         return (f'{self.status}: objective {self.objective:.4f} (z_a {self.z_a:.4f}, z_r {self.z_r:.4f}), bound {self.bound:.4f}, '

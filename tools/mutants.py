@@ -42,6 +42,8 @@ MUTANTS = {
                              "int(val == said), cert if visible else 1", [f'{NB}[01a_synthbirds]', 'tests/test_data.py']),
     'hidden_parts_certain': ('01a_synthbirds', 'synthbirds', "int(visible and val == said), cert if visible else 1",
                              "int(visible and val == said), cert", [f'{NB}[01a_synthbirds]', 'tests/test_data.py']),
+    'probe_undertrained': ('11_paper', 'paper', "QUICK_STEPS = {'probe': 7520,", "QUICK_STEPS = {'probe': 150,",
+                           ['tests/test_trust.py::test_probe_matches_a_converged_logistic_regression']),
     'recompute_bn_default_on': ('00a_config', 'config', "    recompute_bn: bool = False", "    recompute_bn: bool = True",
                                 [f'{NB}[00a_config]', f'{NB}[11_paper]']),
     'bn_recompute_in_stored_order': ('04_train', 'train', "             if shuffle else None)", "             if False else None)",
