@@ -115,7 +115,8 @@ def main():
             walls[name] = round(time.perf_counter() - t, 2)
         same = lambda a: all((tmp / f'procs{a}' / f.relative_to(tmp / 'procs2')).read_bytes() == f.read_bytes()
                              for f in (tmp / 'procs2').rglob('*.npy'))
-        res['processes'] = {'wall_seconds': {'1 process, 2 threads': walls['1'], '2 processes, 1 thread each': walls['2']},
+        res['processes'] = {'wall_seconds': {'1 process, 2 threads': walls['1'], '2 processes, 1 thread each': walls['2'],
+                                             '1 process, 1 thread': walls['1_thread1']},
                             'two_over_one': round(walls['2'] / walls['1'], 3),
                             'identical_to_1_process_1_thread': same('1_thread1'),
                             'identical_to_1_process_2_threads': same('1'),

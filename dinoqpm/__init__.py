@@ -7,6 +7,9 @@ __version__ = "0.1.0"
 __all__ = []
 
 # %% ../nbs/00b_package.ipynb #c003
+__doc__ = ("DINO-QPM, reproduced: a globally interpretable classifier on a frozen DINOv2 backbone. Modules by name "
+           "(dinoqpm.data, dinoqpm.qp, ...); dinoqpm.load_pretrained loads an exported model.")   # nbdev puts __version__ first
+
 def __getattr__(name):
     "Top-level names resolved on first use: `dinoqpm.load_pretrained` (from `dinoqpm.export`)."
     if name == 'load_pretrained':
