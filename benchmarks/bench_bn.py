@@ -64,7 +64,7 @@ def main():
         base = demo_config(seed=seed, **({'data.root': args.data_root} if args.data_root else {}))
         train_c, test_c = load_caches(base, progress=False)
         rec = {'seed': seed}
-        dense, _ = train_dense(base, train_c, test_c, runs / f'seed{seed}' / 'off', progress=False)
+        dense, dense_history = train_dense(base, train_c, test_c, runs / f"seed{seed}" / "off", progress=False)
         rec['bias'] = variance_bias(dense, train_c, seed)
         for mode in ('off', 'on'):
             cfg = update_config(base, {'dense.recompute_bn': mode == 'on', 'finetune.recompute_bn': mode == 'on'})
@@ -74,7 +74,7 @@ def main():
                 if not dense_path.exists():
                     on = recompute_bn_stats(copy.deepcopy(dense), TokenDataset(train_c), batch_size=max(cfg.dense.batch_size, 128),
                                             seed=seed)
-                    save_model(on, dense_path, phase='dense', history=dense.history)
+                    save_model(on, dense_path, phase='dense', history=dense_history)
                 dm = load_model(dense_path)
             else: dense_path, dm = d / 'dense_model.pt', dense
             qp = solve_qp_once(cfg, dense_path, train_c, d / 'qp')
