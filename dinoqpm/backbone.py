@@ -167,7 +167,7 @@ class FrozenBackbone(nn.Module):
             with torch.no_grad(): h, w = model.forward_features(torch.zeros(1, 3, img_size, img_size)).shape[-2:]
             self.grid = (int(h), int(w))
         self.channels_last = False
-        self.set_channels_last(not spec.is_vit)   # CNNs: NHWC convolutions (1.6-1.9x faster on the CPU, see below)
+        self.set_channels_last(not spec.is_vit)   # CNNs: NHWC convolutions (1.5-1.8x faster on the CPU, see below)
         self.requires_grad_(False)
         super().train(False)
 

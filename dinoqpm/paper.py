@@ -21,8 +21,8 @@ __all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_
            'TABLE1_CELLS', 'CELL_OF_ROW', 'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params', 'steps_to_epochs',
            'paper_config', 'row_run_dir', 'run_table1_seed', 'parse_cells', 'table1_cells', 'cell_file',
            'run_table1_cell', 'merge_table1', 'run_table1_cells', 'run_table1', 'run_backbone', 'is_demo', 'row_notes',
-           'table1_notes', 'write_table1', 'FigureData', 'figure_data', 'pick_examples', 'class_label', 'figure_style',
-           'cover_figure', 'sharing_pairs', 'class_comparison_figure', 'assignment_overview_figure',
+           'table1_notes', 'write_table1', 'FigureData', 'figure_data', 'pick_examples', 'class_label', 'model_style',
+           'figure_style', 'cover_figure', 'sharing_pairs', 'class_comparison_figure', 'assignment_overview_figure',
            'params_from_namespace']
 
 # %% ../nbs/11_paper.ipynb #c005
@@ -411,6 +411,7 @@ class FigureData:
     dataset: object          # the test split (images), aligned with the cache by image id
     index_of_id: dict        # image id -> dataset index
     qp: object
+    style: object            # the model's FeatureStyle: colours from its head, map levels over its training maps
 
     def image(self, k: int):
         "The PIL image of test-cache row `k`."
@@ -431,7 +432,8 @@ def figure_data(p: PaperParams, seed: Optional[int] = None, progress=True) -> Fi
     qpm = load_model(out['model'])
     ds = load_dataset(cfg.data.dataset, 'test', root=cfg.data.root, **dataset_kwargs(cfg))
     return FigureData(cfg, qpm, probe, extract_features(qpm, caches[1], with_maps=True), extract_features(probe, caches[1]),
-                      caches[1], ds, {int(s.image_id): i for i, s in enumerate(ds.samples)}, out['qp'])
+                      caches[1], ds, {int(s.image_id): i for i, s in enumerate(ds.samples)}, out['qp'],
+                      model_style(qpm, caches[0], progress=progress))
 
 # %% ../nbs/11_paper.ipynb #c015
 def pick_examples(d: FigureData, n: int = 1, classes=None) -> list:
@@ -462,10 +464,17 @@ def _axis_image(ax, img, title=None):
     for s in ax.spines.values(): s.set_visible(False)
     if title: ax.set_title(title, fontsize=7)
 
-def figure_style(d: FigureData):
-    "The `FeatureStyle` of the figures: the model's colours, map levels over the test maps."
+def model_style(model, train_cache, progress: bool = False):
+    """The `FeatureStyle` a model is drawn with everywhere — the figures, the exported explorer and its card: colours
+    from its head, map levels over its maps on the training split (a property of the model, not of the images shown)."""
     from dinoqpm.render import feature_style
-    return feature_style(d.qpm.head_weight().detach().cpu().numpy(), d.test['maps'])
+    from dinoqpm.train import extract_features
+    maps = extract_features(model, train_cache, with_maps=True, progress=progress)['maps']
+    return feature_style(model.head_weight().detach().cpu().numpy(), maps)
+
+def figure_style(d: FigureData):
+    "The `FeatureStyle` of the figures: `model_style` of DINO-QPM, the style of its explorer."
+    return d.style
 
 def _place(fig, x, y, w, h, img=None, frame=True):
     "An axes at `x, y, w, h` inches (from the bottom left) showing `img`, with a thin frame."

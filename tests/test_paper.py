@@ -131,6 +131,22 @@ def test_figure_notebooks(shared, name, files):
         for ext in ('png', 'pdf'):
             assert (shared / 'figures' / f'{f}.{ext}').stat().st_size > 2000, f'{f}.{ext}'
 
+def test_figures_draw_every_feature_as_the_explorer_does(shared):
+    "One style per model: the figures' colours and map levels are the exported explorer's (its card), feature by feature."
+    from dinoqpm.export import export_model
+    from dinoqpm.paper import figure_data, figure_style, paper_params, row_run_dir
+    p = paper_params(mode='smoke', runs_root=str(shared / 'runs'), out_dir=str(shared / 'figures'))
+    d = figure_data(p, progress=False)
+    style = figure_style(d)
+    card = json.loads((export_model(row_run_dir(p, d.cfg, 'qpm'), shared / 'style_export', explorer=False, progress=False)
+                       / 'explanation.json').read_text())
+    assert [f['position'] for f in card['features']] == list(range(len(style)))
+    assert [f['color'] for f in card['features']] == list(style.colors)
+    for f in card['features']:
+        assert (f['levels']['lo'], f['levels']['hi']) == pytest.approx((style.lo[f['position']], style.hi[f['position']]), abs=1e-9)
+    assert len(set(style.hi)) > 1                                           # levels per feature, not one scale
+
+
 def test_misspelt_parameter_fails(tmp_path):
     with pytest.raises(pm.PapermillExecutionError, match='sed'):
         _run(ROOT / 'nbs' / 'paper' / 'run_table1.ipynb', tmp_path, sed=3)
