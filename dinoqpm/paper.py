@@ -465,8 +465,9 @@ def _axis_image(ax, img, title=None):
     if title: ax.set_title(title, fontsize=7)
 
 def model_style(model, train_cache, progress: bool = False):
-    """The `FeatureStyle` a model is drawn with everywhere — the figures, the exported explorer and its card: colours
-    from its head, map levels over its maps on the training split (a property of the model, not of the images shown)."""
+    """The `FeatureStyle` of a model: colours from its head, map levels over its maps on the training split (a property
+    of the model, not of the images shown). `dinoqpm.export` draws the explorer and writes the card with the same style
+    from the same maps; `tests/test_paper.py` compares the two feature by feature."""
     from dinoqpm.render import feature_style
     from dinoqpm.train import extract_features
     maps = extract_features(model, train_cache, with_maps=True, progress=progress)['maps']
