@@ -131,18 +131,13 @@ register_backbone(BackboneSpec(
     patch_size=32, embed_dim=1280, is_paper_backbone=False, default_img_size=448,
     description='DEMO STAND-IN, not DINOv2: ImageNet-1k EfficientNet-Lite0; its final 1280-d feature map (14x14 at 448 px) '
                 'stands in for patch tokens and its global average pool for the CLS token'))
-register_backbone(BackboneSpec(
-    name='dinov2_test_tiny', family='dinov2', timm_arch='vit_small_patch14_reg4_dinov2',
-    weights_file='dinov2_test_tiny_pretrain.pth', published_at='nowhere: written by dinoqpm.backbone.make_test_checkpoint',
-    patch_size=14, embed_dim=32, n_registers=4, is_paper_backbone=False,
-    timm_kwargs=(('embed_dim', 32), ('depth', 2), ('num_heads', 2)),
-    description='TEST MODEL, random weights: a 2-block, 32-wide DINOv2 with 4 registers', for_tests=True))
-register_backbone(BackboneSpec(
-    name='dinov3_test_tiny', family='dinov3', timm_arch='vit_small_patch16_dinov3',
-    weights_file='dinov3_test_tiny_pretrain.pth', published_at='nowhere: written by dinoqpm.backbone.make_test_checkpoint',
-    patch_size=16, embed_dim=32, n_registers=4, is_paper_backbone=False,
-    timm_kwargs=(('embed_dim', 32), ('depth', 2), ('num_heads', 2)),
-    description='TEST MODEL, random weights: a 2-block, 32-wide DINOv3 with 4 registers', for_tests=True))
+for _fam, _arch, _patch in [('dinov2', 'vit_small_patch14_reg4_dinov2', 14), ('dinov3', 'vit_small_patch16_dinov3', 16)]:
+    register_backbone(BackboneSpec(
+        name=f'{_fam}_test_tiny', family=_fam, timm_arch=_arch, weights_file=f'{_fam}_test_tiny_pretrain.pth',
+        published_at='nowhere: written by dinoqpm.backbone.make_test_checkpoint',
+        patch_size=_patch, embed_dim=32, n_registers=4, is_paper_backbone=False,
+        timm_kwargs=(('embed_dim', 32), ('depth', 2), ('num_heads', 2)),
+        description=f'TEST MODEL, random weights: a 2-block, 32-wide DINOv{_fam[-1]} with 4 registers', for_tests=True))
 
 # %% ../nbs/02_backbone.ipynb #c009
 class TokenOutput(NamedTuple):

@@ -196,7 +196,6 @@ def scan_folder(root, test_fraction: float = 0.2, split_seed: int = 0, progress:
                 imgs = _walk_images(d / c, root, skipped)
                 if not imgs: problems.append(f'class folder {d / c} has no images')
                 for r in imgs: files[r], fixed[r] = c, s
-                all_found[r] = c
             skipped += [p.relative_to(root).as_posix() for p in d.iterdir() if p.is_file() and not p.name.startswith('.')]
         class_names = names['train']
         extra = sorted(set(names['test']) - set(class_names))

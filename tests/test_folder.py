@@ -140,6 +140,8 @@ def _case_no_test(t):
     (d / 'test' / 'a').mkdir(parents=True)
     shutil.copy(d / 'train' / 'a' / '0.png', d / 'test' / 'a' / '0.png')
     return d
+def _case_empty_first_split_class(t):
+    d = _case_no_test(t); shutil.copytree(d / 'train' / 'b', d / 'test' / 'b'); (d / 'train' / '0empty').mkdir(); return d
 def _case_no_train(t):
     d = _case_no_test(t); shutil.copytree(d / 'train' / 'b', d / 'test' / 'b'); shutil.copytree(d / 'test' / 'a', d / 'test' / 'c')
     return d
@@ -148,7 +150,7 @@ def _case_orphan_mask(t): d = _case_bad_mask(t); Image.new('L', (32, 24)).save(d
 def _case_case_only(t): d = _bad(t, 'caseonly'); shutil.copytree(d / 'a', d / 'A'); return d
 
 BAD = [(_case_missing, 'is not a folder'), (_case_one_class, 'single class folder'), (_case_corrupt, 'a/x.jpg'),
-       (_case_empty_class, 'has no images'), (_case_bad_mask, 'masks/a/1.png is 30x24'),
+       (_case_empty_class, 'has no images'), (_case_empty_first_split_class, 'train/0empty has no images'), (_case_bad_mask, 'masks/a/1.png is 30x24'),
        (_case_bad_split, 'line 2: a/9.png is not an image'), (_case_bad_split_name, 'split must be train or test'),
        (_case_empty_root, 'no class folders'), (_case_no_test, 'b: 3 train, 0 test image(s)'),
        (_case_no_train, 'classes without a folder in'), (_case_missing_mask, 'b/2.png (expected'),
