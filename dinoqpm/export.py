@@ -69,6 +69,7 @@ def _portable_config(cfg: RunConfig) -> dict:
     d = config_to_dict(cfg)
     d['data']['root'] = None
     d['backbone']['weights_dir'] = None
+    d['backbone']['weights_file'] = None               # a path on the training machine; config.json's backbone names the file
     return d
 
 def _backbone_record(cfg: RunConfig, train_cache) -> dict:
@@ -78,7 +79,7 @@ def _backbone_record(cfg: RunConfig, train_cache) -> dict:
     from dinoqpm.cache import weights_fingerprint
     spec = get_backbone_spec(cfg.backbone.name)
     rec = ((getattr(train_cache, 'manifest', None) or {}).get('key') or {}).get('weights')
-    path = weights_path(cfg.backbone.name, cfg.backbone.weights_dir)
+    path = weights_path(cfg.backbone.name, cfg.backbone.weights_dir, cfg.backbone.weights_file)
     here = weights_fingerprint(path) if path.is_file() else None
     if rec is None:
         if here is None: raise FileNotFoundError(f'backbone weights {path} not found and the feature cache records none: cannot record the weights SHA-256')
@@ -180,7 +181,7 @@ def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n
     W = model.head_weight().detach().cpu().numpy()
     C, J = W.shape
     sel = model.selection.cpu().numpy()
-    names = json.loads(files['names'].read_text()) if files['names'].is_file() else list(test_cache.class_names)
+    names = _read_json(files['names'], 'the class names') if files['names'].is_file() else list(test_cache.class_names)
     if len(names) != C: raise ExportError(f'{files["names"]} names {len(names)} classes, the model has {C}')
     tr = extract_features(model, train_cache, with_maps=True, progress=progress)
     te = extract_features(model, test_cache, with_maps=True, progress=progress)
@@ -261,7 +262,7 @@ def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n
         classes.append({'index': c, 'name': names[c], 'label': class_label(names[c]), 'features': [int(sel[j]) for j in feats],
                         'n_test': int(len(mine)), 'test_accuracy': float((p_te[mine] == c).mean()) if len(mine) else None,
                         'examples': examples, 'compare': rep})
-    results = json.loads(files['results'].read_text())
+    results = _read_json(files['results'], 'the run results')
     qp = QPResult.load(files['qp'])
     spec = get_backbone_spec(cfg.backbone.name)
     ck = _load(files['model'], 'model file')
@@ -431,7 +432,8 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
     recorded one. No pickle is read."""
     from safetensors.torch import load as load_safetensors
     from dinoqpm.adapter import model_from_spec
-    from dinoqpm.backbone import create_backbone, weights_path
+    from dinoqpm.backbone import create_backbone, get_backbone_spec, weights_path
+    from dinoqpm.core import weights_dir as default_weights_dir
     from dinoqpm.cache import weights_fingerprint
     from dinoqpm.data import make_transform
     p = Path(path)
@@ -451,7 +453,8 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
     model = model_from_spec(config['model']['spec'], {**state, **config['model']['state']}).to(device).eval()
     cfg = config_from_dict(RunConfig, config['run_config'])
     bb = config['backbone']
-    wp = weights_path(bb['name'], weights_dir)
+    own_file = get_backbone_spec(bb['name']).weights_file is None     # timm:<model>: the run named its file; look for it by name
+    wp = default_weights_dir(weights_dir) / bb['weights_file'] if own_file else weights_path(bb['name'], weights_dir)
     if not wp.is_file():
         raise FileNotFoundError(f"backbone weights {wp} not found: {p / CONFIG_FILE} needs {bb['weights_file']} (SHA-256 "
                                 f"{bb['weights_sha256']}); put it there, or pass its folder as weights_dir / --weights-dir")
@@ -459,7 +462,8 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
     if got != bb['weights_sha256']:
         raise ExportError(f"backbone weights {wp} have SHA-256 {got}, but {p / CONFIG_FILE} records {bb['weights_sha256']}: "
                           f"not the weights this model was trained on; pass the right file's folder as weights_dir / --weights-dir")
-    backbone = create_backbone(bb['name'], weights_dir=wp.parent, img_size=config['preprocessing']['img_size']).to(device)
+    backbone = create_backbone(bb['name'], weights_dir=wp.parent, weights_file=wp if own_file else None,
+                               img_size=config['preprocessing']['img_size']).to(device)
     pre = config['preprocessing']
     names_file = p / NAMES_FILE
     names = _read_json(names_file, 'the class names') if names_file.is_file() else None
@@ -470,7 +474,11 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
 class PretrainedModel(Predictor):
     "An exported DINO-QPM model with its frozen backbone and explanation card, ready to predict and explain image files."
     def __init__(self, path, device='auto', weights_dir=None):
-        super().__init__(path, device=device, weights_dir=weights_dir)
+        p = Path(path)
+        if not is_exported(p):
+            raise FileNotFoundError(f'{p} is not an exported dinoqpm model (no {MODEL_FILE} and {CONFIG_FILE} in it); '
+                                    f'write one with `dinoqpm export --model-path RUN --out {p}`')
+        super().__init__(p, device=device, weights_dir=weights_dir)
         from dinoqpm.render import FeatureStyle
         self.card = self.export.card
         self.style = FeatureStyle.from_dict(self.card['style']) if self.card else None
@@ -479,9 +487,9 @@ class PretrainedModel(Predictor):
     def explain(self, image, size: int = 224) -> dict:
         """Predict one image (a PIL image or a file) and explain it: the predicted class, its confidence, its features
         (ids and colours) and `picture`, those features drawn on the greyed image as in the explorer (`[S, S, 3]` uint8)."""
+        from dinoqpm.data import open_rgb
         from dinoqpm.render import local_explanation
-        if not isinstance(image, Image.Image):
-            with Image.open(image) as im: im.load(); image = im.convert('RGB')
+        if not isinstance(image, Image.Image): image = open_rgb(image)
         out = self.predict(self.transform(image)[None])
         prob = torch.softmax(out.logits.float(), 1)[0].cpu()
         c = int(prob.argmax())
@@ -495,8 +503,4 @@ class PretrainedModel(Predictor):
 def load_pretrained(path, device='auto', weights_dir=None) -> PretrainedModel:
     """A model exported by `export_model` (or `dinoqpm export`), ready to predict and explain new images; the backbone
     weights come from the user's weights folder and must have the recorded SHA-256. Available as `dinoqpm.load_pretrained`."""
-    p = Path(path)
-    if not is_exported(p):
-        raise FileNotFoundError(f'{p} is not an exported dinoqpm model (no {MODEL_FILE} and {CONFIG_FILE} in it); '
-                                f'write one with `dinoqpm export --model-path RUN --out {p}`')
-    return PretrainedModel(p, device=device, weights_dir=weights_dir)
+    return PretrainedModel(path, device=device, weights_dir=weights_dir)

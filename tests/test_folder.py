@@ -218,3 +218,9 @@ def test_timm_backbone_from_a_file_on_my_images(world):
     assert res['backbone'] == 'timm:vit_tiny_patch16_224' and res['paper_backbone'] is False and 'Plausibility' in res
     cache = [p for p in (t / 'cache' / 'folder').iterdir()]
     assert 'timm-vit_tiny_patch16_224' in {p.name for p in cache}
+    # shared and loaded elsewhere: the backbone file is found by its recorded name in the receiver's weights folder
+    from dinoqpm.export import export_model, load_pretrained
+    out = export_model(run, t / 'shared_timm', cache_root=t / 'cache', n_prototypes=1, n_examples=1, explorer=False, progress=False)
+    assert json.loads((out / 'config.json').read_text())['backbone']['weights_file'] == f.name
+    img = next(p for p in (mine / 'test').rglob('*') if p.is_file())
+    assert load_pretrained(out, weights_dir=t).explain(img)['class_name'] in json.loads((run / 'class_names.json').read_text())
