@@ -354,7 +354,7 @@ def run_baseline(cfg: RunConfig, name: str, run_dir=None, *, runs_root=None, cac
                  progress: bool = True, caches: Optional[tuple] = None, dense_model=None, **recipe) -> BaselineResult:
     """Train (if needed) and evaluate the Table 1 row `name` (one of `BASELINES`) on the cached features of `cfg`;
     `recipe` goes to the row's function (epochs, `glm`, `schedule`, ...). Returns its `BaselineResult`."""
-    from dinoqpm.pipeline import default_run_dir, init_run_dir, load_caches, run_dir_lock, validate_run_config
+    from dinoqpm.pipeline import default_run_dir, init_run_dir, run_dir_lock, validate_run_config
     if name not in BASELINES: raise ConfigError(f"unknown baseline {name!r}; expected one of {BASELINES}")
     if caches is None: validate_run_config(cfg, eval_mode)             # before anything is written
     run_dir = Path(run_dir or default_run_dir(cfg, name, runs_root))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
 import torch
-from .core import (data_root, atomic_write_bytes, atomic_write_json, atomic_path, get_device, provenance, UserError,
+from .core import (data_root, atomic_write_bytes, atomic_write_json, atomic_path, provenance, UserError,
                           DiskSpaceError, RunLockedError)
 from . import distributed as D
 from .backbone import FrozenBackbone, create_backbone, get_backbone_spec, weights_path, _missing_weights_error
@@ -385,9 +385,9 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
     state = dict(key_hash=key_hash(key) if key else None, n=n, grid=list(grid), embed_dim=dim, device=dev.type,
                  batch_size=batch_size, chunk_size=chunk_size, done=0, precision=prec)
     verdict, lock = _shared_verdict(lambda: _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify))
-    if verdict[0] == 'ready':
+    if verdict[0] == 'ready':                                  # rank 0 has just verified it (with `verify`) under the lock
         lock.close()
-        return open_feature_cache(folder, key, verify)
+        return open_feature_cache(folder, key, 'quick')
     with lock:
         state = verdict[1]
         bs, cs = state['batch_size'], state['chunk_size']

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00c_distributed.ipynb #c002
 from __future__ import annotations
-import contextlib, logging, os
+import contextlib, datetime, logging, os
 from dataclasses import dataclass
 from typing import Optional
 import numpy as np
@@ -82,7 +82,10 @@ def init_distributed(device='auto') -> DistInfo:
     if launched() and not dist.is_initialized():
         cuda = get_device(device).type == 'cuda'
         if cuda: torch.cuda.set_device(_env_int('LOCAL_RANK', 0))
-        dist.init_process_group('nccl' if cuda else 'gloo')
+        # rank 0 alone verifies caches, evaluates and solves the QP while the others wait in a collective: allow hours,
+        # not NCCL's default 10 minutes (DINOQPM_DIST_TIMEOUT_MIN overrides)
+        timeout = datetime.timedelta(minutes=float(os.environ.get('DINOQPM_DIST_TIMEOUT_MIN', 360)))
+        dist.init_process_group('nccl' if cuda else 'gloo', timeout=timeout)
         if dist.get_rank() != 0:
             for h in logging.getLogger().handlers: h.addFilter(_RankFilter())
         log.info('torch.distributed: %d processes (%s)', dist.get_world_size(), dist.get_backend())

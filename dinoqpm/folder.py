@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_folder.ipynb #c003
 from __future__ import annotations
-import csv, hashlib, json, logging, os, shutil
+import csv, hashlib, logging, os, shutil
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path

@@ -4,12 +4,12 @@
 
 # %% ../nbs/09_pipeline.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, errno, fcntl, hashlib, json, logging, math, os, shutil, socket, sys, time
+import contextlib, datetime, errno, fcntl, hashlib, json, logging, math, os, socket, sys, time
 from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import atomic_path, atomic_write_json, json_safe, runs_dir, CorruptFileError, RunLockedError, MissingFileError
+from .core import atomic_path, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS, FINETUNE_DEFAULTS,
                             ConfigError, config_to_dict, config_from_dict, config_diff)
 from dataclasses import replace
@@ -123,7 +123,7 @@ def validate_run_config(cfg: RunConfig, eval_mode='all') -> dict:
     from dinoqpm.config import check_config
     from dinoqpm.adapter import check_adapter_config
     from dinoqpm.backbone import get_backbone_spec, check_weights
-    from dinoqpm.data import DATASETS, DatasetError, load_dataset, make_transform
+    from dinoqpm.data import DATASETS, load_dataset, make_transform
     from dinoqpm.evaluate import resolve_eval_mode
     from dinoqpm.qp import require_solver
     check_config(cfg)
