@@ -11,7 +11,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from .core import atomic_write_text, repo_root, provenance
+from .core import atomic_write_text, repo_root, provenance, CorruptFileError
 from .config import (RunConfig, ConfigError, config_to_dict, demo_config, update_config)
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,10 @@ def merge_table1(p: PaperParams, rows=TABLE1_ROWS) -> pd.DataFrame:
         for cell in dict.fromkeys(CELL_OF_ROW[r] for r in rows):
             f = cell_file(p, cell, seed)
             if not f.exists(): missing.append(f'method={cell},seed={seed} ({f})'); continue
-            d = json.loads(f.read_text())
+            try: d = json.loads(f.read_text()); d['records']
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CorruptFileError(f'{f} is damaged ({type(e).__name__}: {e}); delete it and run its cell again: '
+                                       f'dinoqpm table1 --only method={cell},seed={seed}') from None
             mine = {k: v for k, v in dataclasses.asdict(p).items() if k != 'out_dir'}     # where the table goes is no result
             theirs = {k: v for k, v in (d.get('params') or {}).items() if k != 'out_dir'}
             if theirs != mine:
@@ -358,7 +361,7 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
                f'reaches {100 * pr["lr_check_accuracy"].iloc[0]:.1f}% test accuracy; the CLS probe is ')
         far = pr[gap < -PROBE_CHECK_POINTS]
         line = chk + ((f'within {PROBE_CHECK_POINTS} points of it or above it in every seed ({", ".join(f"{g:+.1f}" for g in gap)}).') if not len(far) else
-                      'MORE THAN 3 POINTS BELOW IT in seed(s) ' + ', '.join(f'{int(r.seed)} ({100 * (r.Accuracy - r.lr_check_accuracy):+.1f})' for r in far.itertuples()) + '.')
+                      f'MORE THAN {PROBE_CHECK_POINTS} POINTS BELOW IT in seed(s) ' + ', '.join(f'{int(r.seed)} ({100 * (r.Accuracy - r.lr_check_accuracy):+.1f})' for r in far.itertuples()) + '.')
         if 'lr_check_std_accuracy' in pr and pr['lr_check_std_accuracy'].notna().all():
             g2 = 100 * (pr['Accuracy'] - pr['lr_check_std_accuracy'])
             line += (f' On the tokens standardised per feature (which the authors\' recipe does not do) it reaches '

@@ -88,6 +88,11 @@ def test_table1_one_cell_then_merge_names_the_missing_cells(tmp_path):
     assert r.returncode == 2 and '3 Table 1 cell(s) are not finished' in r.stderr and 'method=qpm,seed=0' in r.stderr
     r = _dinoqpm('table1', '--only', 'method=svm', *args, cwd=tmp_path)
     assert r.returncode == 2 and "unknown method 'svm'" in r.stderr
+    cell = next((tmp_path / 'runs').rglob('table1_dense_frozen.json'))
+    cell.write_text('{"params": ')                                          # a truncated cell file
+    r = _dinoqpm('table1', '--merge', *args, cwd=tmp_path)
+    assert r.returncode == 2 and f'{cell} is damaged' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    assert '--only method=dense_frozen,seed=0' in r.stderr
 
 
 def test_table1_numbers_match_an_independent_computation(shared):
