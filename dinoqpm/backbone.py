@@ -85,7 +85,10 @@ def timm_backbone_spec(arch: str) -> BackboneSpec:
     if not timm.is_model(arch):
         close = timm.list_models(f'*{arch.split("_")[0]}*')[:8]
         raise ConfigError(f"unknown timm model {arch!r} (backbone.name=timm:{arch}); similar names: {', '.join(close) or 'none'}")
-    with torch.device('meta'): m = timm.create_model(arch, pretrained=False, num_classes=0)
+    try:
+        with torch.device('meta'): m = timm.create_model(arch, pretrained=False, num_classes=0)
+    except Exception as e:
+        raise ConfigError(f'timm cannot build {arch!r} (backbone.name=timm:{arch}): {type(e).__name__}: {e}') from None
     cfg = getattr(m, 'pretrained_cfg', {}) or {}
     size = int((cfg.get('input_size') or (3, 224, 224))[-1])
     if hasattr(m, 'patch_embed') and hasattr(m, 'num_prefix_tokens'):
@@ -94,6 +97,10 @@ def timm_backbone_spec(arch: str) -> BackboneSpec:
         spec = dict(vit=True, patch_size=int(p[0] if isinstance(p, (tuple, list)) else p), embed_dim=int(m.num_features),
                     n_registers=int(m.num_prefix_tokens) - int(has_cls), has_cls=has_cls)
     else:
+        fmt = str(getattr(m, 'output_fmt', 'NCHW')).rsplit('.', 1)[-1].upper()
+        if fmt != 'NCHW':                                          # Swin, MambaOut, ...: channels last, read wrongly as NCHW
+            raise ConfigError(f"timm model {arch!r} (backbone.name=timm:{arch}) gives {fmt} feature maps; supported are "
+                              'ViT-style models (patch tokens) and CNNs with NCHW feature maps')
         info = getattr(m, 'feature_info', None)
         red = info[-1]['reduction'] if info else 32
         spec = dict(vit=False, patch_size=int(red), embed_dim=int(m.num_features))
