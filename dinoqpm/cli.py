@@ -128,16 +128,14 @@ def cmd_extract(args) -> dict:
     return {split: str(c.path) for split, c in zip(('train', 'test'), caches)}
 
 def _paper_params(items):
-    "`--set name=value` of `dinoqpm table1` as `PaperParams` (booleans from true/false)."
+    "`--set name=value` of `dinoqpm table1` as `PaperParams` (booleans as in `train --set`: true/false, yes/no, on/off, 1/0)."
     import dataclasses
+    from dinoqpm.config import _coerce
     from dinoqpm.paper import PaperParams, paper_params
     kinds = {f.name: f.type for f in dataclasses.fields(PaperParams)}
     kw = {}
     for k, v in parse_overrides(items).items():
-        if kinds.get(k) in (bool, 'bool'):
-            if v.lower() not in ('true', 'false', '1', '0'): raise ConfigError(f'--set {k}={v}: expected true or false')
-            v = v.lower() in ('true', '1')
-        kw[k] = v
+        kw[k] = _coerce(v, bool, f'--set {k}') if kinds.get(k) in (bool, 'bool') else v     # as `train --set` reads them
     return paper_params(**kw)
 
 def cmd_table1(args) -> dict:

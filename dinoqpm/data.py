@@ -18,10 +18,10 @@ from .core import data_root, UserError
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DATASETS', 'IMAGENET_STATS', 'DATASET_STATS', 'PREPROCESSING', 'DatasetError', 'Sample', 'dilate_mask',
-           'resize_mask_uint8', 'resize_mask_to_grid', 'open_rgb', 'ImageDataset', 'locate_archive', 'CUB2011Dataset',
-           'StanfordCarsDataset', 'ensure_synthbirds', 'SynthBirdsDataset', 'load_dataset', 'Preprocess',
-           'make_transform', 'compute_mean_std']
+__all__ = ['log', 'DATASETS', 'IMAGE_EXTENSIONS', 'IMAGENET_STATS', 'DATASET_STATS', 'PREPROCESSING', 'DatasetError', 'Sample',
+           'dilate_mask', 'resize_mask_uint8', 'resize_mask_to_grid', 'open_rgb', 'ImageDataset', 'locate_archive',
+           'CUB2011Dataset', 'StanfordCarsDataset', 'ensure_synthbirds', 'SynthBirdsDataset', 'load_dataset',
+           'Preprocess', 'make_transform', 'compute_mean_std']
 
 # %% ../nbs/01_data.ipynb #c005
 DATASETS = ('CUB2011', 'StanfordCars', 'SynthBirds', 'folder')   # folder: your own images (dinoqpm.folder)
@@ -98,6 +98,8 @@ def resize_mask_to_grid(mask_uint8: np.ndarray, grid, dilate: bool = False) -> n
     return dilate_mask(out) if dilate else out
 
 # %% ../nbs/01_data.ipynb #c033
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')   # the image files the package reads
+
 def open_rgb(path) -> Image.Image:
     "The image at `path` as an 8-bit RGB `PIL.Image` (16/32-bit and float greyscale scaled, not clipped)."
     with Image.open(path) as im:

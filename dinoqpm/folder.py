@@ -13,17 +13,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 from .core import atomic_path
-from .data import DatasetError, ImageDataset, Sample
+from .data import DatasetError, ImageDataset, Sample, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'IMAGE_EXTENSIONS', 'RESERVED_DIRS', 'SPLIT_FILE', 'MASKS_DIR', 'image_size', 'stratified_split',
-           'read_split_file', 'FolderLayout', 'write_split_file', 'scan_folder', 'FolderDataset',
-           'export_cub_as_folder']
+__all__ = ['log', 'RESERVED_DIRS', 'SPLIT_FILE', 'MASKS_DIR', 'image_size', 'stratified_split', 'read_split_file', 'FolderLayout',
+           'write_split_file', 'scan_folder', 'FolderDataset', 'export_cub_as_folder']
 
 # %% ../nbs/01b_folder.ipynb #c006
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 RESERVED_DIRS = ('masks', 'dinoqpm_cache')
 SPLIT_FILE = 'split.csv'
 MASKS_DIR = 'masks'

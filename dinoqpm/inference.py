@@ -13,17 +13,16 @@ from tqdm.auto import tqdm
 
 from .core import atomic_path, atomic_write_json, get_device, provenance, CorruptFileError, MissingFileError
 from .config import ConfigError
-from .data import open_rgb
+from .data import open_rgb, IMAGE_EXTENSIONS
 from .pipeline import find_run_config
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'IMAGE_EXTENSIONS', 'MAX_VIZ_SIDE', 'MODEL_FILES', 'resolve_model_path', 'find_images', 'Predictor',
-           'save_explanations', 'run_inference']
+__all__ = ['log', 'MAX_VIZ_SIDE', 'MODEL_FILES', 'resolve_model_path', 'find_images', 'Predictor', 'save_explanations',
+           'run_inference']
 
 # %% ../nbs/09a_inference.ipynb #c005
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')
 MAX_VIZ_SIDE = 1024      # explanation pictures are drawn on the image shrunk to at most this many pixels per side
 MODEL_FILES = {'finetune': 'finetune_model.pt', 'dense': 'dense_model.pt'}
 
