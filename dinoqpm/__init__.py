@@ -7,6 +7,9 @@ __version__ = "0.1.0"
 __all__ = []
 
 # %% ../nbs/00b_package.ipynb #c003
+from .numerics import pin_numerics as _pin_numerics
+_pin_numerics()      # before anything imports torch: the same bits on every CPU of the kind (see dinoqpm.numerics)
+
 __doc__ = ("DINO-QPM, reproduced: a globally interpretable classifier on a frozen DINOv2 backbone. Modules by name "
            "(dinoqpm.data, dinoqpm.qp, ...); dinoqpm.load_pretrained loads an exported model.")   # nbdev puts __version__ first
 

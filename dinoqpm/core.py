@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 
 # %% auto #0
-__all__ = ['ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGHTS', 'DEFAULT_RUNS', 'CHECKSUM_KEY', 'UserError',
-           'CorruptFileError', 'MissingFileError', 'DiskSpaceError', 'RunLockedError', 'describe_os_error', 'data_root',
-           'weights_dir', 'runs_dir', 'repo_root', 'atomic_path', 'atomic_write_bytes', 'atomic_write_text',
-           'json_safe', 'atomic_write_json', 'atomic_torch_save', 'content_digest', 'save_checked', 'load_checked',
-           'seed_everything', 'get_device', 'setup_logging', 'git_commit', 'package_versions', 'provenance']
+__all__ = ['ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGHTS', 'DEFAULT_RUNS', 'CHECKSUM_KEY',
+           'JOB_OUTPUTS', 'UserError', 'CorruptFileError', 'MissingFileError', 'DiskSpaceError', 'RunLockedError',
+           'describe_os_error', 'data_root', 'weights_dir', 'runs_dir', 'repo_root', 'atomic_path',
+           'atomic_write_bytes', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_torch_save',
+           'content_digest', 'save_checked', 'load_checked', 'seed_everything', 'get_device', 'setup_logging',
+           'git_state', 'git_commit', 'package_versions', 'provenance']
 
 # %% ../nbs/00_core.ipynb #c019
 class UserError(Exception):
@@ -207,16 +208,26 @@ def setup_logging(level='INFO'):
 # %% ../nbs/00_core.ipynb #c016
 _PKGS = ('torch', 'torchvision', 'timm', 'numpy', 'scipy', 'sklearn', 'mip', 'highspy', 'schedulefree', 'PIL')
 
-def git_commit(root=None) -> str:
-    "The checkout's commit hash, with `+dirty` when tracked files differ; `'unknown'` outside a git checkout."
+JOB_OUTPUTS = ('figures/', 'benchmarks/results/')   # what the package's own jobs write into the checkout
+
+def git_state(root=None) -> dict:
+    """`{'commit', 'dirty'}`: the checkout's commit hash and the tracked files that differ from it, leaving out the outputs
+    the package's own jobs write (`JOB_OUTPUTS`: a job that rewrites its table is still made by that commit's code);
+    `{'commit': 'unknown', 'dirty': []}` outside a git checkout."""
     try: root = root or repo_root()
-    except FileNotFoundError: return 'unknown'
+    except FileNotFoundError: return {'commit': 'unknown', 'dirty': []}
     try:
         h = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10)
-        if h.returncode: return 'unknown'
+        if h.returncode: return {'commit': 'unknown', 'dirty': []}
         d = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True, timeout=10)
-        return h.stdout.strip() + ('+dirty' if d.stdout.strip() else '')
-    except (OSError, subprocess.SubprocessError): return 'unknown'
+    except (OSError, subprocess.SubprocessError): return {'commit': 'unknown', 'dirty': []}
+    paths = [line[3:].split(' -> ')[-1].strip('"') for line in d.stdout.splitlines() if line.strip()]
+    return {'commit': h.stdout.strip(), 'dirty': sorted(p for p in paths if not p.startswith(JOB_OUTPUTS))}
+
+def git_commit(root=None) -> str:
+    "The checkout's commit hash, with `+dirty` when tracked source files differ (`git_state`); `'unknown'` outside git."
+    st = git_state(root)
+    return st['commit'] + ('+dirty' if st['dirty'] else '')
 
 def package_versions() -> dict:
     "Versions of python, dinoqpm and the numerical stack (`None` for a package that is not installed)."
@@ -232,5 +243,9 @@ def package_versions() -> dict:
     return out
 
 def provenance(**extra) -> dict:
-    "A provenance record: versions, git commit, platform, plus anything passed in (seed, config, backbone, ...)."
-    return {'versions': package_versions(), 'git_commit': git_commit(), 'platform': platform.platform(), **extra}
+    """A provenance record: versions, git commit and the tracked source files that differ from it, platform, the numerics
+    (`dinoqpm.numerics.numerics_record`), plus anything passed in (seed, config, backbone, ...)."""
+    from dinoqpm.numerics import numerics_record
+    st = git_state()
+    return {'versions': package_versions(), 'git_commit': st['commit'] + ('+dirty' if st['dirty'] else ''),
+            'git_dirty': st['dirty'], 'platform': platform.platform(), 'numerics': numerics_record(), **extra}

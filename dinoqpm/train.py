@@ -6,6 +6,7 @@
 from __future__ import annotations
 import copy, hashlib, logging, math, os, random, time, zlib
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 import numpy as np
@@ -23,11 +24,12 @@ from .losses import feature_diversity_loss, sparsity_loss
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'CONVERGENCE_RTOL', 'CONVERGENCE_ATOL',
-           'CONVERGENCE_MIN_EPOCHS', 'CONVERGENCE_CRITERION', 'make_token_data', 'TokenDataset', 'derive_seed',
-           'epoch_order', 'iter_batches', 'make_optimizer', 'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError',
-           'cache_fingerprint', 'state_fingerprint', 'convergence', 'convergence_info', 'save_model', 'load_model',
-           'train_dense', 'extract_features', 'compute_feature_stats', 'finetune', 'finetune_from_qp']
+__all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'CHECKPOINT_SECONDS', 'CONVERGENCE_RULE',
+           'CONVERGENCE_CRITERION', 'make_token_data', 'TokenDataset', 'derive_seed', 'epoch_order', 'iter_batches',
+           'make_optimizer', 'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'cache_fingerprint',
+           'state_fingerprint', 'checkpoint_interval', 'ConvergenceRule', 'criterion_series', 'stop_epoch',
+           'convergence', 'convergence_info', 'save_model', 'load_model', 'train_dense', 'extract_features',
+           'compute_feature_stats', 'finetune', 'finetune_from_qp']
 
 # %% ../nbs/04_train.ipynb #c005
 def make_token_data(n: int = 200, grid=(4, 4), dim: int = 32, n_classes: int = 4, signal: float = 4.0, seed: int = 0,
@@ -284,13 +286,25 @@ def _load(path, what: str) -> dict:
     return ck
 
 # %% ../nbs/04_train.ipynb #c021
-LOG_COLUMNS = ('epoch', 'train_loss', 'train_ce', 'train_div', 'train_sparsity', 'train_acc', 'test_loss', 'test_acc', 'seconds')
+LOG_COLUMNS = ('epoch', 'step', 'train_loss', 'train_ce', 'train_div', 'train_sparsity', 'train_acc', 'test_loss', 'test_acc', 'seconds')
+
+def _log_line(row) -> str:
+    return ','.join('' if row.get(c) is None else (f'{row[c]:.6g}' if isinstance(row[c], float) else str(row[c])) for c in LOG_COLUMNS)
 
 def _write_log(path, history):
-    lines = [','.join(LOG_COLUMNS)]
-    for row in history:
-        lines.append(','.join('' if row.get(c) is None else (f'{row[c]:.6g}' if isinstance(row[c], float) else str(row[c])) for c in LOG_COLUMNS))
-    atomic_write_text(path, '\n'.join(lines) + '\n')
+    "Rewrite `log.csv` from `history` (atomically): at the start of a phase, or on resuming from its checkpoint."
+    atomic_write_text(path, '\n'.join([','.join(LOG_COLUMNS), *map(_log_line, history)]) + '\n')
+
+def _append_log(path, row):
+    "Append one epoch's line to `log.csv` (a line cut by a kill is dropped when the resumed run rewrites the log)."
+    with open(path, 'a') as f: f.write(_log_line(row) + '\n')
+
+CHECKPOINT_SECONDS = 30.0   # a checkpoint at most this often (and at the end of the phase); DINOQPM_CHECKPOINT_SECONDS
+
+def checkpoint_interval() -> float:
+    "Seconds between checkpoints: `DINOQPM_CHECKPOINT_SECONDS`, else `CHECKPOINT_SECONDS` (0: after every epoch)."
+    raw = os.environ.get('DINOQPM_CHECKPOINT_SECONDS')
+    return float(raw) if raw not in (None, '') else CHECKPOINT_SECONDS
 
 def _eval_copy(model, pcfg, train_ds, device, seed: int = 0):
     "The model to evaluate / keep: a copy with BN statistics recomputed for the current (averaged) weights, if asked."
@@ -361,6 +375,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
         _set_rng_state(ck['rng'])
         history, start = list(ck['history']), int(ck['epoch'])
         log.info("%s: resuming from %s after epoch %d of %d", phase, ckpt_path, start, pcfg.epochs)
+    if log_path is not None and D.is_main(): _write_log(log_path, history)       # drops lines written after the checkpoint
     steps = math.ceil(len(train_ds) / pcfg.batch_size)
     pooled = _pooled_only(model, pcfg)
     if pooled:                                  # identity adapter, no map loss: f is fixed, train the head on it
@@ -389,9 +404,16 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
         if not pooled: return (net or model)(x, train_ds.grid)
         logits, final = (net or model.head)(x)
         return ModelOutput(logits, x, None, final)
+    stopping = pcfg.stop_at_convergence
+    stopped = stopping and stop_epoch(history) is not None         # a resumed phase that had already stopped
+    def save_checkpoint(epoch, order_gen):
+        save_checked({'format': CHECKPOINT_FORMAT, 'phase': phase, 'epoch': epoch, 'model': model.state_dict(),
+                      'optimizer': opt.state_dict(), 'rng': _rng_state(order_gen), 'config': config_to_dict(cfg),
+                      'signature': signature, 'spec': model_spec(model), 'history': history}, ckpt_path)
+    interval, last_save, saved_epoch = checkpoint_interval(), time.monotonic(), start
     bar = tqdm(total=pcfg.epochs * steps, initial=start * steps, desc=phase, disable=not progress, dynamic_ncols=True)
     try:
-        for epoch in range(start, pcfg.epochs):
+        for epoch in range(start, pcfg.epochs if not stopped else start):
             t0 = time.time()
             order, order_gen = epoch_order(len(train_ds), cfg.seed, phase, epoch)
             torch.manual_seed(derive_seed(cfg.seed, phase, 'torch', epoch))
@@ -431,38 +453,56 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
                 sums = D.all_reduce_sum(sums)
                 correct = int(D.all_reduce_sum(torch.tensor([correct], dtype=torch.float64))[0].item())
             N = len(train_ds)
-            row = {'epoch': epoch + 1, 'train_loss': sums[0].item() / N, 'train_ce': sums[1].item() / N,
+            row = {'epoch': epoch + 1, 'step': (epoch + 1) * steps, 'train_loss': sums[0].item() / N, 'train_ce': sums[1].item() / N,
                    'train_div': sums[2].item() / N, 'train_sparsity': sums[3].item() / N, 'train_acc': correct / N,
                    'test_loss': None, 'test_acc': None}
-            if test_ds is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == pcfg.epochs):
+            history.append(row)
+            stopped = stopping and stop_epoch(history) == epoch + 1
+            if test_ds is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == pcfg.epochs or stopped):
                 r = (_pooled_accuracy(model, f_test, y_test) if pooled else
                      eval_accuracy(_eval_copy(model, pcfg, train_ds, device, cfg.seed), test_ds, device=device))
                 row.update(test_loss=r['loss'], test_acc=r['acc'])
             row['seconds'] = time.time() - t0
-            history.append(row)
             log.info("%s epoch %d/%d: %s", phase, epoch + 1, pcfg.epochs,
                      ', '.join(f'{k}={v:.4g}' for k, v in row.items() if isinstance(v, float)))
             if ckpt_path is not None and D.is_main():
-                save_checked({'format': CHECKPOINT_FORMAT, 'phase': phase, 'epoch': epoch + 1,
-                                   'model': model.state_dict(), 'optimizer': opt.state_dict(), 'rng': _rng_state(order_gen),
-                                   'config': config_to_dict(cfg), 'signature': signature, 'spec': model_spec(model),
-                                   'history': history}, ckpt_path)
-                _write_log(log_path, history)
-            for cb in on_epoch_end: cb({'phase': phase, 'epoch': epoch + 1, 'model': model, 'history': history, 'checkpoint': ckpt_path})
+                _append_log(log_path, row)
+                if stopped or epoch + 1 == pcfg.epochs or time.monotonic() - last_save >= interval:
+                    save_checkpoint(epoch + 1, order_gen)
+                    last_save, saved_epoch = time.monotonic(), epoch + 1
+            for cb in on_epoch_end: cb({'phase': phase, 'epoch': epoch + 1, 'model': model, 'history': history,
+                                        'checkpoint': ckpt_path if saved_epoch == epoch + 1 else None})
+            if stopped:
+                log.info('%s: %s', phase, convergence(history, budget_epochs=pcfg.epochs, stop_at_convergence=True)['stop'])
+                bar.update((pcfg.epochs - epoch - 1) * steps)
+                break
     finally:
         bar.close()
         undo()
     _opt_mode(opt, False)
     final = _eval_copy(model, pcfg, train_ds, device, cfg.seed).eval()
-    final.convergence = convergence(history)
+    final.convergence = convergence(history, budget_epochs=pcfg.epochs, stop_at_convergence=stopping)
     if not final.convergence['converged']: log.warning('%s: not converged (%s)', phase, final.convergence['reason'])
     return final, history
 
 # %% ../nbs/04_train.ipynb #c042
-CONVERGENCE_RTOL, CONVERGENCE_ATOL, CONVERGENCE_MIN_EPOCHS = 0.05, 0.01, 5
-CONVERGENCE_CRITERION = (f'converged: over the last 20% of epochs, the least-squares trend of the epoch train loss changes it by at most '
-                         f'max({CONVERGENCE_RTOL:.0%} of the loss magnitude |CE|+|L_div|+|sparsity|, {CONVERGENCE_ATOL}) plus two '
-                         f'standard errors (at least {CONVERGENCE_MIN_EPOCHS} epochs)')
+@dataclass(frozen=True)
+class ConvergenceRule:
+    "When a phase counts as converged and, with `stop_at_convergence`, stops (see above; the numbers are validated there)."
+    window: float = 0.1           # the window: this share of the epochs run so far ...
+    min_window_steps: int = 50    # ... but at least this many optimizer steps (whole epochs)
+    rtol: float = 0.01            # the loss may fall from one window to the next by at most this share of its magnitude ...
+    atol: float = 0.01            # ... or by this much, whichever is larger
+    patience: int = 5             # consecutive epochs at whose end the criterion must hold
+    min_steps: int = 300          # no stop before this many optimizer steps
+
+    def describe(self) -> str:
+        return (f'the mean epoch train loss of the last {self.window:.0%} of epochs (at least {self.min_window_steps} steps) '
+                f'is at most max({self.rtol:.1%} of its magnitude |CE|+|L_div|+|sparsity|, {self.atol}) below that of the '
+                f'window before, at the end of {self.patience} consecutive epochs (a stop needs at least {self.min_steps} steps)')
+
+CONVERGENCE_RULE = ConvergenceRule()
+CONVERGENCE_CRITERION = f'converged: {CONVERGENCE_RULE.describe()}'
 
 def _magnitude(row: dict) -> float:
     "The size of a history row's loss: the sum of its terms' absolute values (the total's if the terms are not logged)."
@@ -470,31 +510,74 @@ def _magnitude(row: dict) -> float:
     if all(v is None for v in parts): return abs(row['train_loss'])
     return sum(abs(v) for v in parts if v is not None)
 
-def convergence(history: Sequence[dict], rtol: float = CONVERGENCE_RTOL, atol: float = CONVERGENCE_ATOL,
-                min_epochs: int = CONVERGENCE_MIN_EPOCHS) -> dict:
-    """The convergence record of a phase from its per-epoch `history` (see `CONVERGENCE_CRITERION`): `epochs`,
-    `final_train_loss`, `final_train_ce`, `final_train_acc`, `loss_rel_change` (with `loss_rel_change_se`), `converged`
-    and, if not, `reason`."""
+def _cumulative_steps(history) -> np.ndarray:
+    "Optimizer steps after each epoch (`step` of the rows; a history without it counts one step per epoch)."
+    return np.array([r.get('step') or i + 1 for i, r in enumerate(history)], dtype=np.int64)
+
+def criterion_series(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE) -> dict:
+    """The rule judged after every epoch `t = 1..T` from the first `t` rows alone (so a resumed run judges as an
+    uninterrupted one): arrays `window` (epochs), `judged`, `holds`, `improvement` (previous window's mean loss minus
+    the last one's), `scale` (the last window's mean magnitude), `streak` (consecutive epochs it held) and `steps`."""
+    T = len(history)
+    loss = np.array([r['train_loss'] for r in history], dtype=np.float64)
+    mag = np.array([_magnitude(r) for r in history], dtype=np.float64)
+    steps = _cumulative_steps(history)
+    t = np.arange(1, T + 1)
+    per_epoch = max(1.0, float(steps[-1]) / T) if T else 1.0
+    w = np.maximum(np.ceil(rule.min_window_steps / per_epoch), np.ceil(rule.window * t)).astype(np.int64)
+    judged = (2 * w <= t) & np.isfinite(loss)
+    cl, cm = np.concatenate([[0.], np.cumsum(loss)]), np.concatenate([[0.], np.cumsum(mag)])
+    ws = np.where(judged, w, 1)
+    cur = (cl[t] - cl[t - ws]) / ws
+    prev = np.where(judged, (cl[np.maximum(t - ws, 0)] - cl[np.maximum(t - 2 * ws, 0)]) / ws, np.nan)
+    scale = (cm[t] - cm[t - ws]) / ws
+    improvement = np.where(judged, prev - cur, np.nan)
+    holds = judged & (improvement <= np.maximum(rule.rtol * scale, rule.atol))
+    streak = np.zeros(T, dtype=np.int64)
+    for i in range(T): streak[i] = (streak[i - 1] + 1 if i else 1) if holds[i] else 0
+    return {'window': w, 'judged': judged, 'holds': holds, 'improvement': improvement, 'scale': scale, 'streak': streak,
+            'steps': steps}
+
+def stop_epoch(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE) -> Optional[int]:
+    "The epoch (1-based) after which a phase with `stop_at_convergence` stops, or `None` if the rule never fires."
+    if not history: return None
+    s = criterion_series(history, rule)
+    fire = np.nonzero((s['streak'] >= rule.patience) & (s['steps'] >= rule.min_steps))[0]
+    return int(fire[0]) + 1 if len(fire) else None
+
+def convergence(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE, budget_epochs: Optional[int] = None,
+                stop_at_convergence: bool = False) -> dict:
+    """The convergence record of a phase from its per-epoch `history`: `epochs`, `steps`, `budget_epochs`,
+    `budget_steps`, the final train loss, cross-entropy and accuracy, `loss_rel_change` (the last window's fall, relative
+    to the loss's magnitude; > 0 while it falls), `converged` (the rule held at the end of the last `patience` epochs)
+    and, if not, `reason`; `stopped_at_convergence` and `stop` (where and why it stopped)."""
     n = len(history)
     last = history[-1] if n else {}
-    out = {'epochs': n, 'final_train_loss': last.get('train_loss'), 'final_train_ce': last.get('train_ce'),
-           'final_train_acc': last.get('train_acc'), 'loss_rel_change': None, 'loss_rel_change_se': None, 'converged': False,
-           'criterion': CONVERGENCE_CRITERION}
-    if n < min_epochs: return {**out, 'reason': f'only {n} epoch(s); at least {min_epochs} are needed to judge convergence'}
-    m = max(3, round(0.2 * n))
-    tail = history[-m:]
-    loss, e = np.array([r['train_loss'] for r in tail], dtype=np.float64), np.arange(m, dtype=np.float64)
-    e0 = e - e.mean()
-    slope = float((e0 * (loss - loss.mean())).sum() / (e0 ** 2).sum())
-    resid = loss - loss.mean() - slope * e0
-    se_slope = float(np.sqrt((resid ** 2).sum() / max(m - 2, 1) / (e0 ** 2).sum()))
-    change, se = -slope * m, se_slope * m                                # change > 0: the loss still falls
-    scale = float(np.mean([_magnitude(r) for r in tail]))
-    out.update(loss_rel_change=change / max(scale, 1e-12), loss_rel_change_se=se / max(scale, 1e-12))
-    if abs(change) <= max(rtol * scale, atol) + 2 * se: return {**out, 'converged': True}
-    how = 'still falling' if change > 0 else 'rising'
-    return {**out, 'reason': f'train loss {how}: its trend moves it by {change:+.4g} (± {se:.2g}) over the last 20% of steps, '
-                             f'{100 * out["loss_rel_change"]:+.1f}% of its magnitude {scale:.3g} ({n} epochs)'}
+    steps = int(_cumulative_steps(history)[-1]) if n else 0
+    budget_steps = None if budget_epochs is None or not n else int(round(steps / n * budget_epochs))
+    out = {'epochs': n, 'steps': steps, 'budget_epochs': budget_epochs, 'budget_steps': budget_steps,
+           'final_train_loss': last.get('train_loss'), 'final_train_ce': last.get('train_ce'),
+           'final_train_acc': last.get('train_acc'), 'loss_rel_change': None, 'converged': False,
+           'stop_at_convergence': bool(stop_at_convergence), 'stopped_at_convergence': False, 'criterion': CONVERGENCE_CRITERION}
+    if not n: return {**out, 'reason': 'no epoch was trained'}
+    s = criterion_series(history, rule)
+    if s['judged'][-1]: out['loss_rel_change'] = float(s['improvement'][-1] / max(s['scale'][-1], 1e-12))
+    stopped = stop_at_convergence and stop_epoch(history, rule) == n and (budget_epochs is None or n < budget_epochs)
+    of = f' of {budget_steps:,}' if budget_steps else ''
+    if stopped:
+        out.update(stopped_at_convergence=True, stop=f'stopped at convergence after {steps:,}{of} steps (epoch {n}'
+                                                         + (f' of {budget_epochs})' if budget_epochs else ')'))
+    else: out['stop'] = f'trained the whole budget: {steps:,}{of} steps ({n} epochs)'
+    if s['streak'][-1] >= rule.patience: return {**out, 'converged': True}
+    w = int(s['window'][-1])
+    if not s['judged'][-1]:
+        why = f'only {n} epoch(s): the rule compares two windows of {w} epochs, and must hold for {rule.patience} epochs'
+    elif not s['holds'][-1]:
+        imp = float(s['improvement'][-1])
+        why = (f'train loss still falling: the last {w} epochs lowered its mean by {imp:.4g}, {100 * out["loss_rel_change"]:.1f}% '
+               f'of its magnitude {s["scale"][-1]:.3g} (at most {rule.rtol:.1%} or {rule.atol} counts as converged; {n} epochs)')
+    else: why = f'the criterion held for the last {int(s["streak"][-1])} epoch(s) only; it must hold for {rule.patience}'
+    return {**out, 'reason': why}
 
 def convergence_info(phases: dict) -> dict:
     "`{'convergence': {phase: record}, 'converged': every phase converged}` for a result JSON (`phases`: `{phase: record}`)."
@@ -519,8 +602,13 @@ def load_model(path, device='cpu') -> DinoQPMModel:
     ck = _load(path, 'model file')
     model = model_from_spec(ck['spec'], ck['model']).to(get_device(device)).eval()
     model.history, model.run_config = ck.get('history', []), ck.get('config')
-    model.convergence = convergence(model.history)                  # judged by the current criterion
+    model.convergence = _judged(model.history, ck.get('convergence'))
     return model
+
+def _judged(history, saved: Optional[dict]) -> dict:
+    "A saved phase's convergence record judged by the current rule, with the budget and stop setting it recorded."
+    saved = saved if isinstance(saved, dict) else {}
+    return convergence(history, budget_epochs=saved.get('budget_epochs'), stop_at_convergence=bool(saved.get('stop_at_convergence')))
 
 def _finished(path, signature, device):
     if path is None or not Path(path).exists(): return None
@@ -529,7 +617,7 @@ def _finished(path, signature, device):
     log.info("%s exists: returning it without training", path)
     model = model_from_spec(ck['spec'], ck['model']).to(device).eval()
     model.history = ck.get('history', [])
-    model.convergence = convergence(model.history)                  # judged by the current criterion
+    model.convergence = _judged(model.history, ck.get('convergence'))
     return model, model.history
 
 def _phase_signature(cfg: RunConfig, phase_key: str, train_cache, **extra) -> dict:
