@@ -107,8 +107,12 @@ def train_config(args) -> RunConfig:
     `--set`, then `--seed`."""
     cfg = demo_config() if args.demo else RunConfig()
     if args.config: cfg = load_config(args.config, base=cfg)
-    if getattr(args, 'data', None):
-        cfg = update_config(cfg, {'data.dataset': 'folder', 'data.root': str(Path(args.data).expanduser().resolve())})
+    if getattr(args, 'data', None):                 # your own images: every phase stops at convergence
+        cfg = update_config(cfg, {'data.dataset': 'folder', 'data.root': str(Path(args.data).expanduser().resolve()),
+                                  'dense.stop_at_convergence': True, 'finetune.stop_at_convergence': True})
+        if args.demo:                               # the demo's caps in optimizer steps, whatever the folder's size
+            from dinoqpm.paper import quick_budget
+            cfg = quick_budget(cfg)
     cfg = update_config(cfg, parse_overrides(args.overrides))
     if args.seed is not None: cfg = update_config(cfg, {'seed': args.seed})
     return cfg

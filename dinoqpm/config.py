@@ -261,15 +261,16 @@ def load_config(path, base=None):
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
 
 def demo_config(**overrides) -> RunConfig:
-    """The quick embedded demo: SynthBirds, EfficientNet-Lite0 (not DINOv2), a small adapter, the paper's recipes; the
-    epochs make 4,700 dense and 2,000 finetune optimizer steps on the default SynthBirds (295 training images), enough
-    to converge (see `dinoqpm.paper.QUICK_STEPS`)."""
+    """The quick embedded demo: SynthBirds, EfficientNet-Lite0 at output stride 16 (not DINOv2; 320-d tokens on a 14x14
+    grid at 224 px), a small adapter, the paper's recipes, every phase stopped at convergence; the epochs are the caps,
+    4,700 dense and 2,000 finetune optimizer steps on the default SynthBirds (295 training images; see
+    `dinoqpm.paper.QUICK_STEPS`). How the demo was chosen: `benchmarks/results/table1.json`."""
     cfg = RunConfig(
         seed=0,
-        data=DataConfig(dataset='SynthBirds', preprocessing='paper', img_size=448),
-        backbone=BackboneConfig(name='efficientnet_lite0'),
-        adapter=AdapterConfig(n_layers=2, hidden=256, n_features=64),
-        dense=replace(DENSE_DEFAULTS, epochs=470),
-        finetune=replace(FINETUNE_DEFAULTS, epochs=106),
+        data=DataConfig(dataset='SynthBirds', preprocessing='paper', img_size=224),
+        backbone=BackboneConfig(name='efficientnet_lite0_os16'),
+        adapter=AdapterConfig(n_layers=2, hidden=128, n_features=64),
+        dense=replace(DENSE_DEFAULTS, epochs=470, stop_at_convergence=True),
+        finetune=replace(FINETUNE_DEFAULTS, epochs=106, stop_at_convergence=True),
         qp=QPConfig(n_select=20, n_per_class=5, time_limit=60.0))
     return update_config(cfg, overrides) if overrides else cfg

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
            'TABLE1_CELLS', 'CELL_OF_ROW', 'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params', 'steps_to_epochs',
-           'paper_config', 'row_run_dir', 'run_table1_seed', 'parse_cells', 'table1_cells', 'cell_file',
+           'paper_config', 'quick_budget', 'row_run_dir', 'run_table1_seed', 'parse_cells', 'table1_cells', 'cell_file',
            'run_table1_cell', 'merge_table1', 'run_table1_cells', 'run_table1', 'run_backbone', 'is_demo', 'row_notes',
            'table1_notes', 'write_table1', 'FigureData', 'figure_data', 'pick_examples', 'class_label', 'model_style',
            'figure_style', 'cover_figure', 'sharing_pairs', 'class_comparison_figure', 'assignment_overview_figure',
@@ -32,7 +32,7 @@ PAPER_DATASETS = ('SynthBirds', 'CUB2011', 'StanfordCars')
 @dataclass(frozen=True)
 class PaperParams:
     dataset: str = 'SynthBirds'    # SynthBirds (embedded demo) | CUB2011 | StanfordCars
-    backbone: str = ''             # '' = efficientnet_lite0 for SynthBirds, dinov2_vitb14_reg4 otherwise
+    backbone: str = ''             # '' = efficientnet_lite0_os16 for SynthBirds, dinov2_vitb14_reg4 otherwise
     data_root: str = ''            # '' = $DINOQPM_DATA or ~/tmp/Datasets
     weights_dir: str = ''          # '' = $DINOQPM_WEIGHTS or ~/tmp/model_weights
     runs_root: str = ''            # '' = <repo>/runs/paper/<mode>
@@ -55,7 +55,7 @@ class PaperParams:
     def seed_list(self) -> list: return [int(s) for s in str(self.seeds).split(',') if s.strip()]
     @property
     def backbone_name(self) -> str:
-        return self.backbone or ('efficientnet_lite0' if self.dataset == 'SynthBirds' else 'dinov2_vitb14_reg4')
+        return self.backbone or ('efficientnet_lite0_os16' if self.dataset == 'SynthBirds' else 'dinov2_vitb14_reg4')
     @property
     def runs_path(self) -> Path:
         return Path(self.runs_root).expanduser() if self.runs_root else repo_root() / 'runs' / 'paper' / self.mode
@@ -112,16 +112,20 @@ def paper_config(p: PaperParams, seed: int) -> RunConfig:
         data.update({'backbone.weights_dir': wd, 'data.root': p.data_root or str(p.runs_path / 'data')})
         if p.backbone: data['backbone.name'] = p.backbone
         else: del data['backbone.name']
-    if p.backbone_name.startswith('dinov2') and p.mode != 'smoke':
-        data['data.img_size'] = 224                               # 16x16 patch grid, as in the paper
+    if p.mode != 'smoke':          # the backbone's own input size: 224 px for DINOv2 (a 16x16 grid, as in the paper)
+        from dinoqpm.backbone import get_backbone_spec
+        data['data.img_size'] = get_backbone_spec(p.backbone_name).default_img_size
     if p.dataset != 'SynthBirds':
         data.update({'data.synth_classes': None, 'data.synth_images_per_class': None, 'data.synth_img_size': None})
     cfg = update_config(cfg, data)
-    if p.mode == 'quick':
-        n = _n_train(cfg)
-        cfg = update_config(cfg, {'dense.epochs': steps_to_epochs(QUICK_STEPS['dense'], n, cfg.dense.batch_size),
-                                  'finetune.epochs': steps_to_epochs(QUICK_STEPS['finetune'], n, cfg.finetune.batch_size)})
-    return cfg
+    return quick_budget(cfg) if p.mode == 'quick' else cfg
+
+def quick_budget(cfg: RunConfig) -> RunConfig:
+    """`cfg` with the dense and finetune epochs that make quick mode's `QUICK_STEPS` optimizer steps on its training
+    split: the caps of a demo run (`dinoqpm train --demo --data FOLDER` too), whatever the dataset's size."""
+    n = _n_train(cfg)
+    return update_config(cfg, {'dense.epochs': steps_to_epochs(QUICK_STEPS['dense'], n, cfg.dense.batch_size),
+                               'finetune.epochs': steps_to_epochs(QUICK_STEPS['finetune'], n, cfg.finetune.batch_size)})
 
 # %% ../nbs/11_paper.ipynb #c011
 TABLE1_ROWS = ('linear_probe', 'dense_frozen', 'dense_qpm', 'sldd', 'qsenn', 'qpm')

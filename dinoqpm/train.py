@@ -6,7 +6,7 @@
 from __future__ import annotations
 import copy, hashlib, logging, math, os, random, time, zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 import numpy as np
@@ -489,17 +489,21 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
 @dataclass(frozen=True)
 class ConvergenceRule:
     "When a phase counts as converged and, with `stop_at_convergence`, stops (see above; the numbers are validated there)."
+    monitor: str = 'train_ce'     # the history column judged: the classification loss (or 'train_loss', the whole objective)
     window: float = 0.1           # the window: this share of the epochs run so far ...
     min_window_steps: int = 50    # ... but at least this many optimizer steps (whole epochs)
-    rtol: float = 0.01            # the loss may fall from one window to the next by at most this share of its magnitude ...
+    rtol: float = 0.05            # from one window to the next it may fall by at most this share of its size ...
     atol: float = 0.01            # ... or by this much, whichever is larger
-    patience: int = 5             # consecutive epochs at whose end the criterion must hold
+    patience: float = 0.1         # it must have held at the end of every epoch of the last such share of the epochs ...
+    min_patience_steps: int = 100 # ... and of at least this many steps
     min_steps: int = 300          # no stop before this many optimizer steps
 
     def describe(self) -> str:
-        return (f'the mean epoch train loss of the last {self.window:.0%} of epochs (at least {self.min_window_steps} steps) '
-                f'is at most max({self.rtol:.1%} of its magnitude |CE|+|L_div|+|sparsity|, {self.atol}) below that of the '
-                f'window before, at the end of {self.patience} consecutive epochs (a stop needs at least {self.min_steps} steps)')
+        what = 'cross-entropy' if self.monitor == 'train_ce' else self.monitor
+        return (f'the mean epoch train {what} of the last {self.window:.0%} of epochs (at least {self.min_window_steps} steps) '
+                f'is at most max({self.rtol:.0%} of its size, {self.atol}) below that of the window before, at the end of '
+                f'every epoch of the last {self.patience:.0%} of epochs (at least {self.min_patience_steps} steps); a stop '
+                f'needs at least {self.min_steps} steps')
 
 CONVERGENCE_RULE = ConvergenceRule()
 CONVERGENCE_CRITERION = f'converged: {CONVERGENCE_RULE.describe()}'
@@ -510,23 +514,28 @@ def _magnitude(row: dict) -> float:
     if all(v is None for v in parts): return abs(row['train_loss'])
     return sum(abs(v) for v in parts if v is not None)
 
+def _monitored(row: dict, monitor: str) -> tuple:
+    "`(value, size)` of the judged quantity in a history row (the total loss's size is `_magnitude`)."
+    if monitor == 'train_loss' or row.get(monitor) is None: return row['train_loss'], _magnitude(row)
+    return row[monitor], abs(row[monitor])
+
 def _cumulative_steps(history) -> np.ndarray:
     "Optimizer steps after each epoch (`step` of the rows; a history without it counts one step per epoch)."
     return np.array([r.get('step') or i + 1 for i, r in enumerate(history)], dtype=np.int64)
 
 def criterion_series(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE) -> dict:
     """The rule judged after every epoch `t = 1..T` from the first `t` rows alone (so a resumed run judges as an
-    uninterrupted one): arrays `window` (epochs), `judged`, `holds`, `improvement` (previous window's mean loss minus
-    the last one's), `scale` (the last window's mean magnitude), `streak` (consecutive epochs it held) and `steps`."""
+    uninterrupted one): arrays `window` (epochs), `judged`, `holds`, `improvement` (the previous window's mean minus
+    the last one's), `scale` (the last window's mean size), `streak` (consecutive epochs it held), `patience` (epochs
+    it must have held) and `steps`."""
     T = len(history)
-    loss = np.array([r['train_loss'] for r in history], dtype=np.float64)
-    mag = np.array([_magnitude(r) for r in history], dtype=np.float64)
+    vals = np.array([_monitored(r, rule.monitor) for r in history], dtype=np.float64).reshape(T, 2)
     steps = _cumulative_steps(history)
     t = np.arange(1, T + 1)
     per_epoch = max(1.0, float(steps[-1]) / T) if T else 1.0
     w = np.maximum(np.ceil(rule.min_window_steps / per_epoch), np.ceil(rule.window * t)).astype(np.int64)
-    judged = (2 * w <= t) & np.isfinite(loss)
-    cl, cm = np.concatenate([[0.], np.cumsum(loss)]), np.concatenate([[0.], np.cumsum(mag)])
+    judged = (2 * w <= t) & np.isfinite(vals[:, 0])
+    cl, cm = np.concatenate([[0.], np.cumsum(vals[:, 0])]), np.concatenate([[0.], np.cumsum(vals[:, 1])])
     ws = np.where(judged, w, 1)
     cur = (cl[t] - cl[t - ws]) / ws
     prev = np.where(judged, (cl[np.maximum(t - ws, 0)] - cl[np.maximum(t - 2 * ws, 0)]) / ws, np.nan)
@@ -535,48 +544,57 @@ def criterion_series(history: Sequence[dict], rule: ConvergenceRule = CONVERGENC
     holds = judged & (improvement <= np.maximum(rule.rtol * scale, rule.atol))
     streak = np.zeros(T, dtype=np.int64)
     for i in range(T): streak[i] = (streak[i - 1] + 1 if i else 1) if holds[i] else 0
+    patience = np.maximum(np.ceil(rule.min_patience_steps / per_epoch), np.ceil(rule.patience * t)).astype(np.int64)
     return {'window': w, 'judged': judged, 'holds': holds, 'improvement': improvement, 'scale': scale, 'streak': streak,
-            'steps': steps}
+            'patience': patience, 'steps': steps}
 
 def stop_epoch(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE) -> Optional[int]:
     "The epoch (1-based) after which a phase with `stop_at_convergence` stops, or `None` if the rule never fires."
     if not history: return None
     s = criterion_series(history, rule)
-    fire = np.nonzero((s['streak'] >= rule.patience) & (s['steps'] >= rule.min_steps))[0]
+    fire = np.nonzero((s['streak'] >= s['patience']) & (s['steps'] >= rule.min_steps))[0]
     return int(fire[0]) + 1 if len(fire) else None
+
+def _total_change(history, rule) -> Optional[float]:
+    "The whole objective's fall over the last window, relative to its magnitude (reported beside the judged quantity)."
+    s = criterion_series(history, replace(rule, monitor='train_loss'))
+    return float(s['improvement'][-1] / max(s['scale'][-1], 1e-12)) if len(history) and s['judged'][-1] else None
 
 def convergence(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE, budget_epochs: Optional[int] = None,
                 stop_at_convergence: bool = False) -> dict:
     """The convergence record of a phase from its per-epoch `history`: `epochs`, `steps`, `budget_epochs`,
-    `budget_steps`, the final train loss, cross-entropy and accuracy, `loss_rel_change` (the last window's fall, relative
-    to the loss's magnitude; > 0 while it falls), `converged` (the rule held at the end of the last `patience` epochs)
-    and, if not, `reason`; `stopped_at_convergence` and `stop` (where and why it stopped)."""
+    `budget_steps`, the final train loss, cross-entropy and accuracy, `rel_change` (the judged quantity's fall over the
+    last window, relative to its size; > 0 while it falls), `loss_rel_change` (the same for the whole objective),
+    `converged` (the rule held over the patience window at the end) and, if not, `reason`; `stopped_at_convergence`
+    and `stop` (where and why the phase ended)."""
     n = len(history)
     last = history[-1] if n else {}
     steps = int(_cumulative_steps(history)[-1]) if n else 0
     budget_steps = None if budget_epochs is None or not n else int(round(steps / n * budget_epochs))
     out = {'epochs': n, 'steps': steps, 'budget_epochs': budget_epochs, 'budget_steps': budget_steps,
            'final_train_loss': last.get('train_loss'), 'final_train_ce': last.get('train_ce'),
-           'final_train_acc': last.get('train_acc'), 'loss_rel_change': None, 'converged': False,
+           'final_train_acc': last.get('train_acc'), 'rel_change': None, 'loss_rel_change': None, 'converged': False,
            'stop_at_convergence': bool(stop_at_convergence), 'stopped_at_convergence': False, 'criterion': CONVERGENCE_CRITERION}
     if not n: return {**out, 'reason': 'no epoch was trained'}
     s = criterion_series(history, rule)
-    if s['judged'][-1]: out['loss_rel_change'] = float(s['improvement'][-1] / max(s['scale'][-1], 1e-12))
+    if s['judged'][-1]: out['rel_change'] = float(s['improvement'][-1] / max(s['scale'][-1], 1e-12))
+    out['loss_rel_change'] = _total_change(history, rule)
     stopped = stop_at_convergence and stop_epoch(history, rule) == n and (budget_epochs is None or n < budget_epochs)
     of = f' of {budget_steps:,}' if budget_steps else ''
     if stopped:
         out.update(stopped_at_convergence=True, stop=f'stopped at convergence after {steps:,}{of} steps (epoch {n}'
                                                          + (f' of {budget_epochs})' if budget_epochs else ')'))
     else: out['stop'] = f'trained the whole budget: {steps:,}{of} steps ({n} epochs)'
-    if s['streak'][-1] >= rule.patience: return {**out, 'converged': True}
-    w = int(s['window'][-1])
+    if s['streak'][-1] >= s['patience'][-1]: return {**out, 'converged': True}
+    w, what = int(s['window'][-1]), 'cross-entropy' if rule.monitor == 'train_ce' else 'loss'
     if not s['judged'][-1]:
-        why = f'only {n} epoch(s): the rule compares two windows of {w} epochs, and must hold for {rule.patience} epochs'
+        why = f'only {n} epoch(s): the rule compares two windows of {w} epochs'
     elif not s['holds'][-1]:
-        imp = float(s['improvement'][-1])
-        why = (f'train loss still falling: the last {w} epochs lowered its mean by {imp:.4g}, {100 * out["loss_rel_change"]:.1f}% '
-               f'of its magnitude {s["scale"][-1]:.3g} (at most {rule.rtol:.1%} or {rule.atol} counts as converged; {n} epochs)')
-    else: why = f'the criterion held for the last {int(s["streak"][-1])} epoch(s) only; it must hold for {rule.patience}'
+        why = (f'train {what} still falling: the last {w} epochs lowered its mean by {float(s["improvement"][-1]):.4g}, '
+               f'{100 * out["rel_change"]:.1f}% of its size {s["scale"][-1]:.3g} (at most {rule.rtol:.0%} or {rule.atol} '
+               f'counts as converged; {n} epochs)')
+    else: why = (f'the criterion held for the last {int(s["streak"][-1])} epoch(s) only; it must hold for '
+                 f'{int(s["patience"][-1])}')
     return {**out, 'reason': why}
 
 def convergence_info(phases: dict) -> dict:
