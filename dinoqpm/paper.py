@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
            'TABLE1_CELLS', 'CELL_OF_ROW', 'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params', 'steps_to_epochs',
-           'paper_config', 'quick_budget', 'row_run_dir', 'run_table1_seed', 'parse_cells', 'table1_cells', 'cell_file',
-           'run_table1_cell', 'merge_table1', 'run_table1_cells', 'run_table1', 'run_backbone', 'is_demo', 'row_notes',
-           'table1_notes', 'write_table1', 'FigureData', 'figure_data', 'pick_examples', 'class_label', 'model_style',
-           'figure_style', 'cover_figure', 'sharing_pairs', 'class_comparison_figure', 'assignment_overview_figure',
-           'params_from_namespace']
+           'paper_config', 'quick_budget', 'row_run_dir', 'stop_summary', 'run_table1_seed', 'parse_cells',
+           'table1_cells', 'cell_file', 'run_table1_cell', 'merge_table1', 'run_table1_cells', 'run_table1',
+           'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1', 'FigureData', 'figure_data',
+           'pick_examples', 'class_label', 'model_style', 'figure_style', 'cover_figure', 'sharing_pairs',
+           'class_comparison_figure', 'assignment_overview_figure', 'params_from_namespace']
 
 # %% ../nbs/11_paper.ipynb #c005
 MODES = ('quick', 'full', 'smoke')
@@ -38,19 +38,23 @@ class PaperParams:
     runs_root: str = ''            # '' = <repo>/runs/paper/<mode>
     out_dir: str = ''              # '' = <repo>/figures
     mode: str = 'quick'            # quick (demo sizes) | full (the paper's settings) | smoke (seconds; tests)
-    seeds: str = '0'               # comma-separated seeds
+    seeds: str = '0,1,2'           # comma-separated seeds
     device: str = 'auto'
     probe_protocol: str = 'authors'  # authors (the paper's recipe) | dinov2 (DINOv2's linear evaluation protocol)
     require_masks: bool = True     # False: a CUB folder without segmentations/ runs (Plausibility skipped, and said so)
+    stop: str = 'auto'             # stop every phase at convergence: auto (on in quick mode, off in full and smoke) | on | off
 
     def __post_init__(self):
         if self.mode not in MODES: raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.probe_protocol not in ('authors', 'dinov2'):
             raise ConfigError(f"probe_protocol must be 'authors' or 'dinov2', got {self.probe_protocol!r}")
+        if self.stop not in ('auto', 'on', 'off'): raise ConfigError(f"stop must be auto, on or off, got {self.stop!r}")
         if self.dataset not in PAPER_DATASETS: raise ConfigError(f"dataset must be one of {PAPER_DATASETS}, got {self.dataset!r}")
         try: self.seed_list
         except ValueError: raise ConfigError(f"seeds must be comma-separated integers, got {self.seeds!r}") from None
 
+    @property
+    def stops(self) -> bool: return self.stop == 'on' or (self.stop == 'auto' and self.mode == 'quick')
     @property
     def seed_list(self) -> list: return [int(s) for s in str(self.seeds).split(',') if s.strip()]
     @property
@@ -117,6 +121,7 @@ def paper_config(p: PaperParams, seed: int) -> RunConfig:
         data['data.img_size'] = get_backbone_spec(p.backbone_name).default_img_size
     if p.dataset != 'SynthBirds':
         data.update({'data.synth_classes': None, 'data.synth_images_per_class': None, 'data.synth_img_size': None})
+    data.update({'dense.stop_at_convergence': p.stops, 'finetune.stop_at_convergence': p.stops})
     cfg = update_config(cfg, data)
     return quick_budget(cfg) if p.mode == 'quick' else cfg
 
@@ -152,9 +157,32 @@ def _convergence_fields(metrics: dict) -> dict:
     conv = metrics.get('convergence') or {}
     bad = [f'{ph}: {c.get("reason", "not converged")}' for ph, c in conv.items() if not (c or {}).get('converged')]
     last = list(conv.values())[-1] if conv else {}
+    steps = {ph: [c.get('steps'), c.get('budget_steps'), bool(c.get('stopped_at_convergence'))]
+             for ph, c in conv.items() if (c or {}).get('steps') is not None}
     return {'converged': bool(conv) and not bad, 'not_converged': '; '.join(bad) if conv else 'no convergence record',
             'phases': ','.join(conv), 'train_loss': last.get('final_train_loss'), 'train_acc': last.get('final_train_acc'),
-            'loss_rel_change': last.get('loss_rel_change')}
+            'rel_change': last.get('rel_change'), 'loss_rel_change': last.get('loss_rel_change'),
+            'stops': '; '.join(f'{ph}: {c["stop"]}' for ph, c in conv.items() if (c or {}).get('stop')),
+            'phase_steps': json.dumps(steps)}
+
+def stop_summary(tidy: pd.DataFrame) -> list:
+    """One line per row of where its phases ended, over the seeds: `DINO-QPM: dense stopped at convergence after 1,130-1,420
+    of 4,700 steps (3/3 seeds), finetune ...` (from the records' `phase_steps`)."""
+    lines = []
+    if 'phase_steps' not in tidy: return lines
+    for m, sub in tidy.groupby('method', sort=False):
+        per = {}
+        for cell in sub['phase_steps'].dropna():
+            for ph, (run, cap, stopped) in json.loads(cell).items(): per.setdefault(ph, []).append((run, cap, stopped))
+        parts = []
+        for ph, v in per.items():
+            runs, caps, n_stop = [r for r, _, _ in v], {c for _, c, _ in v}, sum(s for _, _, s in v)
+            span = f'{min(runs):,}' if min(runs) == max(runs) else f'{min(runs):,}-{max(runs):,}'
+            cap = f' of {max(caps):,}' if caps - {None} else ''
+            how = 'stopped at convergence after' if n_stop == len(v) else ('ran' if not n_stop else 'stopped in some seeds after')
+            parts.append(f'{ph} {how} {span}{cap} steps ({n_stop}/{len(v)} seeds stopped)')
+        if parts: lines.append(f'{m}: ' + '; '.join(parts))
+    return lines
 
 def run_table1_seed(p: PaperParams, seed: int, rows=TABLE1_ROWS, progress=True) -> list:
     "Train/evaluate every row for one seed; returns tidy records (metric fractions plus provenance fields)."
@@ -344,8 +372,10 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     notes.append(f'Mode {p.mode}; {n_seeds} seed{"s" if n_seeds != 1 else ""} ({p.seeds}); values in %, mean ± std over seeds'
                  + (' (one seed: no std).' if n_seeds == 1 else '.'))
     if p.mode == 'quick':
-        notes.append('Quick mode: the authors\' recipes sized in optimizer steps (' + ', '.join(f'{k} {v}' for k, v in QUICK_STEPS.items())
-                     + '; dinoqpm.paper.QUICK_STEPS), not shortened epoch counts.')
+        notes.append('Quick mode: the authors\' recipes, every phase stopped at convergence and capped at the paper\'s '
+                     'optimizer steps (' + ', '.join(f'{k} {v}' for k, v in QUICK_STEPS.items()) + '; dinoqpm.paper.QUICK_STEPS).')
+    stops = stop_summary(tidy)
+    if stops: notes.append('Where each row stopped: ' + ' | '.join(stops) + '.')
     if 'converged' in tidy:
         bad = tidy[~tidy['converged'].astype(bool)]
         if len(bad) == 0: notes.append(f'Every row converged in every seed ({CONVERGENCE_CRITERION}).')

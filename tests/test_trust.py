@@ -155,7 +155,7 @@ def test_end_to_end_with_more_than_128_classes(tmp_path):
 # ------------------------------------------------------------------ the probe against scikit-learn on the demo cache
 @pytest.fixture(scope='module')
 def demo_caches(tmp_path_factory):
-    "The embedded demo's caches (default SynthBirds through EfficientNet-Lite0 at 448 px), built once for this module."
+    "The embedded demo's caches (default SynthBirds through EfficientNet-Lite0 at output stride 16, 224 px), built once for this module."
     from dinoqpm.config import demo_config
     from dinoqpm.pipeline import load_caches
     d = tmp_path_factory.mktemp('demo')
@@ -170,7 +170,7 @@ def _standardised(cache, mean, std):
 
 
 def test_probe_matches_a_converged_logistic_regression(demo_caches, tmp_path):
-    """The package's CLS probe (the authors' recipe, quick mode's 7,520 steps) reaches the test accuracy of a converged
+    """The package's CLS probe (the authors' recipe, stopped at convergence within quick mode's 7,520 steps) reaches the test accuracy of a converged
     scikit-learn LogisticRegression (C = 1) fitted on the same inputs within 3 points, and says it converged: on the cached
     CLS tokens as they are (the probe's input, the authors' recipe) and, trained on the tokens standardised per feature,
     against the logistic regression on those (the stronger reference: 75.7 % on the demo)."""
@@ -206,7 +206,7 @@ def _tidy_row(method, row, **kw):
 def test_uncertified_qp_and_unconverged_rows_are_marked_in_every_table(tmp_path):
     "A QP that missed its gap, a row that did not converge and a probe far below the logistic-regression check: all shown."
     from dinoqpm.paper import paper_params, write_table1
-    p = paper_params(mode='smoke', runs_root=str(tmp_path / 'runs'), out_dir=str(tmp_path / 'fig'))
+    p = paper_params(mode='smoke', seeds='0', runs_root=str(tmp_path / 'runs'), out_dir=str(tmp_path / 'fig'))
     tidy = pd.DataFrame([
         _tidy_row('CLS linear probe', 'linear_probe', converged=False, not_converged='dense: train loss still falling: 2 -> 1.5',
                   lr_check_accuracy=0.6, lr_check_std_accuracy=0.7),
@@ -234,7 +234,7 @@ def test_cub_layout_without_masks_needs_the_switch_and_the_table_says_why(tmp_pa
     data = tmp_path / 'data'
     load_dataset('SynthBirds', 'train', root=data, n_classes=4, images_per_class=6, img_size=64, progress=False)
     shutil.rmtree(data / 'SynthBirds' / 'CUB_200_2011' / 'segmentations')
-    kw = dict(mode='smoke', data_root=str(data), runs_root=str(tmp_path / 'runs'), out_dir=str(tmp_path / 'fig'))
+    kw = dict(mode='smoke', seeds='0', data_root=str(data), runs_root=str(tmp_path / 'runs'), out_dir=str(tmp_path / 'fig'))
     with pytest.raises(DatasetError, match='segmentations/ \\(expected folder'):
         run_table1(paper_params(**kw), rows=('linear_probe',), progress=False)
     p = paper_params(**kw, require_masks=False)

@@ -70,10 +70,16 @@ MUTANTS = {
                                   "        except ValueError as e:\n            pass\n        if False:", [f'{NB}[02_backbone]']),
     'missing_masks_silent': ('01_data', 'data', "            if require_masks:\n                missing.append(", "            if False:\n                missing.append(",
                              [f'{NB}[01_data]', 'tests/test_data.py']),
-    'convergence_never_flags': ('04_train', 'train', "    if abs(change) <= max(rtol * scale, atol) + 2 * se: return {**out, 'converged': True}",
+    'convergence_never_flags': ('04_train', 'train', "    if s['streak'][-1] >= s['patience'][-1]: return {**out, 'converged': True}",
                                 "    return {**out, 'converged': True}", [f'{NB}[04_train]']),
-    'convergence_without_noise_allowance': ('04_train', 'train', "    if abs(change) <= max(rtol * scale, atol) + 2 * se: return {**out, 'converged': True}",
-                                            "    if abs(change) <= max(rtol * scale, atol): return {**out, 'converged': True}", [f'{NB}[04_train]']),
+    'stop_without_patience': ('04_train', 'train', "    fire = np.nonzero((s['streak'] >= s['patience']) & (s['steps'] >= rule.min_steps))[0]",
+                              "    fire = np.nonzero(s['holds'] & (s['steps'] >= rule.min_steps))[0]", [f'{NB}[04_train]']),
+    'stop_ignores_min_steps': ('04_train', 'train', "    fire = np.nonzero((s['streak'] >= s['patience']) & (s['steps'] >= rule.min_steps))[0]",
+                               "    fire = np.nonzero(s['streak'] >= s['patience'])[0]", [f'{NB}[04_train]']),
+    'convergence_judges_total_loss': ('04_train', 'train', "    monitor: str = 'train_ce'", "    monitor: str = 'train_loss'",
+                                      [f'{NB}[04_train]']),
+    'numerics_pin_aten_left_out': ('00d_numerics', 'numerics', "'ATEN_CPU_CAPABILITY': 'avx2'}", "}",
+                                   ['tests/test_numerics.py']),
 }
 
 
