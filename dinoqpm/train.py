@@ -360,6 +360,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
     test_ds = TokenDataset(test_cache) if test_cache is not None else None
     if test_ds is not None and (test_ds.dim, test_ds.grid) != (train_ds.dim, train_ds.grid):
         raise ValueError(f"test cache tokens {(test_ds.dim, test_ds.grid)} differ from the training cache {(train_ds.dim, train_ds.grid)}")
+    t_begin = time.time()
     opt = make_optimizer(pcfg, params)
     ckpt_path = Path(run_dir) / phase / 'checkpoint.pt' if run_dir is not None else None
     log_path = Path(run_dir) / phase / 'log.csv' if run_dir is not None else None
@@ -482,6 +483,8 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
     _opt_mode(opt, False)
     final = _eval_copy(model, pcfg, train_ds, device, cfg.seed).eval()
     final.convergence = convergence(history, budget_epochs=pcfg.epochs, stop_at_convergence=stopping)
+    final.convergence.update(wall_seconds=round(time.time() - t_begin, 3),            # this call: epochs + everything around
+                             epoch_seconds=round(sum(r.get('seconds') or 0 for r in history[start:]), 3))
     if not final.convergence['converged']: log.warning('%s: not converged (%s)', phase, final.convergence['reason'])
     return final, history
 
@@ -626,7 +629,9 @@ def load_model(path, device='cpu') -> DinoQPMModel:
 def _judged(history, saved: Optional[dict]) -> dict:
     "A saved phase's convergence record judged by the current rule, with the budget and stop setting it recorded."
     saved = saved if isinstance(saved, dict) else {}
-    return convergence(history, budget_epochs=saved.get('budget_epochs'), stop_at_convergence=bool(saved.get('stop_at_convergence')))
+    timing = {k: saved[k] for k in ('wall_seconds', 'epoch_seconds') if k in saved}      # measured when it trained
+    return {**convergence(history, budget_epochs=saved.get('budget_epochs'), stop_at_convergence=bool(saved.get('stop_at_convergence'))),
+            **timing}
 
 def _finished(path, signature, device):
     if path is None or not Path(path).exists(): return None

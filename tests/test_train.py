@@ -30,7 +30,7 @@ CHILD = textwrap.dedent(r'''
 ''')
 
 def _start(run_dir):
-    env = dict(os.environ, HF_HUB_OFFLINE='1', TQDM_DISABLE='1', OMP_NUM_THREADS='1')
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TQDM_DISABLE='1', OMP_NUM_THREADS='1', DINOQPM_CHECKPOINT_SECONDS='0')
     return subprocess.Popen([sys.executable, '-c', CHILD, str(run_dir)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -58,7 +58,7 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path):
     kills = 0
     for watch in ('dense/checkpoint.pt', 'finetune/checkpoint.pt'):
         p = _start(tmp_path / 'run')
-        kills += _kill_when(p, tmp_path / 'run' / watch, rng)
+        kills += _kill_when(p, tmp_path / 'run' / watch, rng)       # a checkpoint after every epoch (DINOQPM_CHECKPOINT_SECONDS=0)
     p = _start(tmp_path / 'run')
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]

@@ -1,0 +1,260 @@
+"""Table 1 on the embedded demo, measured (issue 18): where the time of `make table1` goes, what stopping at convergence
+costs in accuracy, whether the stop rule is safe on held-out training images, what the numerics pins cost, and how the
+demo's tokens were chosen. Writes benchmarks/results/table1.json (not part of the test suite).
+
+    .venv/bin/python benchmarks/bench_table1.py [--parts job,stop,heldout,numerics,tokens] [--seeds 0,1,2] [--work DIR]
+
+- job: `make table1`'s four notebooks, run one by one on a fresh data, cache and runs folder (the install excluded):
+  the whole job's wall time, each notebook's, and per row and phase the optimizer steps run and budgeted, the phase's
+  wall time and the part of it spent in its epochs (the rest is overhead: checkpoints, logs, the final model copy).
+- stop: Table 1 again with every phase trained to its whole budget (`stop=off`) beside the job's: each row's test
+  accuracy and Plausibility, mean ± std over the seeds both ways; the difference must stay within the seed-to-seed
+  spread (the larger of the two standard deviations), and the JSON says whether it does.
+- heldout: the rule validated where it may be, on held-out *training* images, never on test images: per seed a
+  stratified 20 % of the training split is held out, every phase of every row trains on the other 80 % for its whole
+  budget with the held-out accuracy after every epoch, and the rule is applied to that history afterwards (it only ever
+  looks at the epochs before): held-out accuracy where it stops against at the end of the budget.
+- numerics: the demo's DINO-QPM dense phase for a fixed number of epochs, with the numerics pins and without
+  (`DINOQPM_NUMERICS=native`), in alternating fresh processes.
+- tokens: the demo's token choice: the earlier demo (EfficientNet-Lite0 at 448 px, 1280-d tokens, adapter width 256)
+  against the new one (output stride 16 at 224 px, 320-d tokens, width 128): extraction time, time per dense epoch,
+  DINO-QPM's test accuracy and Plausibility (seed 0, both stopped at convergence).
+"""
+import dinoqpm  # noqa: F401  (pins the numerics before torch is imported)
+import argparse, json, os, statistics, subprocess, sys, time
+from pathlib import Path
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ('run_table1', 'run_fig_cover', 'run_fig_classes', 'run_export')
+ROW_PHASE_FILES = {'CLS linear probe': ('linear_probe', ['dense_model.pt']),
+                   'Dense F^froz (avg-pooled frozen tokens)': ('dense_frozen', ['dense_model.pt']),
+                   'DINO-QPM': ('qpm', ['dense_model.pt', 'finetune_model.pt']),
+                   'DINO-SLDD': ('sldd_qsenn', ['dense_model.pt', 'sldd/sldd_finetune_model.pt']),
+                   'DINO-QSENN': ('sldd_qsenn', ['qsenn/qsenn_iter0_model.pt', 'qsenn/qsenn_iter1_model.pt',
+                                                 'qsenn/qsenn_iter2_model.pt', 'qsenn/qsenn_iter3_model.pt'])}
+
+
+def papermill(nb: str, work: Path, seeds: str, **params) -> float:
+    "Run one paper notebook as `make table1` does, in a fresh kernel; returns its wall seconds."
+    args = ['-p', 'runs_root', str(work / 'runs'), '-p', 'out_dir', str(work / 'figures'), '-p', 'data_root', str(work / 'data'),
+            '-p', 'seeds', seeds if nb == 'run_table1' else seeds.split(',')[0]]
+    for k, v in params.items(): args += ['-p', k, str(v)]
+    t0 = time.perf_counter()
+    r = subprocess.run([str(Path(sys.executable).with_name('papermill')), '-k', 'python3', str(ROOT / 'nbs' / 'paper' / f'{nb}.ipynb'),
+                        str(work / f'{nb}.out.ipynb'), *args], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE='1', TQDM_DISABLE='1'))
+    if r.returncode: raise SystemExit(f'{nb} failed:\n{r.stderr[-4000:]}')
+    return time.perf_counter() - t0
+
+
+def phase_records(runs: Path, seeds) -> list:
+    "Per seed, row and phase: steps run and budgeted, wall and epoch seconds, stopped or not (from the saved model files)."
+    from dinoqpm.core import load_checked
+    out = []
+    for seed in seeds:
+        for row, (sub, files) in ROW_PHASE_FILES.items():
+            for f in files:
+                p = next(runs.rglob(f'{sub}/{seed}/{f}'), None)
+                if p is None: continue
+                ck = load_checked(p, 'model file')
+                c = ck.get('convergence') or {}
+                out.append({'seed': seed, 'row': row, 'phase': ck.get('phase'), 'steps': c.get('steps'),
+                            'budget_steps': c.get('budget_steps'), 'stopped_at_convergence': c.get('stopped_at_convergence'),
+                            'converged': c.get('converged'), 'wall_seconds': c.get('wall_seconds'),
+                            'epoch_seconds': c.get('epoch_seconds')})
+    return out
+
+
+def part_job(work: Path, seeds: str) -> dict:
+    times = {nb: round(papermill(nb, work, seeds), 1) for nb in NOTEBOOKS}
+    phases = phase_records(work / 'runs', [int(s) for s in seeds.split(',')])
+    wall = sum(r['wall_seconds'] or 0 for r in phases)
+    epochs = sum(r['epoch_seconds'] or 0 for r in phases)
+    return {'notebook_seconds': times, 'job_seconds': round(sum(times.values()), 1), 'budget_seconds': 300,
+            'job_over_budget': round(sum(times.values()) / 300, 3), 'phases': phases,
+            'training_wall_seconds': round(wall, 1), 'training_epoch_seconds': round(epochs, 1),
+            'training_overhead_share': round(1 - epochs / max(wall, 1e-9), 3),
+            'steps_run_over_budget': round(sum(r['steps'] or 0 for r in phases) / max(sum(r['budget_steps'] or 0 for r in phases), 1), 3)}
+
+
+def _stats(v) -> dict:
+    v = [float(x) for x in v if x is not None and np.isfinite(x)]
+    return {'mean': float(np.mean(v)) if v else None, 'std': float(np.std(v, ddof=1)) if len(v) > 1 else None, 'per_seed': v}
+
+
+def part_stop(work: Path, seeds: str) -> dict:
+    "The rows at their whole budget beside the job's (stopped) rows, on the test split as Table 1 reports them."
+    import pandas as pd
+    from dinoqpm.paper import paper_params, run_table1
+    p = paper_params(seeds=seeds, stop='off', runs_root=str(work / 'runs_full'), out_dir=str(work / 'figures_full'),
+                     data_root=str(work / 'data'))
+    t0 = time.perf_counter()
+    full = run_table1(p, progress=False)
+    full_seconds = time.perf_counter() - t0
+    stopped = pd.read_csv(work / 'figures' / 'table1_per_seed.csv')
+    rows = {}
+    for method in stopped['method'].unique():
+        r = {}
+        for metric in ('Accuracy', 'Plausibility'):
+            a = _stats(stopped[stopped['method'] == method][metric]); b = _stats(full[full['method'] == method][metric])
+            if a['mean'] is None or b['mean'] is None: continue
+            spread = max(a['std'] or 0, b['std'] or 0)
+            r[metric] = {'stopped': a, 'full_budget': b, 'difference': a['mean'] - b['mean'], 'seed_spread': spread,
+                         'within_seed_spread': abs(a['mean'] - b['mean']) <= spread}
+        rows[method] = r
+    return {'rows': rows, 'full_budget_training_seconds': round(full_seconds, 1),
+            'every_row_within_seed_spread': all(m['within_seed_spread'] for r in rows.values() for m in r.values()),
+            'full_budget_phases': phase_records(work / 'runs_full', [int(s) for s in seeds.split(',')])}
+
+
+def heldout_split(cache, fraction: float, seed: int):
+    "`(fit, held-out)` in-memory caches: a stratified `fraction` of every class held out, drawn by `seed`."
+    from dinoqpm.cache import FeatureCache
+    labels = np.asarray(cache.labels)
+    rng = np.random.default_rng([seed, 20])
+    held = np.sort(np.concatenate([rng.permutation(np.nonzero(labels == c)[0])[:max(1, round(fraction * (labels == c).sum()))]
+                                   for c in np.unique(labels)]))
+    fit = np.setdiff1d(np.arange(len(labels)), held)
+    P, C = np.asarray(cache.patch), np.asarray(cache.cls)
+    mk = lambda i: FeatureCache.from_arrays(P[i], C[i], labels[i], tuple(cache.grid), int(cache.n_classes))
+    return mk(fit), mk(held)
+
+
+def part_heldout(work: Path, seeds: str) -> dict:
+    from dinoqpm.baselines import train_dense_frozen, train_linear_probe, train_qsenn, train_sldd
+    from dinoqpm.glm import GLMConfig
+    from dinoqpm.paper import QUICK_STEPS, paper_config, paper_params, steps_to_epochs
+    from dinoqpm.pipeline import load_caches
+    from dinoqpm.qp import qp_constants, solve_qp
+    from dinoqpm.train import CONVERGENCE_RULE, eval_accuracy, extract_features, finetune, stop_epoch, train_dense
+    from dinoqpm.config import update_config
+    p = paper_params(seeds=seeds, stop='off', data_root=str(work / 'data'), runs_root=str(work / 'runs_heldout'))
+    out = {'rule': CONVERGENCE_RULE.describe(), 'fraction_held_out': 0.2, 'phases': []}
+    for seed in p.seed_list:
+        cfg = paper_config(p, seed)                               # the quick budgets, stop off: every phase to its cap
+        train, _ = load_caches(cfg, progress=False)
+        fit, held = heldout_split(train, 0.2, seed)
+        n = len(train.labels)
+        e = lambda key, bs: steps_to_epochs(QUICK_STEPS[key], n, bs)
+        hist = {}
+        def watch(d):                                              # held-out accuracy of the model as it would be kept
+            r = eval_accuracy(d['model'], held); d['history'][-1]['heldout_acc'] = r['acc']
+        rd = work / 'runs_heldout' / str(seed)
+        dense, hist['DINO-QPM dense'] = train_dense(cfg, fit, progress=False, on_epoch_end=[watch])
+        f = extract_features(dense, fit)
+        A, R = qp_constants(f['features'].numpy(), f['labels'].numpy(), int(fit.n_classes))
+        q = cfg.qp
+        qp = solve_qp(A, R, q.n_select, q.n_per_class, time_limit=q.time_limit, mip_gap=q.mip_gap, seed=seed)
+        _, hist['DINO-QPM finetune'] = finetune(cfg, dense, train_cache=fit, qp_result=qp, progress=False, on_epoch_end=[watch])
+        glm = GLMConfig(select_k=30, path_k=30)
+        ev = {'eval_mode': ['accuracy']}
+        r = train_sldd(cfg, fit, held, rd / 'sq', dense_epochs=e('sldd_dense', cfg.dense.batch_size),
+                       finetune_epochs=e('finetune', cfg.finetune.batch_size), glm=glm, progress=False, on_epoch_end=[watch],
+                       evaluate_kwargs=ev)
+        from dinoqpm.train import load_model
+        hist['DINO-SLDD dense'], hist['DINO-SLDD finetune'] = load_model(rd / 'sq' / 'dense_model.pt').history, r.info['history']
+        r = train_qsenn(cfg, fit, held, rd / 'sq', dense_epochs=e('sldd_dense', cfg.dense.batch_size),
+                        finetune_epochs=e('qsenn_iteration', cfg.finetune.batch_size), glm=glm, progress=False,
+                        on_epoch_end=[watch], evaluate_kwargs=ev)
+        for it in r.info['iterations']: hist[f'DINO-QSENN iteration {it["iteration"]}'] = it['history']
+        hist['CLS linear probe'] = train_linear_probe(cfg, fit, held, rd / 'probe', epochs=e('probe', cfg.dense.batch_size),
+                                                      progress=False, on_epoch_end=[watch], evaluate_kwargs=ev).info['history']
+        hist['Dense F^froz'] = train_dense_frozen(cfg, fit, held, rd / 'frozen', epochs=e('probe', cfg.dense.batch_size),
+                                                  progress=False, on_epoch_end=[watch], evaluate_kwargs=ev).info['history']
+        for phase, h in hist.items():
+            t = stop_epoch(h) or len(h)
+            out['phases'].append({'seed': seed, 'phase': phase, 'stop_epoch': t, 'epochs': len(h), 'stop_step': h[t - 1]['step'],
+                                  'budget_steps': h[-1]['step'], 'heldout_acc_at_stop': h[t - 1]['heldout_acc'],
+                                  'heldout_acc_at_end': h[-1]['heldout_acc'],
+                                  'heldout_acc_best': max(r['heldout_acc'] for r in h),
+                                  'heldout_acc': [round(r['heldout_acc'], 4) for r in h]})
+    by = {}
+    for r in out['phases']: by.setdefault(r['phase'], []).append(r)
+    out['summary'] = {ph: {'mean_stop_over_end': float(np.mean([r['heldout_acc_at_stop'] - r['heldout_acc_at_end'] for r in v])),
+                           'per_seed_stop_over_end': [round(r['heldout_acc_at_stop'] - r['heldout_acc_at_end'], 4) for r in v],
+                           'seed_spread_at_end': float(np.std([r['heldout_acc_at_end'] for r in v], ddof=1)) if len(v) > 1 else None,
+                           'steps_share': float(np.mean([r['stop_step'] / r['budget_steps'] for r in v]))} for ph, v in by.items()}
+    for s in out['summary'].values():
+        s['as_good_as_the_budget'] = s['seed_spread_at_end'] is not None and s['mean_stop_over_end'] >= -s['seed_spread_at_end']
+    out['every_phase_as_good_as_the_budget'] = all(s['as_good_as_the_budget'] for s in out['summary'].values())
+    return out
+
+
+NUMERICS_RUN = r'''
+import dinoqpm, json, sys, time
+from dinoqpm.config import update_config
+from dinoqpm.paper import paper_config, paper_params
+from dinoqpm.pipeline import load_caches
+from dinoqpm.train import train_dense
+p = paper_params(seeds='0', stop='off', data_root=sys.argv[1])
+cfg = update_config(paper_config(p, 0), {'dense.epochs': int(sys.argv[2])})
+train, _ = load_caches(cfg, progress=False)
+t0 = time.perf_counter(); train_dense(cfg, train, progress=False); print(json.dumps({'seconds': time.perf_counter() - t0}))
+'''
+
+
+def part_numerics(work: Path, epochs: int = 15, repeats: int = 3) -> dict:
+    times = {'reproducible': [], 'native': []}
+    for _ in range(repeats):
+        for mode in times:
+            env = {k: v for k, v in os.environ.items() if k not in ('MKL_CBWR', 'ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY',
+                                                                 'OMP_NUM_THREADS', 'MKL_NUM_THREADS')}
+            r = subprocess.run([sys.executable, '-c', NUMERICS_RUN, str(work / 'data'), str(epochs)], capture_output=True,
+                               text=True, env={**env, 'DINOQPM_NUMERICS': mode, 'TQDM_DISABLE': '1'})
+            if r.returncode: raise SystemExit(r.stderr[-3000:])
+            times[mode].append(json.loads(r.stdout.strip().splitlines()[-1])['seconds'])
+    med = {m: statistics.median(v) for m, v in times.items()}
+    return {'what': f'DINO-QPM dense phase of the demo, {epochs} epochs, fresh process each, alternating', 'seconds': times,
+            'median_seconds': med, 'pinned_over_native': round(med['reproducible'] / med['native'], 3)}
+
+
+def part_tokens(work: Path) -> dict:
+    from dinoqpm.config import demo_config, update_config
+    from dinoqpm.pipeline import load_caches, run_qpm
+    designs = {'earlier demo: efficientnet_lite0, 448 px, 1280-d tokens, adapter width 256':
+               {'backbone.name': 'efficientnet_lite0', 'data.img_size': 448, 'adapter.hidden': 256},
+               'this demo: efficientnet_lite0_os16, 224 px, 320-d tokens, adapter width 128': {}}
+    out = {}
+    for i, (name, over) in enumerate(designs.items()):
+        cfg = update_config(demo_config(**{'data.root': str(work / 'data')}), over)
+        t0 = time.perf_counter()
+        caches = load_caches(cfg, cache_root=work / 'tokens_cache', progress=False)
+        extract = time.perf_counter() - t0
+        res = run_qpm(cfg, work / 'tokens' / str(i), cache_root=work / 'tokens_cache', progress=False)
+        from dinoqpm.train import load_model
+        dense = load_model(res['dense_model'])
+        secs = [r['seconds'] for r in dense.history]
+        out[name] = {'tokens': list(caches[0].patch.shape[1:]), 'grid': list(caches[0].grid), 'extraction_seconds': round(extract, 1),
+                     'dense_seconds_per_epoch': round(float(np.median(secs)), 3),
+                     'dense_epochs': len(secs), 'accuracy': res['results']['Accuracy'],
+                     'plausibility': res['results'].get('Plausibility'), 'dense_accuracy': res['results_dense']['Accuracy']}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--parts', default='job,stop,heldout,numerics,tokens')
+    ap.add_argument('--seeds', default='0,1,2')
+    ap.add_argument('--work', default=str(ROOT / 'runs' / 'bench_table1'))
+    ap.add_argument('--out', default=str(ROOT / 'benchmarks' / 'results' / 'table1.json'))
+    args = ap.parse_args()
+    from dinoqpm.core import atomic_write_json, provenance, setup_logging
+    setup_logging('WARNING')
+    work = Path(args.work); work.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}          # parts not run this time are kept
+    result.update({'benchmark': 'table1', 'what': __doc__.split('\n\n')[0], 'seeds': args.seeds})
+    for part in args.parts.split(','):
+        t0 = time.perf_counter()
+        fn = {'job': lambda: part_job(work, args.seeds), 'stop': lambda: part_stop(work, args.seeds),
+              'heldout': lambda: part_heldout(work, args.seeds), 'numerics': lambda: part_numerics(work),
+              'tokens': lambda: part_tokens(work)}[part]
+        result[part] = {**fn(), 'bench_seconds': round(time.perf_counter() - t0, 1)}
+        result['provenance'] = provenance(seeds=args.seeds, parts=args.parts)
+        atomic_write_json(out, result)
+        print(part, json.dumps({k: v for k, v in result[part].items() if not isinstance(v, (list, dict))}), flush=True)
+
+
+if __name__ == '__main__':
+    main()
