@@ -9,15 +9,15 @@ import logging, os, platform, sys
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'NUMERICS_ENV', 'THREADS_ENV', 'NUMERICS_MODES', 'DEFAULT_THREADS', 'ISA_PINS', 'THREAD_VARS', 'numerics_mode',
-           'pinned_threads', 'pin_numerics', 'numerics_record']
+__all__ = ['log', 'NUMERICS_ENV', 'THREADS_ENV', 'NUMERICS_MODES', 'DEFAULT_THREADS', 'ISA_PINS', 'THREAD_VARS', 'LIBRARY_OF',
+           'numerics_mode', 'pinned_threads', 'pin_numerics', 'numerics_record']
 
 # %% ../nbs/00d_numerics.ipynb #c004
 NUMERICS_ENV, THREADS_ENV = 'DINOQPM_NUMERICS', 'DINOQPM_THREADS'
 NUMERICS_MODES = ('reproducible', 'native')
 DEFAULT_THREADS = 2
-ISA_PINS = {'MKL_CBWR': 'COMPATIBLE', 'ONEDNN_MAX_CPU_ISA': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2'}
-THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS')
+ISA_PINS = {'MKL_CBWR': 'COMPATIBLE', 'ONEDNN_MAX_CPU_ISA': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2', 'OPENBLAS_CORETYPE': 'Haswell'}
+THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
 
 def numerics_mode() -> str:
     "`DINOQPM_NUMERICS` (`reproducible`, the default, or `native`); anything else is refused by `pin_numerics`."
@@ -33,18 +33,20 @@ def pinned_threads() -> int:
 
 # %% ../nbs/00d_numerics.ipynb #c005
 _STATE: dict = {}
+LIBRARY_OF = {'MKL_CBWR': 'torch', 'ONEDNN_MAX_CPU_ISA': 'torch', 'ATEN_CPU_CAPABILITY': 'torch', 'OPENBLAS_CORETYPE': 'numpy',
+              'OMP_NUM_THREADS': 'torch', 'MKL_NUM_THREADS': 'torch', 'OPENBLAS_NUM_THREADS': 'numpy'}   # who reads each pin
 
 def _torch_loaded() -> bool: return 'torch' in sys.modules
 
 def pin_numerics() -> dict:
     """Pin the CPU numerics for the mode `numerics_mode()` (see above) and return what was done; idempotent. Called by
-    `import dinoqpm`; torch must not have run a kernel yet for every pin to apply."""
+    `import dinoqpm`; torch and numpy must not have started yet for every pin to apply."""
     if _STATE: return dict(_STATE)
     mode = numerics_mode()
     if mode not in NUMERICS_MODES:
         raise ValueError(f'{NUMERICS_ENV}={mode!r}: expected one of {", ".join(NUMERICS_MODES)}')
-    late = _torch_loaded()
-    _STATE.update(mode=mode, torch_imported_first=late, kept={}, not_pinned=[])
+    loaded = {lib for lib in ('torch', 'numpy') if lib in sys.modules}
+    _STATE.update(mode=mode, torch_imported_first='torch' in loaded, kept={}, not_pinned=[])
     if mode == 'native': return dict(_STATE)
     n = pinned_threads()
     wanted = {**ISA_PINS, **{v: str(n) for v in THREAD_VARS}}
@@ -52,24 +54,25 @@ def pin_numerics() -> dict:
         have = os.environ.get(var)
         if have is None:
             os.environ[var] = value
-            if late and var in ISA_PINS and var != 'ATEN_CPU_CAPABILITY': _STATE['not_pinned'].append(var)
+            if LIBRARY_OF[var] in loaded and var not in ('ATEN_CPU_CAPABILITY', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+                _STATE['not_pinned'].append(var)                 # read when its library started: too late now
         elif have.strip().upper() != value.upper():
             _STATE['kept'][var] = have
             log.warning('%s=%s is set in the environment; reproducible numerics pin it to %s: keeping yours, so results may '
                         'differ from other machines (the provenance records it)', var, have, value)
-    if late: _check_torch(n)
+    if 'torch' in loaded: _check_torch(n)
+    if _STATE['not_pinned']:
+        log.warning('%s imported before dinoqpm, so these numerics pins may not apply: %s (import dinoqpm first, or set them '
+                    'in the environment); results may differ from other machines in the last bits',
+                    ' and '.join(sorted(loaded)), ', '.join(sorted(_STATE['not_pinned'])))
     return dict(_STATE)
 
 def _check_torch(threads: int):
-    "torch was imported first: set its thread count now and name the pins that cannot be confirmed."
+    "torch was imported first: set its thread count now, and check that ATen has not chosen its instruction set yet."
     import torch
     torch.set_num_threads(threads)
     if torch.backends.cpu.get_cpu_capability().lower() != os.environ.get('ATEN_CPU_CAPABILITY', '').lower():
         _STATE['not_pinned'].append('ATEN_CPU_CAPABILITY')
-    if _STATE['not_pinned']:
-        log.warning('torch was imported before dinoqpm, so these numerics pins may not apply: %s (import dinoqpm first, '
-                    'or set them in the environment); results may differ from other machines in the last bits',
-                    ', '.join(sorted(_STATE['not_pinned'])))
 
 # %% ../nbs/00d_numerics.ipynb #c006
 def _cpu_model() -> str:

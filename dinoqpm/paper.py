@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_paper.ipynb #c002
 from __future__ import annotations
-import dataclasses, json, logging, math
+import contextlib, dataclasses, json, logging, math, os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,12 +18,12 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
-           'TABLE1_CELLS', 'CELL_OF_ROW', 'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params', 'steps_to_epochs',
-           'paper_config', 'quick_budget', 'row_run_dir', 'stop_summary', 'run_table1_seed', 'parse_cells',
-           'table1_cells', 'cell_file', 'run_table1_cell', 'merge_table1', 'run_table1_cells', 'run_table1',
-           'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1', 'FigureData', 'figure_data',
-           'pick_examples', 'class_label', 'model_style', 'figure_style', 'cover_figure', 'sharing_pairs',
-           'class_comparison_figure', 'assignment_overview_figure', 'params_from_namespace']
+           'TABLE1_CELLS', 'CELL_OF_ROW', 'CELL_COST', 'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params',
+           'steps_to_epochs', 'paper_config', 'quick_budget', 'row_run_dir', 'stop_summary', 'run_table1_seed',
+           'parse_cells', 'table1_cells', 'cell_file', 'one_thread_per_cell', 'run_table1_cell', 'merge_table1',
+           'run_table1_cells', 'run_table1', 'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1',
+           'FigureData', 'figure_data', 'pick_examples', 'class_label', 'model_style', 'figure_style', 'cover_figure',
+           'sharing_pairs', 'class_comparison_figure', 'assignment_overview_figure', 'params_from_namespace']
 
 # %% ../nbs/11_paper.ipynb #c005
 MODES = ('quick', 'full', 'smoke')
@@ -43,16 +43,20 @@ class PaperParams:
     probe_protocol: str = 'authors'  # authors (the paper's recipe) | dinov2 (DINOv2's linear evaluation protocol)
     require_masks: bool = True     # False: a CUB folder without segmentations/ runs (Plausibility skipped, and said so)
     stop: str = 'auto'             # stop every phase at convergence: auto (on in quick mode, off in full and smoke) | on | off
+    workers: int = 0               # Table 1 cells trained at once, one thread each (0: the CPU cores, at most 4); no effect on the numbers
 
     def __post_init__(self):
         if self.mode not in MODES: raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.probe_protocol not in ('authors', 'dinov2'):
             raise ConfigError(f"probe_protocol must be 'authors' or 'dinov2', got {self.probe_protocol!r}")
+        if self.workers < 0: raise ConfigError(f"workers must be >= 0 (0: as many as CPU cores, at most 4), got {self.workers}")
         if self.stop not in ('auto', 'on', 'off'): raise ConfigError(f"stop must be auto, on or off, got {self.stop!r}")
         if self.dataset not in PAPER_DATASETS: raise ConfigError(f"dataset must be one of {PAPER_DATASETS}, got {self.dataset!r}")
         try: self.seed_list
         except ValueError: raise ConfigError(f"seeds must be comma-separated integers, got {self.seeds!r}") from None
 
+    @property
+    def n_workers(self) -> int: return self.workers or max(1, min(4, os.cpu_count() or 1))
     @property
     def stops(self) -> bool: return self.stop == 'on' or (self.stop == 'auto' and self.mode == 'quick')
     @property
@@ -271,9 +275,21 @@ def cell_file(p: PaperParams, cell: str, seed: int) -> Path:
 def _record_json(o):
     return o.item() if hasattr(o, 'item') else str(o)
 
+@contextlib.contextmanager
+def one_thread_per_cell():
+    """Run a Table 1 cell on one thread under the reproducible numerics (CPU): its numbers then do not depend on how many
+    cells run at once (`PaperParams.workers`) or on a torchrun job's layout; with `DINOQPM_NUMERICS=native`, unchanged."""
+    import torch
+    from dinoqpm.numerics import numerics_mode
+    if numerics_mode() != 'reproducible': yield; return
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try: yield
+    finally: torch.set_num_threads(old)
+
 def run_table1_cell(p: PaperParams, cell: str, seed: int, progress=True) -> list:
     "Train (or reuse) one cell and write its records beside its runs; returns the records."
-    recs = run_table1_seed(p, seed, TABLE1_CELLS[cell], progress)
+    with one_thread_per_cell(): recs = run_table1_seed(p, seed, TABLE1_CELLS[cell], progress)
     f = cell_file(p, cell, seed)
     atomic_write_text(f, json.dumps({'params': dataclasses.asdict(p), 'cell': cell, 'seed': seed, 'records': recs},
                                     default=_record_json, indent=1))    # NaN kept as NaN: the table is the same either way
@@ -312,11 +328,35 @@ def run_table1_cells(p: PaperParams, cells, progress=True):
     from dinoqpm import distributed as D
     from dinoqpm.pipeline import extract_caches
     if cells: extract_caches(paper_config(p, cells[0][1]), progress=progress and D.is_main())   # the caches do not depend on the seed
+    if D.job_world_size() == 1 and p.n_workers > 1 and len(cells) > 1: return _run_cells_in_processes(p, cells, progress)
     with D.independently():
         for cell, seed in cells[D.job_rank()::D.job_world_size()]:
             log.info('Table 1 cell %s, seed %d (process %d of %d)', cell, seed, D.job_rank(), D.job_world_size())
             run_table1_cell(p, cell, seed, progress and D.job_rank() == 0)
     D.job_barrier()
+
+CELL_COST = {'sldd_qsenn': 4.0, 'qpm': 2.0, 'linear_probe': 0.2, 'dense_frozen': 0.2}   # rough relative training time
+
+def _cell_in_worker(p: PaperParams, cell: str, seed: int, level: int) -> str:
+    "One cell in a worker process (`_run_cells_in_processes`); logs at the parent's level, no progress bars."
+    logging.basicConfig(level=level, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    run_table1_cell(p, cell, seed, progress=False)
+    return f'{cell}, seed {seed}'
+
+def _run_cells_in_processes(p: PaperParams, cells, progress=True):
+    """Without a launcher: `p.n_workers` local processes take the cells, the costliest first; each cell runs on one thread
+    (`one_thread_per_cell`), so the numbers are those of one process doing them in turn."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from tqdm.auto import tqdm
+    order = sorted(cells, key=lambda c: -CELL_COST.get(c[0], 1.0))
+    level = logging.getLogger('dinoqpm').getEffectiveLevel()
+    log.info('Table 1: %d cells in %d processes, one thread each', len(order), p.n_workers)
+    with ProcessPoolExecutor(p.n_workers, mp_context=multiprocessing.get_context('spawn')) as ex:
+        futures = [ex.submit(_cell_in_worker, p, cell, seed, level) for cell, seed in order]
+        with tqdm(total=len(futures), desc='Table 1 cells', disable=not progress) as bar:
+            for f in as_completed(futures):
+                log.info('Table 1 cell %s finished', f.result()); bar.update(1)
 
 def run_table1(p: PaperParams, rows=TABLE1_ROWS, progress=True) -> pd.DataFrame:
     "The tidy Table 1 results of every seed (one row per method and seed): every cell run (or reused), then merged."
