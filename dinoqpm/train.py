@@ -496,9 +496,9 @@ class ConvergenceRule:
     window: float = 0.1           # the window: this share of the epochs run so far ...
     min_window_steps: int = 50    # ... but at least this many optimizer steps (whole epochs)
     rtol: float = 0.05            # from one window to the next it may fall by at most this share of its size ...
-    atol: float = 0.01            # ... or by this much, whichever is larger
+    atol: float = 0.02            # ... or by this much, whichever is larger
     patience: float = 0.1         # it must have held at the end of every epoch of the last such share of the epochs ...
-    min_patience_steps: int = 200 # ... and of at least this many steps
+    min_patience_steps: int = 100 # ... and of at least this many steps
     min_steps: int = 300          # no stop before this many optimizer steps
 
     def describe(self) -> str:
