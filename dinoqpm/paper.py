@@ -188,6 +188,11 @@ def stop_summary(tidy: pd.DataFrame) -> list:
         if parts: lines.append(f'{m}: ' + '; '.join(parts))
     return lines
 
+def _under(path, root) -> str:
+    "`path` relative to `root` (the runs folder) when it lies below it: tables then read the same on every machine."
+    try: return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError: return str(path)
+
 def run_table1_seed(p: PaperParams, seed: int, rows=TABLE1_ROWS, progress=True) -> list:
     "Train/evaluate every row for one seed; returns tidy records (metric fractions plus provenance fields)."
     from dinoqpm.pipeline import run_qpm, load_caches
@@ -200,7 +205,7 @@ def run_table1_seed(p: PaperParams, seed: int, rows=TABLE1_ROWS, progress=True) 
         plaus_skip = (metrics.get('skipped') or {}).get('plausibility') if metrics.get('Plausibility') is None else None
         rec = {'method': ROW_METHOD[name], 'row': name, 'seed': seed, 'dataset': cfg.data.dataset, 'backbone': cfg.backbone.name,
                **{k: metrics.get(k) for k in _KEEP}, **_convergence_fields(metrics), 'plausibility_skipped': plaus_skip,
-               'model_file': str(model_file), **extra}
+               'model_file': _under(model_file, p.runs_path), **extra}
         records.append(rec)
         log.info('%s seed %d: %s; converged: %s', ROW_METHOD[name], seed, {k: rec[k] for k in ('Accuracy', 'Plausibility', 'SID@5')},
                  rec['converged'] or rec['not_converged'])

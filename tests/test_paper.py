@@ -113,7 +113,7 @@ def test_table1_numbers_match_an_independent_computation(shared):
     y = np.asarray(test.labels)
     checked = set()
     for r in per_seed.itertuples():
-        model = load_model(r.model_file)
+        model = load_model(p.runs_path / r.model_file)            # relative to the runs folder
         out = extract_features(model, test, with_maps=True)
         W = model.head_weight().detach().numpy()
         rel = np.nonzero((W != 0).any(0))[0]                                 # the metrics see the relevant features only
