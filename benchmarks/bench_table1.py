@@ -221,9 +221,9 @@ def part_tokens(work: Path, seeds: str) -> dict:
     from dinoqpm.train import load_model
     designs = {'earlier demo: efficientnet_lite0, 448 px, 1280-d tokens, adapter width 256':
                ({'backbone.name': 'efficientnet_lite0', 'data.img_size': 448, 'adapter.hidden': 256}, [0]),
-               'this demo at adapter width 128: efficientnet_lite0_os16, 224 px, 320-d tokens':
-               ({'adapter.hidden': 128}, [int(s) for s in seeds.split(',')]),
-               'this demo: efficientnet_lite0_os16, 224 px, 320-d tokens, adapter width 64':
+               'this demo at adapter width 64: efficientnet_lite0_os16, 224 px, 320-d tokens':
+               ({'adapter.hidden': 64}, [int(s) for s in seeds.split(',')]),
+               'this demo: efficientnet_lite0_os16, 224 px, 320-d tokens, adapter width 32':
                ({}, [int(s) for s in seeds.split(',')])}
     out = {}
     for i, (name, (over, seed_list)) in enumerate(designs.items()):

@@ -269,7 +269,7 @@ def demo_config(**overrides) -> RunConfig:
         seed=0,
         data=DataConfig(dataset='SynthBirds', preprocessing='paper', img_size=224),
         backbone=BackboneConfig(name='efficientnet_lite0_os16'),
-        adapter=AdapterConfig(n_layers=2, hidden=64, n_features=64),
+        adapter=AdapterConfig(n_layers=2, hidden=32, n_features=64),
         dense=replace(DENSE_DEFAULTS, epochs=470, stop_at_convergence=True),
         finetune=replace(FINETUNE_DEFAULTS, epochs=106, stop_at_convergence=True),
         qp=QPConfig(n_select=20, n_per_class=5, time_limit=60.0))
