@@ -526,11 +526,12 @@ def _cumulative_steps(history) -> np.ndarray:
     "Optimizer steps after each epoch (`step` of the rows; a history without it counts one step per epoch)."
     return np.array([r.get('step') or i + 1 for i, r in enumerate(history)], dtype=np.int64)
 
-def criterion_series(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE) -> dict:
+def criterion_series(history: Sequence[dict], rule: Optional[ConvergenceRule] = None) -> dict:
     """The rule judged after every epoch `t = 1..T` from the first `t` rows alone (so a resumed run judges as an
     uninterrupted one): arrays `window` (epochs), `judged`, `holds`, `improvement` (the previous window's mean minus
     the last one's), `scale` (the last window's mean size), `streak` (consecutive epochs it held), `patience` (epochs
-    it must have held) and `steps`."""
+    it must have held) and `steps`. `rule`: default `CONVERGENCE_RULE`, read at the call."""
+    rule = rule or CONVERGENCE_RULE
     T = len(history)
     vals = np.array([_monitored(r, rule.monitor) for r in history], dtype=np.float64).reshape(T, 2)
     steps = _cumulative_steps(history)
@@ -551,8 +552,9 @@ def criterion_series(history: Sequence[dict], rule: ConvergenceRule = CONVERGENC
     return {'window': w, 'judged': judged, 'holds': holds, 'improvement': improvement, 'scale': scale, 'streak': streak,
             'patience': patience, 'steps': steps}
 
-def stop_epoch(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE) -> Optional[int]:
+def stop_epoch(history: Sequence[dict], rule: Optional[ConvergenceRule] = None) -> Optional[int]:
     "The epoch (1-based) after which a phase with `stop_at_convergence` stops, or `None` if the rule never fires."
+    rule = rule or CONVERGENCE_RULE
     if not history: return None
     s = criterion_series(history, rule)
     fire = np.nonzero((s['streak'] >= s['patience']) & (s['steps'] >= rule.min_steps))[0]
@@ -563,13 +565,14 @@ def _total_change(history, rule) -> Optional[float]:
     s = criterion_series(history, replace(rule, monitor='train_loss'))
     return float(s['improvement'][-1] / max(s['scale'][-1], 1e-12)) if len(history) and s['judged'][-1] else None
 
-def convergence(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RULE, budget_epochs: Optional[int] = None,
+def convergence(history: Sequence[dict], rule: Optional[ConvergenceRule] = None, budget_epochs: Optional[int] = None,
                 stop_at_convergence: bool = False) -> dict:
     """The convergence record of a phase from its per-epoch `history`: `epochs`, `steps`, `budget_epochs`,
     `budget_steps`, the final train loss, cross-entropy and accuracy, `rel_change` (the judged quantity's fall over the
     last window, relative to its size; > 0 while it falls), `loss_rel_change` (the same for the whole objective),
     `converged` (the rule held over the patience window at the end) and, if not, `reason`; `stopped_at_convergence`
     and `stop` (where and why the phase ended)."""
+    rule = rule or CONVERGENCE_RULE
     n = len(history)
     last = history[-1] if n else {}
     steps = int(_cumulative_steps(history)[-1]) if n else 0
@@ -577,7 +580,7 @@ def convergence(history: Sequence[dict], rule: ConvergenceRule = CONVERGENCE_RUL
     out = {'epochs': n, 'steps': steps, 'budget_epochs': budget_epochs, 'budget_steps': budget_steps,
            'final_train_loss': last.get('train_loss'), 'final_train_ce': last.get('train_ce'),
            'final_train_acc': last.get('train_acc'), 'rel_change': None, 'loss_rel_change': None, 'converged': False,
-           'stop_at_convergence': bool(stop_at_convergence), 'stopped_at_convergence': False, 'criterion': CONVERGENCE_CRITERION}
+           'stop_at_convergence': bool(stop_at_convergence), 'stopped_at_convergence': False, 'criterion': f'converged: {rule.describe()}'}
     if not n: return {**out, 'reason': 'no epoch was trained'}
     s = criterion_series(history, rule)
     if s['judged'][-1]: out['rel_change'] = float(s['improvement'][-1] / max(s['scale'][-1], 1e-12))
