@@ -24,3 +24,47 @@ def _isolated_process_state():
     if threads is not None: sys.modules['torch'].set_num_threads(threads)
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def _snapshot(folder) -> dict:
+    "Every file below `folder` with its size and SHA-256 (lock files aside: a reader may take a lock)."
+    import hashlib
+    from pathlib import Path
+    return {str(p.relative_to(folder)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(Path(folder).rglob('*')) if p.is_file() and p.name != '.dinoqpm.lock'}
+
+
+@pytest.fixture(scope='session')
+def smoke(tmp_path_factory):
+    """One finished smoke run for the session (`dinoqpm.pipeline.smoke_run`: 4 SynthBirds classes, the random test ViT,
+    `eval_mode='fast'`) with its data, weights and cache, its configuration as `smoke.yaml`, its export (`model/`) and four
+    test images (`images/`), shared by the tests and notebooks (`$DINOQPM_SMOKE_RUN`) that only read them. A test that
+    changes one of them works on a copy; the session ends with a check that nobody wrote into the shared folder."""
+    import json, shutil
+    from types import SimpleNamespace
+    import yaml
+    from dinoqpm.config import config_to_dict
+    from dinoqpm.export import export_model
+    from dinoqpm.pipeline import smoke_run
+    root = tmp_path_factory.mktemp('smoke')
+    sr = smoke_run(root)
+    (root / 'smoke.yaml').write_text(yaml.safe_dump(config_to_dict(sr['cfg'])))
+    out = export_model(sr['run_dir'], root / 'model', cache_root=sr['cache_root'], progress=False)
+    images = root / 'images'; images.mkdir()
+    for p in sorted((sr['data_root'] / 'SynthBirds' / 'CUB_200_2011' / 'images').rglob('*.png'))[:4]: shutil.copy(p, images / p.name)
+    before = _snapshot(root)
+    yield SimpleNamespace(root=root, cfg=sr['cfg'], data=sr['data_root'], weights=sr['weights_dir'], cache=sr['cache_root'],
+                          run=sr['run_dir'], yaml=root / 'smoke.yaml', out=out, images=images,
+                          card=json.loads((out / 'explanation.json').read_text()))
+    after = _snapshot(root)
+    assert after == before, f'a test wrote into the shared smoke folder {root}: ' + \
+        ', '.join(sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)))
+
+
+@pytest.fixture(scope='session')
+def synthbirds_default(tmp_path_factory):
+    "The default SynthBirds (20 classes, 600 images: the embedded demo's data) in a data root, generated once; read only."
+    from dinoqpm.data import load_dataset
+    root = tmp_path_factory.mktemp('synthbirds_default')
+    load_dataset('SynthBirds', 'train', root=root, progress=False)
+    return root
