@@ -8,7 +8,7 @@ os.environ.setdefault('TQDM_DISABLE', '1')
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 import dinoqpm  # noqa: E402,F401  first, before any test module imports torch: the numerics pins apply to this process and
                 # (through the environment) to every process it starts (dinoqpm.numerics)
-import logging, sys  # noqa: E402
+import gc, logging, sys  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -16,7 +16,10 @@ import pytest  # noqa: E402
 def _isolated_process_state():
     """What one test changes in this process is undone for the next: torch's thread count (a test may set one thread;
     then an in-process result would differ in its last bits from the same computation in a subprocess) and the root
-    logger's handlers (an in-process `dinoqpm` command line binds one to the stream pytest captured for that test)."""
+    logger's handlers (an in-process `dinoqpm` command line binds one to the stream pytest captured for that test).
+    And what is alive when a test starts (modules, fixtures) is frozen out of the cyclic GC: the QP collects twice per
+    solve (`dinoqpm.qp.solver_gc_guard`), which otherwise walks the whole test session's heap each time (0.3 s)."""
+    gc.collect(); gc.freeze()
     threads = sys.modules['torch'].get_num_threads() if 'torch' in sys.modules else None
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level

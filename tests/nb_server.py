@@ -10,7 +10,7 @@ answers on stdout, `{"pid": child}` when the child started and `{"exit": code}` 
 stderr go to the request's `log` file; `env` replaces the environment, the working directory is the notebook's folder.
 """
 import dinoqpm  # noqa: F401  first: the numerics pins (dinoqpm.numerics), as in the notebooks' own processes
-import atexit, importlib, json, os, pkgutil, sys, traceback
+import atexit, gc, importlib, json, os, pkgutil, sys, traceback
 from pathlib import Path
 
 PRELOAD = ['numpy', 'torch', 'torch.nn', 'torch.nn.functional', 'PIL.Image', 'pandas', 'scipy.optimize', 'matplotlib',
@@ -50,6 +50,7 @@ def child(req: dict):
 
 def main():
     preload()
+    gc.collect(); gc.freeze()      # the imports are never garbage: a full collection (the QP runs two per solve) skips them
     print(json.dumps({'ready': os.getpid()}), flush=True)
     for line in sys.stdin:
         if not line.strip(): continue
