@@ -66,8 +66,11 @@ def smoke(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def synthbirds_default(tmp_path_factory):
-    "The default SynthBirds (20 classes, 600 images: the embedded demo's data) in a data root, generated once; read only."
+    """The default SynthBirds (20 classes, 600 images: the embedded demo's data) in a data root, generated once and shared
+    by the tests that only read it (checked at the end of the session)."""
     from dinoqpm.data import load_dataset
     root = tmp_path_factory.mktemp('synthbirds_default')
     load_dataset('SynthBirds', 'train', root=root, progress=False)
-    return root
+    before = _snapshot(root)
+    yield root
+    assert _snapshot(root) == before, f'a test wrote into the shared SynthBirds {root}'
