@@ -2,10 +2,12 @@ import os
 # Tests never reach the network and stay quiet.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 os.environ.setdefault('TQDM_DISABLE', '1')
-# OpenMP threads that wait for work sleep instead of spinning: on a busy machine (more runnable threads than cores) a
-# spinning waiter makes every small two-thread torch op up to ~100x slower. Scheduling only: the results keep their bits.
-# Inherited by every process the tests start (notebooks, the command line, torchrun workers).
+# Threads that wait for work sleep instead of spinning, OpenMP's (torch, MKL) and OpenBLAS's (numpy, scipy, scikit-learn):
+# on a busy machine (more runnable threads than cores) a spinning waiter makes every small two-thread op up to ~100x
+# slower. Scheduling only: the results keep their bits. Inherited by every process the tests start (notebooks, the
+# command line, torchrun workers).
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+os.environ.setdefault('OPENBLAS_THREAD_TIMEOUT', '4')      # spin 2^4 cycles, not OpenBLAS's default 2^28, before sleeping
 import dinoqpm  # noqa: E402,F401  first, before any test module imports torch: the numerics pins apply to this process and
                 # (through the environment) to every process it starts (dinoqpm.numerics)
 import gc, logging, sys  # noqa: E402
