@@ -17,10 +17,10 @@ from dataclasses import replace
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'default_run_dir', 'dataset_label',
-           'init_run_dir', 'find_run_config', 'dataset_kwargs', 'extract_caches', 'load_caches', 'validate_run_config',
-           'run_dir_lock', 'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
-           'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config']
+__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV', 'default_run_dir',
+           'dataset_label', 'init_run_dir', 'find_run_config', 'dataset_kwargs', 'extract_caches', 'load_caches',
+           'validate_run_config', 'run_dir_lock', 'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once',
+           'write_class_names', 'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config', 'smoke_run']
 
 # %% ../nbs/09_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -363,3 +363,20 @@ def smoke_config(data_root, weights_dir, **overrides) -> RunConfig:
                     finetune=replace(FINETUNE_DEFAULTS, epochs=2, batch_size=8),
                     qp=QPConfig(n_select=6, n_per_class=2, time_limit=20.0))
     return update_config(cfg, overrides) if overrides else cfg
+
+# %% ../nbs/09_pipeline.ipynb #c025
+SMOKE_RUN_ENV = 'DINOQPM_SMOKE_RUN'
+
+def smoke_run(folder=None) -> dict:
+    """A finished `smoke_config` run in `folder` (default `$DINOQPM_SMOKE_RUN`, else a new temporary folder): reused if it
+    is there with this configuration (nothing is written then), trained (`eval_mode='fast'`) otherwise. Returns `cfg`,
+    `root`, `data_root`, `weights_dir`, `cache_root`, `run_dir`, `dense_model` and `model`. Treat it as read-only."""
+    import tempfile
+    root = Path(folder or os.environ.get(SMOKE_RUN_ENV) or tempfile.mkdtemp(prefix='dinoqpm_smoke_'))
+    cfg = smoke_config(root / 'data', root / 'weights')
+    run_dir = root / 'smoke'
+    finished = (run_dir / 'results_finetune.json').exists() and (run_dir / CONFIG_FILE).exists() and not [
+        k for k in config_diff(_read_run_config(run_dir / CONFIG_FILE), config_to_dict(cfg)) if k not in NEUTRAL_KEYS]
+    if not finished: run_qpm(cfg, run_dir, cache_root=root / 'cache', eval_mode='fast', progress=False)
+    return {'cfg': cfg, 'root': root, 'data_root': root / 'data', 'weights_dir': root / 'weights', 'cache_root': root / 'cache',
+            'run_dir': run_dir, 'dense_model': run_dir / 'dense_model.pt', 'model': run_dir / 'finetune_model.pt'}

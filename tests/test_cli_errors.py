@@ -7,8 +7,6 @@ import numpy as np
 import pytest, yaml
 
 from dinoqpm.cli import main
-from dinoqpm.config import config_to_dict
-from dinoqpm.pipeline import smoke_config
 
 
 def snapshot(*folders) -> dict:
@@ -28,26 +26,20 @@ def cli(capsys, *argv) -> tuple:
     return code, capsys.readouterr().err
 
 
-@pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    """A trained smoke run (written by `dinoqpm train`), its config file, data, weights and cache, shared by the cases;
-    each case works on copies where it changes something."""
-    d = tmp_path_factory.mktemp('world')
-    cfg = smoke_config(d / 'data', d / 'weights')
-    (d / 'smoke.yaml').write_text(yaml.safe_dump(config_to_dict(cfg)))
-    r = subprocess.run([sys.executable, '-m', 'dinoqpm', '--log-level', 'WARNING', 'train', '--config', str(d / 'smoke.yaml'),
-                        '--run-dir', str(d / 'run'), '--cache-root', str(d / 'cache'), '--eval-mode', 'fast', '--no-progress'],
-                       capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE='1'), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    imgs = d / 'images'; imgs.mkdir()
-    src = sorted((d / 'data' / 'SynthBirds' / 'CUB_200_2011' / 'images').rglob('*.png'))[0]
-    shutil.copy(src, imgs / 'bird.png')
-    return d
+@pytest.fixture
+def world(smoke):
+    """The session's trained smoke run (tests/conftest.py: `smoke/`), its config file `smoke.yaml`, data, weights, cache and
+    a few test images (`images/`), shared by the cases; each case works on copies where it changes something."""
+    return smoke.root
 
 
 def copy_run(world, tmp_path) -> Path:
-    shutil.copytree(world / 'run', tmp_path / 'run')
+    shutil.copytree(world / 'smoke', tmp_path / 'run')
     return tmp_path / 'run'
+
+
+def a_bird(world) -> Path:
+    return sorted((world / 'images').glob('*.png'))[0]
 
 
 def train_args(world, tmp_path, *extra, run=None):
@@ -95,7 +87,7 @@ CASES = {
     'img_size_not_a_patch_multiple': (lambda w, t: train_args(w, t, '--set', 'data.img_size=50'), 'data.img_size=50 is not a multiple of the patch size 14'),
     'invalid_yaml': (lambda w, t: ['train', '--config', (t / 'b.yaml', (t / 'b.yaml').write_text('dense: [1\n'))[0]], 'b.yaml is not valid YAML'),
     'eval_mode_bogus_train': (lambda w, t: train_args(w, t, '--eval-mode', 'bogus'), "unknown metric id(s) ['bogus']"),
-    'eval_mode_bogus_evaluate': (lambda w, t: ['evaluate', '--model-path', w / 'run', '--eval-mode', 'bogus'], "unknown metric id(s) ['bogus']"),
+    'eval_mode_bogus_evaluate': (lambda w, t: ['evaluate', '--model-path', w / 'smoke', '--eval-mode', 'bogus'], "unknown metric id(s) ['bogus']"),
     'run_dir_is_a_file': (lambda w, t: train_args(w, t, run=(t / 'afile', (t / 'afile').write_text('x'))[0]), 'afile is a file, not a folder'),
     'solver_gurobi': (lambda w, t: train_args(w, t, '--set', 'qp.solver=gurobi'), "unknown solver 'gurobi' (qp.solver)"),
     'n_per_class_too_large': (lambda w, t: train_args(w, t, '--set', 'qp.n_per_class=7'), 'qp.n_select=6: must be >= qp.n_per_class (7)'),
@@ -105,9 +97,9 @@ CASES = {
     'weights_of_another_architecture': (lambda w, t: train_args(w, t, *_bad_weights(w, t, 'other'), '--cache-root', t / 'cache'), 'could not be converted for vit_small_patch14_reg4_dinov2'),
     'dataset_missing_classes_txt': (lambda w, t: train_args(w, t, *_broken_cub(w, t, 'classes'), '--cache-root', t / 'cache'), 'classes.txt (expected at'),
     'dataset_label_99': (lambda w, t: train_args(w, t, *_broken_cub(w, t, 'label'), '--cache-root', t / 'cache'), 'label 99 outside the class range 1..4'),
-    'inference_batch_size_zero': (lambda w, t: ['inference', '--model-path', w / 'run', '--image-path', w / 'images', '--output-json', t / 'o.json', '--batch-size', '0'], 'argument --batch-size: must be a positive integer'),
-    'inference_top_k_zero': (lambda w, t: ['inference', '--model-path', w / 'run', '--image-path', w / 'images', '--output-json', t / 'o.json', '--top-k', '0'], 'argument --top-k: must be a positive integer'),
-    'inference_top_k_negative': (lambda w, t: ['inference', '--model-path', w / 'run', '--image-path', w / 'images', '--output-json', t / 'o.json', '--top-k', '-1'], 'argument --top-k: must be a positive integer'),
+    'inference_batch_size_zero': (lambda w, t: ['inference', '--model-path', w / 'smoke', '--image-path', w / 'images', '--output-json', t / 'o.json', '--batch-size', '0'], 'argument --batch-size: must be a positive integer'),
+    'inference_top_k_zero': (lambda w, t: ['inference', '--model-path', w / 'smoke', '--image-path', w / 'images', '--output-json', t / 'o.json', '--top-k', '0'], 'argument --top-k: must be a positive integer'),
+    'inference_top_k_negative': (lambda w, t: ['inference', '--model-path', w / 'smoke', '--image-path', w / 'images', '--output-json', t / 'o.json', '--top-k', '-1'], 'argument --top-k: must be a positive integer'),
     'model_path_is_backbone_weights': (lambda w, t: ['inference', '--model-path', w / 'weights' / 'dinov2_test_tiny_pretrain.pth', '--image-path', w / 'images', '--output-json', t / 'o.json'], 'looks like backbone weights'),
     'evaluate_not_a_run': (lambda w, t: ['evaluate', '--model-path', w / 'images'], 'images is not a dinoqpm run directory (it has no config.json)'),
 }
@@ -244,8 +236,8 @@ def test_huge_images_are_drawn_at_a_sane_size(world, tmp_path):
     from PIL import Image
     from dinoqpm.inference import MAX_VIZ_SIDE, run_inference
     imgs = tmp_path / 'big'; imgs.mkdir()
-    Image.open(world / 'images' / 'bird.png').convert('RGB').resize((3000, 2400)).save(imgs / 'big.png')
-    rep = run_inference(world / 'run', imgs, tmp_path / 'o.json', progress=False)
+    Image.open(a_bird(world)).convert('RGB').resize((3000, 2400)).save(imgs / 'big.png')
+    rep = run_inference(world / 'smoke', imgs, tmp_path / 'o.json', progress=False)
     for f in rep['predictions'][0]['visualisation'].values():
         assert max(Image.open(f).size) <= MAX_VIZ_SIDE * 8, f          # a feature row holds up to 8 panels side by side
     assert max(Image.open(rep['predictions'][0]['visualisation']['cam']).size) == MAX_VIZ_SIDE

@@ -357,10 +357,12 @@ def test_synthbirds_settings_mismatch(tmp_path):
     with pytest.raises(ValueError, match='images_per_class'): make_synthbirds(tmp_path / 'x', images_per_class=1)
 
 
-def test_synthbirds_default_stats(tmp_path):
-    """The hard-coded DATASET_STATS['SynthBirds'] is what compute_mean_std gives on the default SynthBirds."""
-    tr = load_dataset('SynthBirds', 'train', root=tmp_path, progress=False)
-    assert (tr.n_classes, len(tr) + len(load_dataset('SynthBirds', 'test', root=tmp_path))) == (20, 600)
+def test_synthbirds_default_stats(synthbirds_default):
+    """The hard-coded DATASET_STATS['SynthBirds'] is what compute_mean_std gives on the default SynthBirds (generated with the
+    default settings by `load_dataset`: the session's, tests/conftest.py)."""
+    root = synthbirds_default
+    tr = load_dataset('SynthBirds', 'train', root=root, progress=False)
+    assert (tr.n_classes, len(tr) + len(load_dataset('SynthBirds', 'test', root=root))) == (20, 600)
     mean, std = compute_mean_std(tr, img_size=224)
     assert np.allclose(mean, DATASET_STATS["SynthBirds"][0], atol=5e-4), mean
     assert np.allclose(std, DATASET_STATS["SynthBirds"][1], atol=5e-4), std

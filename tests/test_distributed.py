@@ -14,12 +14,25 @@ WORKER = HERE / 'dist_worker.py'
 ARRAYS = ('patch', 'cls', 'labels', 'image_ids', 'masks', 'masks_dilated')
 
 
-def launch(args, nproc=None, cwd=None):
-    "The worker in one process (`nproc=None`) or under `torchrun --standalone --nproc-per-node nproc`."
+def start(args, nproc=None, cwd=None) -> subprocess.Popen:
+    "The worker in one process (`nproc=None`) or under `torchrun --standalone --nproc-per-node nproc`, started."
     env = dict(os.environ, HF_HUB_OFFLINE='1', TQDM_DISABLE='1', OMP_NUM_THREADS='1')
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'): env.pop(k, None)
     pre = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', str(nproc)] if nproc else [sys.executable]
-    return subprocess.run([*pre, str(WORKER), *map(str, args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([*pre, str(WORKER), *map(str, args)], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(p: subprocess.Popen) -> subprocess.CompletedProcess:
+    "Wait for a job of `start` (ten minutes at most): its exit code and output."
+    try: out, err = p.communicate(timeout=600)
+    except subprocess.TimeoutExpired: p.kill(); raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def launch(args, nproc=None, cwd=None):
+    "The worker in one process (`nproc=None`) or under `torchrun --standalone --nproc-per-node nproc`, to its end."
+    return finish(start(args, nproc, cwd))
 
 
 @pytest.fixture(scope='module')
@@ -44,14 +57,16 @@ def test_sharded_extraction_is_byte_identical_and_resumes_after_a_killed_rank(wo
     t = world
     one = arrays(t / 'c_one')
     assert len(one) == 2 * len(ARRAYS)
-    r = launch(['extract', t / 'smoke.yaml', t / 'c_two'], nproc=2)
+    two_job = start(['extract', t / 'smoke.yaml', t / 'c_two'], nproc=2)
+    kill_job = start(['extract', t / 'smoke.yaml', t / 'c_kill', 1, 1], nproc=2)   # beside it: rank 1 dies after its first chunk
+    r = finish(two_job)
     assert r.returncode == 0, r.stderr[-3000:]
     two = arrays(t / 'c_two')
     assert two.keys() == one.keys() and all(two[k] == one[k] for k in one), [k for k in one if two.get(k) != one[k]]
     man = json.loads(next((t / 'c_two').rglob('train/manifest.json')).read_text())
     assert man['extraction']['processes'] == 2
 
-    r = launch(['extract', t / 'smoke.yaml', t / 'c_kill', 1, 1], nproc=2)   # rank 1 dies after its first chunk
+    r = finish(kill_job)
     assert r.returncode != 0
     partial = next((t / 'c_kill').rglob('train.partial'))
     done = sorted(int(p.name) for p in (partial / 'chunks').iterdir())
@@ -72,10 +87,9 @@ def _state(run, name):
 
 def test_data_parallel_training_matches_one_process_and_only_rank_0_writes(world):
     t = world
-    r = launch(['train', t / 'smoke.yaml', t / 'c_one', t / 'run_one', t / 'w_one.json'])
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = launch(['train', t / 'smoke.yaml', t / 'c_one', t / 'run_two', t / 'w_two.json'], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    one_job = start(['train', t / 'smoke.yaml', t / 'c_one', t / 'run_one', t / 'w_one.json'])
+    two_job = start(['train', t / 'smoke.yaml', t / 'c_one', t / 'run_two', t / 'w_two.json'], nproc=2)   # beside it
+    for r in (finish(one_job), finish(two_job)): assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((t / 'w_two.json').read_text()) == []                     # rank 1 wrote nothing in the run directory
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob('*') if p.is_file())
     assert files(t / 'run_two') == files(t / 'run_one')

@@ -3,7 +3,6 @@ model's predictions equal to the run directory's bit for bit (Python and `dinoqp
 error, the explorer page in a real browser (headless Chromium), and the paper notebook that exports the demo model."""
 import contextlib, io, json, os, shutil, subprocess, sys
 from pathlib import Path
-from types import SimpleNamespace
 import papermill as pm, pytest, torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,36 +20,27 @@ def main_in_process(*args):
     with contextlib.redirect_stderr(err): code = main(['--log-level', 'ERROR', *map(str, args)])
     return code, err.getvalue()
 
-@pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-    "A smoke run (4 SynthBirds classes, the random test ViT; seconds) and its export."
-    from dinoqpm.pipeline import smoke_config, run_qpm
-    from dinoqpm.export import export_model
-    d = tmp_path_factory.mktemp('export')
-    cfg = smoke_config(d / 'data', d / 'weights')
-    run = run_qpm(cfg, d / 'run', cache_root=d / 'cache', progress=False, eval_mode='fast')['run_dir']
-    out = export_model(run, d / 'model', cache_root=d / 'cache', progress=False)
-    images = d / 'images'; images.mkdir()
-    for p in sorted((d / 'data' / 'SynthBirds' / 'CUB_200_2011' / 'images').rglob('*.png'))[:4]: shutil.copy(p, images / p.name)
-    return SimpleNamespace(d=d, cfg=cfg, run=run, out=out, images=images,
-                           card=json.loads((out / 'explanation.json').read_text()))
+@pytest.fixture
+def exported(smoke):
+    "The session's smoke run (4 SynthBirds classes, the random test ViT; tests/conftest.py) and its export; read only."
+    return smoke
 
 def _files(folder):
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob('*') if p.is_file())
 
-def test_cli_export_is_byte_identical_and_inference_equals_the_run(exported):
+def test_cli_export_is_byte_identical_and_inference_equals_the_run(exported, tmp_path):
     e = exported
-    r = dinoqpm('export', '--model-path', e.run, '--out', e.d / 'cli_model', '--cache-root', e.d / 'cache', cwd=e.d)
+    r = dinoqpm('export', '--model-path', e.run, '--out', tmp_path / 'cli_model', '--cache-root', e.cache, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _files(e.d / 'cli_model') == _files(e.out)
-    for f in _files(e.out): assert (e.d / 'cli_model' / f).read_bytes() == (e.out / f).read_bytes(), f
-    code, err = main_in_process('inference', '--model-path', e.run, '--image-path', e.images, '--output-json', e.d / 'pred_run.json')
+    assert _files(tmp_path / 'cli_model') == _files(e.out)
+    for f in _files(e.out): assert (tmp_path / 'cli_model' / f).read_bytes() == (e.out / f).read_bytes(), f
+    code, err = main_in_process('inference', '--model-path', e.run, '--image-path', e.images, '--output-json', tmp_path / 'pred_run.json')
     assert code == 0, err
-    code, err = main_in_process('inference', '--model-path', e.d / 'cli_model', '--weights-dir', e.d / 'weights',
-                                '--image-path', e.images, '--output-json', e.d / 'pred_export.json')
+    code, err = main_in_process('inference', '--model-path', tmp_path / 'cli_model', '--weights-dir', e.weights,
+                                '--image-path', e.images, '--output-json', tmp_path / 'pred_export.json')
     assert code == 0, err
     keys = ('image_path', 'pred_class', 'pred_class_name', 'pred_confidence', 'topk_classes', 'topk_confidences', 'features_shown')
-    a, b = (json.loads((e.d / f).read_text())['predictions'] for f in ('pred_run.json', 'pred_export.json'))
+    a, b = (json.loads((tmp_path / f).read_text())['predictions'] for f in ('pred_run.json', 'pred_export.json'))
     assert len(a) == 4 and [{k: p[k] for k in keys} for p in a] == [{k: p[k] for k in keys} for p in b]
 
 def test_load_pretrained_predicts_bit_for_bit(exported):
@@ -58,9 +48,9 @@ def test_load_pretrained_predicts_bit_for_bit(exported):
     from dinoqpm.data import load_dataset
     from dinoqpm.inference import Predictor
     e = exported
-    model = dinoqpm.load_pretrained(e.out, device='cpu', weights_dir=e.d / 'weights')
+    model = dinoqpm.load_pretrained(e.out, device='cpu', weights_dir=e.weights)
     ref = Predictor(e.run, device='cpu')
-    ds = load_dataset('SynthBirds', 'test', root=e.d / 'data', require_masks=False)
+    ds = load_dataset('SynthBirds', 'test', root=e.data, require_masks=False)
     x = torch.stack([model.transform(ds.load_image(i)) for i in range(len(ds))])
     got, want = model.predict(x), ref.predict(x)
     assert torch.equal(got.logits, want.logits) and torch.equal(got.maps, want.maps)
@@ -82,9 +72,9 @@ def test_the_folder_is_hub_shaped_and_pickle_free(exported):
     assert meta['library_name'] == 'dinoqpm' and 'demo' in meta['tags']
     cfg = json.loads((e.out / 'config.json').read_text())
     from dinoqpm.cache import weights_fingerprint
-    assert cfg['backbone']['weights_sha256'] == weights_fingerprint(next((e.d / 'weights').iterdir()))['sha256']
-    assert cfg['run_config']['data']['root'] is None and str(e.d) not in (e.out / 'config.json').read_text()
-    assert str(e.d) not in (e.out / 'explanation.json').read_text()          # no path of the training machine
+    assert cfg['backbone']['weights_sha256'] == weights_fingerprint(next(e.weights.iterdir()))['sha256']
+    assert cfg['run_config']['data']['root'] is None and str(e.root) not in (e.out / 'config.json').read_text()
+    assert str(e.root) not in (e.out / 'explanation.json').read_text()          # no path of the training machine
 
 def test_refusals_are_one_line_errors(exported, tmp_path):
     e = exported
@@ -93,25 +83,25 @@ def test_refusals_are_one_line_errors(exported, tmp_path):
     code, err = main_in_process('export', '--model-path', half, '--out', tmp_path / 'x')
     assert code == 2 and 'has not finished its finetune stage' in err and len(err.splitlines()) == 1, err
     mine = tmp_path / 'mine'; mine.mkdir(); (mine / 'thesis.tex').write_text('mine')
-    code, err = main_in_process('export', '--model-path', e.run, '--out', mine, '--cache-root', e.d / 'cache')
+    code, err = main_in_process('export', '--model-path', e.run, '--out', mine, '--cache-root', e.cache)
     assert code == 2 and 'not a dinoqpm export (it holds thesis.tex)' in err, err
     assert sorted(p.name for p in mine.iterdir()) == ['thesis.tex'] and (mine / 'thesis.tex').read_text() == 'mine'
     bad = Path(shutil.copytree(e.out, tmp_path / 'corrupt'))
     (bad / 'model.safetensors').write_bytes((bad / 'model.safetensors').read_bytes()[:-7])
     infer = lambda model, *extra: main_in_process('inference', '--model-path', model, '--image-path', e.images,
                                                   '--output-json', tmp_path / 'p.json', *extra)
-    code, err = infer(bad, '--weights-dir', e.d / 'weights')
+    code, err = infer(bad, '--weights-dir', e.weights)
     assert code == 2 and 'model.safetensors is corrupt or was changed' in err, err
     empty = tmp_path / 'no_weights'; empty.mkdir()
     code, err = infer(e.out, '--weights-dir', empty)
     assert code == 2 and 'not found' in err and e.card['backbone'] in err, err
     other = tmp_path / 'other_weights'; other.mkdir()
-    wf = next((e.d / 'weights').iterdir())
+    wf = next(e.weights.iterdir())
     (other / wf.name).write_bytes(wf.read_bytes()[:-1] + bytes([wf.read_bytes()[-1] ^ 1]))
     code, err = infer(e.out, '--weights-dir', other)
     want = json.loads((e.out / 'config.json').read_text())['backbone']['weights_sha256']
     assert code == 2 and 'not the weights this model was trained on' in err and want in err and str(other / wf.name) in err, err
-    code, err = infer(e.out, '--weights-dir', e.d / 'weights', '--mode', 'dense')
+    code, err = infer(e.out, '--weights-dir', e.weights, '--mode', 'dense')
     assert code == 2 and 'finetuned model only' in err, err
     code, err = main_in_process('export', '--model-path', e.run, '--out', tmp_path / 'y', '--prototypes', '0')
     assert code == 2 and '--prototypes must be at least 1' in err, err

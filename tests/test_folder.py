@@ -1,8 +1,10 @@
 """Your own images end to end: a class-folder tree trained from the command line with and without masks, the folder
 reader checked against the CUB reader (a cache of the folder copy is the CUB cache byte for byte), and bad folders
-refused before any work with an error that names the file."""
-import csv, json, os, shutil, subprocess, sys
+refused before any work with an error that names the file. The first training runs `python -m dinoqpm` as a user does, as
+does one refusal; the other commands run `dinoqpm.cli.main` (the same code) in this process, which is faster."""
+import contextlib, csv, io, json, os, shutil, subprocess, sys
 from pathlib import Path
+from types import SimpleNamespace
 import numpy as np
 import pytest, yaml
 from PIL import Image
@@ -33,6 +35,22 @@ def dinoqpm(*args, cwd, **env):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.fixture
+def cli(monkeypatch):
+    """`dinoqpm ARGS` as `dinoqpm(...)` runs it, but in this process (`dinoqpm.cli.main`, the code behind `python -m
+    dinoqpm`), in `cwd` and with the environment variables `env`: an object with `returncode` and `stderr`."""
+    from dinoqpm.cli import main
+    def run(*args, cwd, **env):
+        monkeypatch.chdir(cwd)
+        for k, v in env.items(): monkeypatch.setenv(k, v)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try: code = main(['--log-level', 'WARNING', *map(str, args)])
+            except SystemExit as e: code = e.code                  # argparse's own errors
+        return SimpleNamespace(returncode=code, stderr=err.getvalue())
+    return run
+
+
 def test_folder_cache_is_the_cub_cache_byte_for_byte(world):
     t, mine = world
     kw = dict(weights_dir=t / 'weights', preprocessing='imagenet', img_size=56, progress=False)
@@ -53,7 +71,7 @@ def _smoke_yaml(t):
     return p
 
 
-def test_train_on_my_images_with_masks(world):
+def test_train_on_my_images_with_masks(world, cli):
     t, mine = world
     run = t / 'run_masks'
     r = dinoqpm('train', '--config', _smoke_yaml(t), '--data', mine, '--run-dir', run, '--cache-root', t / 'cache', cwd=t)
@@ -72,27 +90,27 @@ def test_train_on_my_images_with_masks(world):
     assert cfg['data']['dataset'] == 'folder' and cfg['data']['root'] == str(mine.resolve())
 
     img = next(p for p in (mine / 'test').rglob('*') if p.is_file())
-    r = dinoqpm('inference', '--model-path', run, '--image-path', img, '--output-json', t / 'pred.json',
-                '--no-visualize-feature-maps', cwd=t)
+    r = cli('inference', '--model-path', run, '--image-path', img, '--output-json', t / 'pred.json',
+            '--no-visualize-feature-maps', cwd=t)
     assert r.returncode == 0, r.stderr[-3000:]
     pred = json.loads((t / 'pred.json').read_text())['predictions'][0]
     assert pred['pred_class_name'] in names
 
-    r = dinoqpm('export', '--model-path', run, '--out', t / 'shared', '--cache-root', t / 'cache', '--prototypes', 2,
-                '--examples', 1, cwd=t)                                       # a model of your images, shareable
+    r = cli('export', '--model-path', run, '--out', t / 'shared', '--cache-root', t / 'cache', '--prototypes', 2,
+            '--examples', 1, cwd=t)                                           # a model of your images, shareable
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((t / 'shared' / 'class_names.json').read_text()) == names
     assert all(n in (t / 'shared' / 'index.html').read_text() for n in names)
 
 
-def test_train_on_my_images_without_masks_and_seeded_split(world):
+def test_train_on_my_images_without_masks_and_seeded_split(world, cli):
     t, mine = world
     flat = t / 'flat_birds'                                       # one folder per class, no split, no masks
     for p in (mine / 'train').iterdir(): shutil.copytree(p, flat / p.name)
     for p in (mine / 'test').iterdir(): shutil.copytree(p, flat / p.name, dirs_exist_ok=True)
     (flat / 'README.txt').write_text('my birds')
     env = dict(DINOQPM_RUNS=str(t / 'runs'), DINOQPM_DATA=str(t / 'dataroot'))
-    r = dinoqpm('train', '--config', _smoke_yaml(t), '--data', flat, '--set', 'data.test_fraction=0.25', cwd=t, **env)
+    r = cli('train', '--config', _smoke_yaml(t), '--data', flat, '--set', 'data.test_fraction=0.25', cwd=t, **env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'not images' in r.stderr and 'README.txt' in r.stderr                 # the skipped file is named
     run = t / 'runs' / 'folder-flat_birds' / 'dinov2_test_tiny' / 'qpm' / '0'
@@ -157,11 +175,12 @@ BAD = [(_case_missing, 'is not a folder'), (_case_one_class, 'single class folde
        (_case_orphan_mask, 'masks/b/gone.png belongs to no image'), (_case_case_only, 'differ only in case: A, a')]
 
 @pytest.mark.parametrize('make,expect', BAD, ids=[f.__name__[6:] for f, _ in BAD])
-def test_bad_folders_are_refused_before_any_work(tmp_path, make, expect):
+def test_bad_folders_are_refused_before_any_work(tmp_path, cli, make, expect):
+    "Each case in this process; the corrupt image through `python -m dinoqpm`, as a user meets it."
     d = make(tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
-    r = dinoqpm('train', '--demo', '--data', d, '--run-dir', tmp_path / 'run', cwd=tmp_path,
-                DINOQPM_DATA=str(tmp_path / 'dataroot'))
+    r = (dinoqpm if make is _case_corrupt else cli)('train', '--demo', '--data', d, '--run-dir', tmp_path / 'run', cwd=tmp_path,
+                                                   DINOQPM_DATA=str(tmp_path / 'dataroot'))
     assert r.returncode == 2 and expect in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before       # nothing written
 
@@ -185,23 +204,23 @@ def test_moving_an_image_between_splits_makes_a_new_cache(world):
     assert samples_fingerprint(load_dataset('folder', 'train', root=d)) != before
 
 
-def test_the_set_form_of_the_issue(world):
+def test_the_set_form_of_the_issue(world, cli):
     "`dinoqpm train --set data.dataset=folder --set data.root=PATH` (here on the smoke configuration)."
     t, mine = world
     run = t / 'run_set'
-    r = dinoqpm('train', '--config', _smoke_yaml(t), '--set', 'data.dataset=folder', '--set', f'data.root={mine}',
-                '--run-dir', run, '--cache-root', t / 'cache', cwd=t)
+    r = cli('train', '--config', _smoke_yaml(t), '--set', 'data.dataset=folder', '--set', f'data.root={mine}',
+            '--run-dir', run, '--cache-root', t / 'cache', cwd=t)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run / 'results_finetune.json').read_text())
     assert 'Accuracy' in res and 'Plausibility' in res
 
 
-def test_folder_dataset_needs_a_root(tmp_path):
-    r = dinoqpm('train', '--demo', '--set', 'data.dataset=folder', cwd=tmp_path, DINOQPM_DATA=str(tmp_path / 'd'))
+def test_folder_dataset_needs_a_root(tmp_path, cli):
+    r = cli('train', '--demo', '--set', 'data.dataset=folder', cwd=tmp_path, DINOQPM_DATA=str(tmp_path / 'd'))
     assert r.returncode == 2 and 'needs data.root' in r.stderr
 
 
-def test_timm_backbone_from_a_file_on_my_images(world):
+def test_timm_backbone_from_a_file_on_my_images(world, cli):
     "Any timm model from a local file, end to end on a folder dataset (random weights saved as .safetensors)."
     import timm
     from safetensors.torch import save_file
@@ -210,9 +229,9 @@ def test_timm_backbone_from_a_file_on_my_images(world):
     m = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0)
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, f)
     run = t / 'run_timm'
-    r = dinoqpm('train', '--config', _smoke_yaml(t), '--data', mine, '--set', 'backbone.name=timm:vit_tiny_patch16_224',
-                '--set', f'backbone.weights_file={f}', '--set', 'data.img_size=64', '--run-dir', run,
-                '--cache-root', t / 'cache', cwd=t)
+    r = cli('train', '--config', _smoke_yaml(t), '--data', mine, '--set', 'backbone.name=timm:vit_tiny_patch16_224',
+            '--set', f'backbone.weights_file={f}', '--set', 'data.img_size=64', '--run-dir', run,
+            '--cache-root', t / 'cache', cwd=t)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((run / 'results_finetune.json').read_text())
     assert res['backbone'] == 'timm:vit_tiny_patch16_224' and res['paper_backbone'] is False and 'Plausibility' in res

@@ -66,11 +66,24 @@ def _dinoqpm(*args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
+def _dinoqpm_in_process(*args, cwd):
+    "As `_dinoqpm`, but `dinoqpm.cli.main` (the code behind `python -m dinoqpm`) in this process: `returncode`, `stderr`."
+    import contextlib, io, os
+    from types import SimpleNamespace
+    from dinoqpm.cli import main
+    err, here = io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err): code = main(['--log-level', 'WARNING', *map(str, args)])
+    finally: os.chdir(here)
+    return SimpleNamespace(returncode=code, stderr=err.getvalue())
+
+
 def test_table1_merge_writes_the_same_table_without_training(shared, tmp_path):
     """`dinoqpm table1 --merge` reads the cells the notebook ran: the same table, byte for byte, and no model file touched."""
     if not (shared / 'figures' / 'table1.csv').exists(): _run(ROOT / 'nbs' / 'paper' / 'run_table1.ipynb', shared, seeds='0')
     models = {p: p.stat().st_mtime_ns for p in (shared / 'runs').rglob('*.pt')}
-    r = _dinoqpm('table1', '--merge', '--set', 'mode=smoke', '--set', 'seeds=0', '--set', f'runs_root={shared / "runs"}', '--set',
+    r = _dinoqpm_in_process('table1', '--merge', '--set', 'mode=smoke', '--set', 'seeds=0', '--set', f'runs_root={shared / "runs"}', '--set',
                  f'out_dir={tmp_path / "merged"}', cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ('table1.csv', 'table1_per_seed.csv', 'table1.md'):
@@ -79,19 +92,20 @@ def test_table1_merge_writes_the_same_table_without_training(shared, tmp_path):
 
 
 def test_table1_one_cell_then_merge_names_the_missing_cells(tmp_path):
+    "The cell through `python -m dinoqpm`, the refusals after it in this process."
     args = ('--set', 'mode=smoke', '--set', 'seeds=0', '--set', f'runs_root={tmp_path / "runs"}', '--set', f'out_dir={tmp_path / "fig"}')
     r = _dinoqpm('table1', '--only', 'method=dense_frozen,seed=0', *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p.name for p in (tmp_path / 'runs' / 'SynthBirds' / 'dinov2_test_tiny').iterdir())
     assert runs == ['dense_frozen']                                         # only that cell's run directory
     assert not (tmp_path / 'fig').exists()
-    r = _dinoqpm('table1', '--merge', *args, cwd=tmp_path)
+    r = _dinoqpm_in_process('table1', '--merge', *args, cwd=tmp_path)
     assert r.returncode == 2 and '3 Table 1 cell(s) are not finished' in r.stderr and 'method=qpm,seed=0' in r.stderr
-    r = _dinoqpm('table1', '--only', 'method=svm', *args, cwd=tmp_path)
+    r = _dinoqpm_in_process('table1', '--only', 'method=svm', *args, cwd=tmp_path)
     assert r.returncode == 2 and "unknown method 'svm'" in r.stderr
     cell = next((tmp_path / 'runs').rglob('table1_dense_frozen.json'))
     cell.write_text('{"params": ')                                          # a truncated cell file
-    r = _dinoqpm('table1', '--merge', *args, cwd=tmp_path)
+    r = _dinoqpm_in_process('table1', '--merge', *args, cwd=tmp_path)
     assert r.returncode == 2 and f'{cell} is damaged' in r.stderr and 'Traceback' not in r.stderr, r.stderr
     assert '--only method=dense_frozen,seed=0' in r.stderr
 

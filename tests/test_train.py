@@ -52,16 +52,19 @@ def _same(a, b):
 
 def test_sigkill_and_resume_gives_identical_weights(tmp_path):
     rng = random.Random(0)
-    ref = _start(tmp_path / 'ref')
-    out, err = ref.communicate(timeout=600)
-    assert ref.returncode == 0, err[-3000:]
-    kills = 0
-    for watch in ('dense/checkpoint.pt', 'finetune/checkpoint.pt'):
+    ref = _start(tmp_path / 'ref')                                  # the uninterrupted reference, beside the killed runs
+    try:
+        kills = 0
+        for watch in ('dense/checkpoint.pt', 'finetune/checkpoint.pt'):
+            p = _start(tmp_path / 'run')
+            kills += _kill_when(p, tmp_path / 'run' / watch, rng)   # a checkpoint after every epoch (DINOQPM_CHECKPOINT_SECONDS=0)
         p = _start(tmp_path / 'run')
-        kills += _kill_when(p, tmp_path / 'run' / watch, rng)       # a checkpoint after every epoch (DINOQPM_CHECKPOINT_SECONDS=0)
-    p = _start(tmp_path / 'run')
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        out, err = ref.communicate(timeout=600)
+        assert ref.returncode == 0, err[-3000:]
+    finally:
+        if ref.poll() is None: ref.kill(); ref.wait()
     assert kills >= 1, 'no run was killed mid-way: the test data is too small for this machine'
     a = torch.load(tmp_path / 'ref' / 'result.pt', weights_only=True)
     b = torch.load(tmp_path / 'run' / 'result.pt', weights_only=True)

@@ -154,12 +154,13 @@ def test_end_to_end_with_more_than_128_classes(tmp_path):
 
 # ------------------------------------------------------------------ the probe against scikit-learn on the demo cache
 @pytest.fixture(scope='module')
-def demo_caches(tmp_path_factory):
-    "The embedded demo's caches (default SynthBirds through EfficientNet-Lite0 at output stride 16, 224 px), built once for this module."
+def demo_caches(tmp_path_factory, synthbirds_default):
+    """The embedded demo's caches (the session's default SynthBirds, tests/conftest.py, through EfficientNet-Lite0 at output
+    stride 16, 224 px), built once for this module."""
     from dinoqpm.config import demo_config
     from dinoqpm.pipeline import load_caches
     d = tmp_path_factory.mktemp('demo')
-    cfg = demo_config(**{'data.root': str(d / 'data')})
+    cfg = demo_config(**{'data.root': str(synthbirds_default)})
     return cfg, load_caches(cfg, d / 'cache', progress=False)
 
 
