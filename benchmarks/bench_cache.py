@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-from dinoqpm import backbone as B
-from dinoqpm.cache import build_feature_cache, FeatureCache, save_feature_cache, open_feature_cache
+from dinoqpm.features import backbone as B
+from dinoqpm.features import build_feature_cache, FeatureCache, save_feature_cache, open_feature_cache
 from dinoqpm.core import atomic_write_json, provenance, get_device
 from dinoqpm.data import load_dataset, make_transform
 
@@ -108,7 +108,7 @@ def bench_reads(n, grid, dim, batch_size, steps, device, adapter_steps):
         if device.type == 'cuda': torch.cuda.synchronize()
         res[f'read_samples_per_s_{label}'] = got / (time.perf_counter() - t)
     # the adapter's training step at the paper's size on the same batch size
-    from dinoqpm.adapter import DinoQPMModel
+    from dinoqpm.model import DinoQPMModel
     from dinoqpm.config import AdapterConfig
     model = DinoQPMModel(dim, 200, AdapterConfig(), grid=grid).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -151,7 +151,7 @@ def main(argv=None):
     try:
         load_dataset('SynthBirds', 'train', root=work, n_classes=a.n_classes, images_per_class=a.images_per_class, img_size=256, progress=False)
         wdir = work / 'weights'; wdir.mkdir()
-        from dinoqpm.cache import _default_workers
+        from dinoqpm.features.cache import _default_workers
         workers = _default_workers() if a.num_workers is None else a.num_workers
         extraction = []
         for name in a.backbones:

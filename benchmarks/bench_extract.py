@@ -21,9 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dinoqpm.core import atomic_write_json, provenance, setup_logging
-from dinoqpm.backbone import create_backbone
+from dinoqpm.features import create_backbone
 from dinoqpm.data import load_dataset, make_transform
-from dinoqpm.cache import extract_tokens
+from dinoqpm.features import extract_tokens
 
 
 def rate(fn, n_images, repeat=2):

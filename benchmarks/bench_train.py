@@ -1,7 +1,7 @@
 """Training throughput from the memory-mapped feature cache vs. one tensor file per image (the reference's layout).
 
 Both loaders feed the same model, loss (CE + L_div) and schedule-free AdamW step in the same process. The cache is a
-real on-disk `dinoqpm.cache` folder opened as memory maps; the per-image loader reads `feat_map.pt` and `feat_vec.pt`
+real on-disk `dinoqpm.features.cache` folder opened as memory maps; the per-image loader reads `feat_map.pt` and `feat_vec.pt`
 (fp16) with `torch.load` for every sample through a `torch.utils.data.DataLoader`, as the reference's `DinoData` does.
 Both read from a warm page cache (the files were just written). Reported: samples/s of the data path alone and of
 full training steps, per adapter size. Writes JSON to benchmarks/results/train.json (not part of the test suite).
@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from dinoqpm.config import AdapterConfig, DENSE_DEFAULTS
 from dinoqpm.core import atomic_write_json, get_device, provenance
-from dinoqpm.cache import FeatureCache, save_feature_cache, open_feature_cache
-from dinoqpm.adapter import DinoQPMModel
-from dinoqpm.losses import feature_diversity_loss
+from dinoqpm.features import FeatureCache, save_feature_cache, open_feature_cache
+from dinoqpm.model import DinoQPMModel
+from dinoqpm.model import feature_diversity_loss
 from dinoqpm.train import TokenDataset, iter_batches, epoch_order, make_optimizer, _opt_mode
 
 ADAPTERS = {'probe': AdapterConfig(n_layers=0),                                 # linear probe on pooled patch tokens (no MLP)

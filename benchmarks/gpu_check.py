@@ -37,8 +37,8 @@ def bare_forward(bb, dev, batch, size, precision, n=8):
     return batch * n / (time.perf_counter() - t)
 
 def extraction(name, weights_dir, data_root, img_size, precision, dev, batch, tmp, limit):
-    from dinoqpm.backbone import create_backbone
-    from dinoqpm.cache import extract_tokens, open_feature_cache
+    from dinoqpm.features import create_backbone
+    from dinoqpm.features import extract_tokens, open_feature_cache
     from dinoqpm.data import load_dataset, make_transform
     ds = load_dataset('SynthBirds', 'train', root=data_root, transform=make_transform('paper', 'SynthBirds', img_size))
     if limit: ds.samples = ds.samples[:limit]; ds.relpaths = ds.relpaths[:limit]
@@ -70,7 +70,7 @@ def main():
            'torch': torch.__version__, 'cuda': torch.version.cuda, 'cpu_count': os.cpu_count()}
     try:
         import timm
-        from dinoqpm.backbone import meta_state_dict
+        from dinoqpm.features import meta_state_dict
         from dinoqpm.data import load_dataset
         wd, data = tmp / 'weights', tmp / 'data'
         wd.mkdir()

@@ -49,7 +49,7 @@ def smoke(tmp_path_factory):
     from types import SimpleNamespace
     import yaml
     from dinoqpm.config import config_to_dict
-    from dinoqpm.export import export_model
+    from dinoqpm.share import export_model
     from dinoqpm.pipeline import smoke_run
     root = tmp_path_factory.mktemp('smoke')
     sr = smoke_run(root)

@@ -36,7 +36,7 @@ def main():
     rank = int(os.environ.get('RANK', 0))
     if cmd == 'extract':
         from dinoqpm import distributed as D
-        from dinoqpm.cache import get_feature_cache
+        from dinoqpm.features import get_feature_cache
         from dinoqpm.config import load_config
         D.init_distributed('cpu')
         cfg = load_config(config)

@@ -24,8 +24,8 @@ def fixture_digests() -> dict:
     schedule-free AdamW) on seeded synthetic tokens; `tokens_sha256`: the demo backbone's tokens of two seeded random
     images (oneDNN's convolutions)."""
     import torch
-    from dinoqpm.backbone import create_backbone
-    from dinoqpm.cache import FeatureCache
+    from dinoqpm.features import create_backbone
+    from dinoqpm.features import FeatureCache
     from dinoqpm.config import AdapterConfig, DENSE_DEFAULTS, RunConfig
     from dinoqpm.numerics import numerics_record
     from dinoqpm.train import make_token_data, train_dense

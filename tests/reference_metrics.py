@@ -1,4 +1,4 @@
-"""Metrics written from the specification (method.md §5, §13) in plain numpy, without calling dinoqpm.metrics, so a test
+"""Metrics written from the specification (method.md §5, §13) in plain numpy, without calling dinoqpm.evaluation.metrics, so a test
 can check the numbers that reach a table against an independent computation."""
 import numpy as np
 

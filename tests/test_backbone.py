@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import timm
-from dinoqpm import backbone as B
+from dinoqpm.features import backbone as B
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ progress file to exactly the result of an uninterrupted fit."""
 import os, signal, subprocess, sys, time
 from pathlib import Path
 import torch
-from dinoqpm.glm import GLMConfig, select_features, fit_path
+from dinoqpm.baselines import GLMConfig, select_features, fit_path
 
 CFG = GLMConfig(max_epochs=60, select_k=40, path_k=40, batch_size=64)
 
@@ -19,7 +19,7 @@ import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_baselines import toy, CFG
-from dinoqpm.glm import select_features, fit_path
+from dinoqpm.baselines import select_features, fit_path
 X, y = toy()
 if sys.argv[1] == 'select': select_features(X, y, 12, cfg=CFG, seed=5, checkpoint=sys.argv[2])
 else: fit_path(X[:, :10], y, cfg=CFG, seed=5, checkpoint=sys.argv[2])
@@ -72,7 +72,7 @@ def test_every_row_on_synthbirds(tmp_path):
     and every row gets its metrics from `evaluate`, with the dataset's masks, attributes and part maps."""
     from dinoqpm.pipeline import smoke_config, load_caches, run_qpm
     from dinoqpm.baselines import run_baseline
-    from dinoqpm.glm import GLMConfig
+    from dinoqpm.baselines import GLMConfig
     torch.set_num_threads(1)
     cfg = smoke_config(tmp_path / 'data', tmp_path / 'weights')
     caches = load_caches(cfg, tmp_path / 'cache', progress=False)

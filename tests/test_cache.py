@@ -3,8 +3,8 @@ import json, os, subprocess, sys, textwrap, threading, time
 from pathlib import Path
 import numpy as np
 import pytest
-from dinoqpm import backbone as B
-from dinoqpm import cache as C
+from dinoqpm.features import backbone as B
+from dinoqpm.features import cache as C
 from dinoqpm.data import load_dataset
 
 ARRAYS = ('patch', 'cls', 'labels', 'image_ids', 'masks', 'masks_dilated')
@@ -31,8 +31,8 @@ def same(a, b):
 KILLER = '''
 import os, signal, sys
 from pathlib import Path
-import dinoqpm.backbone as B
-from dinoqpm.cache import build_feature_cache
+import dinoqpm.features.backbone as B
+from dinoqpm.features import build_feature_cache
 calls = [0]
 orig = B.FrozenBackbone.forward
 def forward(self, x):

@@ -234,7 +234,7 @@ def test_a_later_stage_setting_reuses_the_earlier_stages(world, tmp_path, capsys
 def test_huge_images_are_drawn_at_a_sane_size(world, tmp_path):
     "Explanations of an 3000 x 2400 photo are drawn on it shrunk to 1024 px (an 8000 x 8000 one once took 7.7 GB)."
     from PIL import Image
-    from dinoqpm.inference import MAX_VIZ_SIDE, run_inference
+    from dinoqpm.share import MAX_VIZ_SIDE, run_inference
     imgs = tmp_path / 'big'; imgs.mkdir()
     Image.open(a_bird(world)).convert('RGB').resize((3000, 2400)).save(imgs / 'big.png')
     rep = run_inference(world / 'smoke', imgs, tmp_path / 'o.json', progress=False)

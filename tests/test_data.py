@@ -1,4 +1,4 @@
-"""dinoqpm.data and dinoqpm.synthbirds: readers on tiny hand-written archives, every bad-input case, the reference
+"""dinoqpm.data and dinoqpm.data.synthbirds: readers on tiny hand-written archives, every bad-input case, the reference
 mask resize, preprocessing, and SynthBirds determinism and ground truth."""
 import hashlib
 from pathlib import Path
@@ -10,8 +10,8 @@ from PIL import Image
 
 from dinoqpm.data import (DATASETS, DATASET_STATS, IMAGENET_STATS, CUB2011Dataset, DatasetError, StanfordCarsDataset, compute_mean_std,
                           dilate_mask, load_dataset, make_transform, resize_mask_to_grid, resize_mask_uint8)
-from dinoqpm.synthbirds import (PART_NAMES, design_classes, load_synthbirds_truth, make_synthbirds, pair_difference,
-                                part_label_map)
+from dinoqpm.data import (PART_NAMES, design_classes, load_synthbirds_truth, make_synthbirds, pair_difference,
+                          part_label_map)
 
 
 # ---------------------------------------------------------------- tiny hand-written archives

@@ -46,7 +46,7 @@ def test_cli_export_is_byte_identical_and_inference_equals_the_run(exported, tmp
 def test_load_pretrained_predicts_bit_for_bit(exported):
     import dinoqpm
     from dinoqpm.data import load_dataset
-    from dinoqpm.inference import Predictor
+    from dinoqpm.share import Predictor
     e = exported
     model = dinoqpm.load_pretrained(e.out, device='cpu', weights_dir=e.weights)
     ref = Predictor(e.run, device='cpu')
@@ -71,7 +71,7 @@ def test_the_folder_is_hub_shaped_and_pickle_free(exported):
     meta = ModelCard.load(e.out / 'README.md').data.to_dict()
     assert meta['library_name'] == 'dinoqpm' and 'demo' in meta['tags']
     cfg = json.loads((e.out / 'config.json').read_text())
-    from dinoqpm.cache import weights_fingerprint
+    from dinoqpm.features import weights_fingerprint
     assert cfg['backbone']['weights_sha256'] == weights_fingerprint(next(e.weights.iterdir()))['sha256']
     assert cfg['run_config']['data']['root'] is None and str(e.root) not in (e.out / 'config.json').read_text()
     assert str(e.root) not in (e.out / 'explanation.json').read_text()          # no path of the training machine
@@ -125,7 +125,7 @@ def test_explorer_in_a_real_browser(exported, tmp_path):
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
-    from dinoqpm.explorer import browser_flags
+    from dinoqpm.share import browser_flags
     e, card = exported, exported.card
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium

@@ -9,13 +9,13 @@ import numpy as np
 import pytest, yaml
 from PIL import Image
 
-from dinoqpm.backbone import make_test_checkpoint
-from dinoqpm.cache import build_feature_cache, sha256_file
+from dinoqpm.features import make_test_checkpoint
+from dinoqpm.features import build_feature_cache, sha256_file
 from dinoqpm.config import config_to_dict
 from dinoqpm.data import load_dataset
-from dinoqpm.folder import export_cub_as_folder
+from dinoqpm.data import export_cub_as_folder
 from dinoqpm.pipeline import smoke_config
-from dinoqpm.synthbirds import make_synthbirds
+from dinoqpm.data import make_synthbirds
 
 
 @pytest.fixture(scope='module')
@@ -187,7 +187,7 @@ def test_bad_folders_are_refused_before_any_work(tmp_path, cli, make, expect):
 
 def test_moving_an_image_between_splits_makes_a_new_cache(world):
     t, mine = world
-    from dinoqpm.cache import samples_fingerprint
+    from dinoqpm.features import samples_fingerprint
     d = t / 'moving'
     shutil.copytree(mine, d)
     before = {s: samples_fingerprint(load_dataset('folder', s, root=d)) for s in ('train', 'test')}
@@ -238,7 +238,7 @@ def test_timm_backbone_from_a_file_on_my_images(world, cli):
     cache = [p for p in (t / 'cache' / 'folder').iterdir()]
     assert 'timm-vit_tiny_patch16_224' in {p.name for p in cache}
     # shared and loaded elsewhere: the backbone file is found by its recorded name in the receiver's weights folder
-    from dinoqpm.export import export_model, load_pretrained
+    from dinoqpm.share import export_model, load_pretrained
     out = export_model(run, t / 'shared_timm', cache_root=t / 'cache', n_prototypes=1, n_examples=1, explorer=False, progress=False)
     assert json.loads((out / 'config.json').read_text())['backbone']['weights_file'] == f.name
     img = next(p for p in (mine / 'test').rglob('*') if p.is_file())

@@ -1,4 +1,4 @@
-"""Golden and cross-check tests of dinoqpm.metrics / explain / evaluate that do not fit in the notebooks.
+"""Golden and cross-check tests of dinoqpm.evaluation.metrics / explain / evaluate that do not fit in the notebooks.
 
 The `_ref_*` functions restate the authors' metric code (method.md §5, §13: `MultiKCrossChannelMaxPooledSum` with
 `SumNMax`, `CUBSegmentationOverlapAccumulator`, `ClassIndependenceAccumulator`, `get_correlation`) as literal per-image
@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy.ndimage import binary_dilation
 
-from dinoqpm import metrics as M
-from dinoqpm.evaluate import evaluate_arrays, resolve_eval_mode
+from dinoqpm.evaluation import metrics as M
+from dinoqpm.evaluation import evaluate_arrays, resolve_eval_mode
 from dinoqpm.core import json_safe as _json_safe
 from dinoqpm.core import atomic_write_json
 from dinoqpm.data import resize_mask_uint8, dilate_mask as data_dilate_mask
@@ -240,12 +240,12 @@ def test_evaluate_synthbirds_writes_complete_json(tmp_path):
     import copy
     from dataclasses import replace
     from dinoqpm.data import load_dataset
-    from dinoqpm.backbone import make_test_checkpoint
-    from dinoqpm.cache import build_feature_cache
+    from dinoqpm.features import make_test_checkpoint
+    from dinoqpm.features import build_feature_cache
     from dinoqpm.config import RunConfig, AdapterConfig, DENSE_DEFAULTS
     from dinoqpm.train import train_dense, compute_feature_stats, save_model
-    from dinoqpm.adapter import SparseBLDDHead
-    from dinoqpm.evaluate import evaluate
+    from dinoqpm.model import SparseBLDDHead
+    from dinoqpm.evaluation import evaluate
     make_test_checkpoint(tmp_path / 'w')
     load_dataset('SynthBirds', 'train', root=tmp_path, n_classes=6, images_per_class=6, img_size=128, progress=False)
     kw = dict(root=tmp_path, weights_dir=tmp_path / 'w', img_size=112, batch_size=8, progress=False)

@@ -153,7 +153,7 @@ def test_figure_notebooks(shared, name, files):
 
 def test_figures_draw_every_feature_as_the_explorer_does(shared):
     "One style per model: the figures' colours and map levels are the exported explorer's (its card), feature by feature."
-    from dinoqpm.export import export_model
+    from dinoqpm.share import export_model
     from dinoqpm.paper import figure_data, figure_style, paper_params, row_run_dir
     p = paper_params(mode='smoke', runs_root=str(shared / 'runs'), out_dir=str(shared / 'figures'))
     d = figure_data(p, progress=False)

@@ -14,7 +14,7 @@ CHILD = textwrap.dedent(r'''
     from dataclasses import replace
     from pathlib import Path
     from dinoqpm.config import RunConfig, AdapterConfig, DENSE_DEFAULTS, FINETUNE_DEFAULTS
-    from dinoqpm.cache import FeatureCache
+    from dinoqpm.features import FeatureCache
     from dinoqpm.train import make_token_data, train_dense, finetune
     run = Path(sys.argv[1])
     cfg = RunConfig(seed=7, device='cpu', adapter=AdapterConfig(n_layers=2, hidden=128, n_features=16),
@@ -76,8 +76,8 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path):
 from dataclasses import replace
 from types import SimpleNamespace
 from dinoqpm.config import RunConfig, AdapterConfig, DENSE_DEFAULTS, FINETUNE_DEFAULTS
-from dinoqpm.cache import FeatureCache
-from dinoqpm.adapter import SparseHead
+from dinoqpm.features import FeatureCache
+from dinoqpm.model import SparseHead
 from dinoqpm.train import (make_token_data, train_dense, finetune, finetune_from_qp, load_model, TokenDataset,
                            extract_features, compute_feature_stats)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dinoqpm.adapter import DinoQPMModel
-from dinoqpm.cache import FeatureCache
+from dinoqpm.model import DinoQPMModel
+from dinoqpm.features import FeatureCache
 from dinoqpm.config import AdapterConfig, ConfigError, DENSE_DEFAULTS, RunConfig, update_config
 from dinoqpm.core import seed_everything
 from dinoqpm.train import epoch_order, load_model, make_token_data, train_dense
@@ -74,7 +74,7 @@ def test_logged_diversity_loss_weights_the_predicted_class():
 
 def test_a_model_trained_on_other_tokens_is_refused(tmp_path):
     "The phase signature holds the cache key: new backbone weights make an existing dense_model.pt an error naming the key."
-    from dinoqpm.backbone import make_test_checkpoint
+    from dinoqpm.features import make_test_checkpoint
     from dinoqpm.pipeline import load_caches, smoke_config
     cfg = smoke_config(tmp_path / 'data', tmp_path / 'weights')
     train_c, _ = load_caches(cfg, tmp_path / 'cache', progress=False)
@@ -115,7 +115,7 @@ def test_pairs_at_exactly_tau_are_penalised():
 # ------------------------------------------------------------------ the published numbers beside ours
 def test_published_table1_is_the_papers():
     "Table 1 of the paper (method.md §11.1), typed in again here: every column of both datasets."
-    from dinoqpm.viz import published_table1
+    from dinoqpm.evaluation import published_table1
     cub, cars = published_table1('CUB2011'), published_table1('StanfordCars')
     expect = {  # method: acc cub, acc cars, plaus cub, sid cub, sid cars, ci cub, ci cars, contrast cub, contrast cars
         'DINOv2 CLS linear probe': (87.9, 91.7, 42.6, 50.9, 51.5, 99.2, 99.1, 59.2, 60.9),
@@ -165,7 +165,7 @@ def demo_caches(tmp_path_factory, synthbirds_default):
 
 
 def _standardised(cache, mean, std):
-    from dinoqpm.cache import FeatureCache
+    from dinoqpm.features import FeatureCache
     return FeatureCache.from_arrays(np.asarray(cache.patch), ((np.asarray(cache.cls) - mean) / std).astype(np.float32),
                                     cache.labels, cache.grid, cache.n_classes)
 
