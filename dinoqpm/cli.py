@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, demo_config, load_config, parse_overrides, update_config
 from .core import setup_logging, UserError, describe_os_error
+# Each command imports the rooms it uses when it runs, so that `dinoqpm --help` answers without importing torch or any
+# without importing torch (tests/test_layers.py allows imports inside functions here and in the package's top only).
 
 log = logging.getLogger(__name__)
 

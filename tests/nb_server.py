@@ -20,7 +20,8 @@ PRELOAD = ['numpy', 'torch', 'torch.nn', 'torch.nn.functional', 'PIL.Image', 'pa
 def preload():
     """Import, and nothing else: no torch op runs here, so no OpenMP thread pool exists to be lost in a fork. A module that
     cannot be imported (an optional dependency missing) is left to the notebooks that need it, to fail there as before."""
-    names = PRELOAD + [f'dinoqpm.{m.name}' for m in pkgutil.iter_modules(dinoqpm.__path__) if m.name != '__main__']
+    modules = pkgutil.walk_packages(dinoqpm.__path__, 'dinoqpm.', onerror=lambda name: None)   # every room, every module
+    names = PRELOAD + [m.name for m in modules if not m.name.endswith('__main__')]
     for name in names:
         try: importlib.import_module(name)
         except Exception as e: print(f'nb_server: not preloaded: {name} ({type(e).__name__}: {e})', file=sys.stderr)

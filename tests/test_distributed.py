@@ -1,6 +1,6 @@
 """torchrun on the CPU (gloo, 2 processes) on the smoke configuration: sharded extraction gives the single-process
 cache byte for byte and survives a killed rank (resumed with another number of processes), data-parallel training
-matches one process within the tolerance stated in nbs/04_train.ipynb, and only rank 0 writes the run directory."""
+matches one process within the tolerance stated in nbs/05_train.ipynb, and only rank 0 writes the run directory."""
 import json, os, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np
