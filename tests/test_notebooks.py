@@ -3,7 +3,7 @@
 Each notebook runs in its own process (nbdev's in-process runner), so state, threads and memory never leak from one
 notebook into the next. The processes are forked from one that has done the imports they all share, and nothing else
 (tests/nb_server.py): each notebook starts where a new process would be after its imports, without paying for them.
-A notebook that calls `smoke_run()` (09a, 12, 12a) reads the session's finished smoke run (tests/conftest.py, passed as
+A notebook that calls `smoke_run()` (07, 09a, 09b, 09c) reads the session's finished smoke run (tests/conftest.py, passed as
 `$DINOQPM_SMOKE_RUN`) instead of training its own.
 """
 import json, os, queue, signal, subprocess, sys, threading
