@@ -28,12 +28,13 @@ LAYERS = [
     ['dinoqpm.paper'],                     # the paper's tables and figures
     ['dinoqpm.cli'],                       # the command line
     ['dinoqpm.__main__'],                  # `python -m dinoqpm`
-    ['dinoqpm'],                           # the package's top level: `dinoqpm.load_pretrained`, may reach into any room
+    ['dinoqpm',                            # the package's top level: `dinoqpm.load_pretrained`, may reach into any room
+     'dinoqpm._modidx'],                   # nbdev's index of names (imports nothing)
 ]
 # where an import inside a function is allowed, and why
 LAZY_IMPORTS = {
     'dinoqpm': '`import dinoqpm` stays cheap (no torch): `load_pretrained` is resolved on first use',
-    'dinoqpm.cli': 'each command imports its rooms when it runs: `dinoqpm --help` and argument errors need no torch',
+    'dinoqpm.cli': 'each command imports its rooms when it runs: `dinoqpm --help` needs neither torch nor any room',
 }
 
 
@@ -83,11 +84,13 @@ def scan(root: Path, package: str = PACKAGE) -> tuple:
 
 
 def room_of(module: str, layers=LAYERS) -> tuple:
-    "`(row, room)` of a module: its room is the longest room name that is the module or a package above it."
+    """`(row, room)` of a module: its room is the longest room name that is the module or a package above it (the
+    package itself is a room of its top level only, so a new module outside every room is named, not let through)."""
     best = None
     for row, rooms in enumerate(layers):
         for room in rooms:
-            if (module == room or module.startswith(room + '.')) and (best is None or len(room) > len(best[1])):
+            inside = module == room or (module.startswith(room + '.') and '.' in room)
+            if inside and (best is None or len(room) > len(best[1])):
                 best = (row, room)
     if best is None: raise LookupError(f'{module} is in no room of LAYERS: add it to its room (tests/test_layers.py)')
     return best
@@ -209,3 +212,5 @@ def test_rooms_side_by_side_may_not_import_each_other():
     ring = [Import('p.x', 'p.y', '', 1, False), Import('p.y', 'p.z', '', 1, False), Import('p.z', 'p.x', '', 1, False)]
     assert import_cycles(ring) == ['p.x -> p.y -> p.z -> p.x']
     with pytest.raises(LookupError, match='p.e is in no room'): room_of('p.e', layers)
+    with pytest.raises(LookupError, match='dinoqpm.newthing is in no room'): room_of('dinoqpm.newthing')
+    assert room_of('dinoqpm.data.folder') == (4, 'dinoqpm.data') and room_of('dinoqpm')[1] == 'dinoqpm'
