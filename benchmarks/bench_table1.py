@@ -24,6 +24,7 @@ import dinoqpm  # noqa: F401  (pins the numerics before torch is imported)
 import argparse, json, os, statistics, subprocess, sys, time
 from pathlib import Path
 import numpy as np
+from dinoqpm.core import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ('run_table1', 'run_fig_cover', 'run_fig_classes', 'run_export')
@@ -125,17 +126,20 @@ def heldout_split(cache, fraction: float, seed: int):
     return mk(fit), mk(held)
 
 
-def part_heldout(work: Path, seeds: str) -> dict:
+HISTORY_KEYS = ('step', 'train_loss', 'train_ce', 'train_div', 'train_sparsity', 'heldout_acc')
+
+
+def heldout_seed(work: Path, seeds: str, seed: int) -> list:
+    "One seed of part `heldout`: every phase of every row to its whole budget on 80 % of the training split."
     from dinoqpm.baselines import train_dense_frozen, train_linear_probe, train_qsenn, train_sldd
     from dinoqpm.glm import GLMConfig
-    from dinoqpm.paper import QUICK_STEPS, paper_config, paper_params, steps_to_epochs
+    from dinoqpm.paper import QUICK_STEPS, one_thread_per_cell, paper_config, paper_params, steps_to_epochs
     from dinoqpm.pipeline import load_caches
     from dinoqpm.qp import qp_constants, solve_qp
-    from dinoqpm.train import CONVERGENCE_RULE, eval_accuracy, extract_features, finetune, stop_epoch, train_dense
-    from dinoqpm.config import update_config
+    from dinoqpm.train import eval_accuracy, extract_features, finetune, load_model, stop_epoch, train_dense
     p = paper_params(seeds=seeds, stop='off', data_root=str(work / 'data'), runs_root=str(work / 'runs_heldout'))
-    out = {'rule': CONVERGENCE_RULE.describe(), 'fraction_held_out': 0.2, 'phases': []}
-    for seed in p.seed_list:
+    out = []
+    with one_thread_per_cell():
         cfg = paper_config(p, seed)                               # the quick budgets, stop off: every phase to its cap
         train, _ = load_caches(cfg, progress=False)
         fit, held = heldout_split(train, 0.2, seed)
@@ -156,7 +160,6 @@ def part_heldout(work: Path, seeds: str) -> dict:
         r = train_sldd(cfg, fit, held, rd / 'sq', dense_epochs=e('sldd_dense', cfg.dense.batch_size),
                        finetune_epochs=e('finetune', cfg.finetune.batch_size), glm=glm, progress=False, on_epoch_end=[watch],
                        evaluate_kwargs=ev)
-        from dinoqpm.train import load_model
         hist['DINO-SLDD dense'], hist['DINO-SLDD finetune'] = load_model(rd / 'sq' / 'dense_model.pt').history, r.info['history']
         r = train_qsenn(cfg, fit, held, rd / 'sq', dense_epochs=e('sldd_dense', cfg.dense.batch_size),
                         finetune_epochs=e('qsenn_iteration', cfg.finetune.batch_size), glm=glm, progress=False,
@@ -168,11 +171,26 @@ def part_heldout(work: Path, seeds: str) -> dict:
                                                   progress=False, on_epoch_end=[watch], evaluate_kwargs=ev).info['history']
         for phase, h in hist.items():
             t = stop_epoch(h) or len(h)
-            out['phases'].append({'seed': seed, 'phase': phase, 'stop_epoch': t, 'epochs': len(h), 'stop_step': h[t - 1]['step'],
-                                  'budget_steps': h[-1]['step'], 'heldout_acc_at_stop': h[t - 1]['heldout_acc'],
-                                  'heldout_acc_at_end': h[-1]['heldout_acc'],
-                                  'heldout_acc_best': max(r['heldout_acc'] for r in h),
-                                  'heldout_acc': [round(r['heldout_acc'], 4) for r in h]})
+            out.append({'seed': seed, 'phase': phase, 'stop_epoch': t, 'epochs': len(h), 'stop_step': h[t - 1]['step'],
+                        'budget_steps': h[-1]['step'], 'heldout_acc_at_stop': h[t - 1]['heldout_acc'],
+                        'heldout_acc_at_end': h[-1]['heldout_acc'], 'heldout_acc_best': max(r['heldout_acc'] for r in h),
+                        'history': [{k: r.get(k) for k in HISTORY_KEYS} for r in h]})
+    return out
+
+
+def part_heldout(work: Path, seeds: str) -> dict:
+    """Every seed in a worker process of its own, on one thread (as Table 1's cells), two at a time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from dinoqpm.train import CONVERGENCE_RULE
+    from dinoqpm.paper import paper_config, paper_params
+    from dinoqpm.pipeline import load_caches
+    seed_list = [int(s) for s in seeds.split(',')]
+    load_caches(paper_config(paper_params(seeds=seeds, data_root=str(work / 'data')), seed_list[0]), progress=False)  # data, caches
+    out = {'rule': CONVERGENCE_RULE.describe(), 'fraction_held_out': 0.2, 'phases': []}
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn')) as ex:
+        for phases in ex.map(heldout_seed, [work] * len(seed_list), [seeds] * len(seed_list), seed_list):
+            out['phases'] += phases
     by = {}
     for r in out['phases']: by.setdefault(r['phase'], []).append(r)
     out['summary'] = {ph: {'mean_stop_over_end': float(np.mean([r['heldout_acc_at_stop'] - r['heldout_acc_at_end'] for r in v])),
@@ -182,6 +200,8 @@ def part_heldout(work: Path, seeds: str) -> dict:
     for s in out['summary'].values():
         s['as_good_as_the_budget'] = s['seed_spread_at_end'] is not None and s['mean_stop_over_end'] >= -s['seed_spread_at_end']
     out['every_phase_as_good_as_the_budget'] = all(s['as_good_as_the_budget'] for s in out['summary'].values())
+    atomic_write_json(work / 'heldout_histories.json', out)            # the histories, to judge other rules on them later
+    for r in out['phases']: r['heldout_acc'] = [round(x['heldout_acc'], 4) for x in r.pop('history')]
     return out
 
 
