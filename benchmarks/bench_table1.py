@@ -13,7 +13,8 @@ demo's tokens were chosen. Writes benchmarks/results/table1.json (not part of th
 - heldout: the rule validated where it may be, on held-out *training* images, never on test images: per seed a
   stratified 20 % of the training split is held out, every phase of every row trains on the other 80 % for its whole
   budget with the held-out accuracy after every epoch, and the rule is applied to that history afterwards (it only ever
-  looks at the epochs before): held-out accuracy where it stops against at the end of the budget.
+  looks at the epochs before): held-out accuracy where it stops against at the end of the budget. The histories are kept
+  in `<work>/heldout_histories.json`; part `rejudge` applies the current rules to them again without training.
 - numerics: the demo's DINO-QPM dense phase for a fixed number of epochs, with the numerics pins and without
   (`DINOQPM_NUMERICS=native`), in alternating fresh processes.
 - tokens: the demo's token choice: the earlier demo (EfficientNet-Lite0 at 448 px, 1280-d tokens, adapter width 256)
@@ -126,7 +127,7 @@ def heldout_split(cache, fraction: float, seed: int):
     return mk(fit), mk(held)
 
 
-HISTORY_KEYS = ('step', 'train_loss', 'train_ce', 'train_div', 'train_sparsity', 'heldout_acc')
+HISTORY_KEYS = ('step', 'train_loss', 'train_ce', 'train_div', 'train_sparsity', 'train_acc', 'heldout_acc')
 
 
 def heldout_seed(work: Path, seeds: str, seed: int) -> list:
@@ -136,7 +137,7 @@ def heldout_seed(work: Path, seeds: str, seed: int) -> list:
     from dinoqpm.paper import QUICK_STEPS, one_thread_per_cell, paper_config, paper_params, steps_to_epochs
     from dinoqpm.pipeline import load_caches
     from dinoqpm.qp import qp_constants, solve_qp
-    from dinoqpm.train import eval_accuracy, extract_features, finetune, load_model, stop_epoch, train_dense
+    from dinoqpm.train import eval_accuracy, extract_features, finetune, load_model, train_dense
     p = paper_params(seeds=seeds, stop='off', data_root=str(work / 'data'), runs_root=str(work / 'runs_heldout'))
     out = []
     with one_thread_per_cell():
@@ -170,11 +171,44 @@ def heldout_seed(work: Path, seeds: str, seed: int) -> list:
         hist['Dense F^froz'] = train_dense_frozen(cfg, fit, held, rd / 'frozen', epochs=e('probe', cfg.dense.batch_size),
                                                   progress=False, on_epoch_end=[watch], evaluate_kwargs=ev).info['history']
         for phase, h in hist.items():
-            t = stop_epoch(h) or len(h)
-            out.append({'seed': seed, 'phase': phase, 'stop_epoch': t, 'epochs': len(h), 'stop_step': h[t - 1]['step'],
-                        'budget_steps': h[-1]['step'], 'heldout_acc_at_stop': h[t - 1]['heldout_acc'],
+            out.append({'seed': seed, 'phase': phase, 'epochs': len(h), 'budget_steps': h[-1]['step'],
                         'heldout_acc_at_end': h[-1]['heldout_acc'], 'heldout_acc_best': max(r['heldout_acc'] for r in h),
                         'history': [{k: r.get(k) for k in HISTORY_KEYS} for r in h]})
+    return out
+
+
+HEAD_PHASES = ('CLS linear probe', 'Dense F^froz')          # a head on fixed features: judged by the 'head' rule
+
+
+def judge_heldout(phases: list) -> dict:
+    """Each phase's rule (`dinoqpm.train.CONVERGENCE_RULES`) applied to each seed's whole-budget history: held-out accuracy
+    where it would stop against at the end of the budget, and whether the mean difference stays within the seed spread."""
+    from dinoqpm.train import CONVERGENCE_RULES, stop_epoch
+    by = {}
+    for r in phases:
+        h = r['history']
+        t = stop_epoch(h, CONVERGENCE_RULES['head' if r['phase'] in HEAD_PHASES else 'adapter']) or len(h)
+        r.update(stop_epoch=t, stop_step=h[t - 1]['step'], heldout_acc_at_stop=h[t - 1]['heldout_acc'])
+        by.setdefault(r['phase'], []).append(r)
+    summary = {}
+    for ph, v in by.items():
+        d = [r['heldout_acc_at_stop'] - r['heldout_acc_at_end'] for r in v]
+        spread = float(np.std([r['heldout_acc_at_end'] for r in v], ddof=1)) if len(v) > 1 else None
+        summary[ph] = {'rule': 'head' if ph in HEAD_PHASES else 'adapter', 'mean_stop_over_end': float(np.mean(d)),
+                       'per_seed_stop_over_end': [round(x, 4) for x in d], 'seed_spread_at_end': spread,
+                       'steps_share': float(np.mean([r['stop_step'] / r['budget_steps'] for r in v])),
+                       'as_good_as_the_budget': spread is not None and float(np.mean(d)) >= -spread}
+    return {'rules': {k: r.describe() for k, r in CONVERGENCE_RULES.items()}, 'summary': summary,
+            'every_phase_as_good_as_the_budget': all(s['as_good_as_the_budget'] for s in summary.values())}
+
+
+def part_rejudge(work: Path) -> dict:
+    "Part `heldout` judged again by the current rules, from the histories it kept (`<work>/heldout_histories.json`)."
+    out = json.loads((work / 'heldout_histories.json').read_text())
+    out.pop('rule', None)                                              # (older runs recorded one rule)
+    out.update(judge_heldout(out['phases']))
+    atomic_write_json(work / 'heldout_histories.json', out)
+    for r in out['phases']: r['heldout_acc'] = [round(x['heldout_acc'], 4) for x in r.pop('history')]
     return out
 
 
@@ -182,24 +216,15 @@ def part_heldout(work: Path, seeds: str) -> dict:
     """Every seed in a worker process of its own, on one thread (as Table 1's cells), two at a time."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    from dinoqpm.train import CONVERGENCE_RULE
     from dinoqpm.paper import paper_config, paper_params
     from dinoqpm.pipeline import load_caches
     seed_list = [int(s) for s in seeds.split(',')]
     load_caches(paper_config(paper_params(seeds=seeds, data_root=str(work / 'data')), seed_list[0]), progress=False)  # data, caches
-    out = {'rule': CONVERGENCE_RULE.describe(), 'fraction_held_out': 0.2, 'phases': []}
+    out = {'fraction_held_out': 0.2, 'phases': []}
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn')) as ex:
         for phases in ex.map(heldout_seed, [work] * len(seed_list), [seeds] * len(seed_list), seed_list):
             out['phases'] += phases
-    by = {}
-    for r in out['phases']: by.setdefault(r['phase'], []).append(r)
-    out['summary'] = {ph: {'mean_stop_over_end': float(np.mean([r['heldout_acc_at_stop'] - r['heldout_acc_at_end'] for r in v])),
-                           'per_seed_stop_over_end': [round(r['heldout_acc_at_stop'] - r['heldout_acc_at_end'], 4) for r in v],
-                           'seed_spread_at_end': float(np.std([r['heldout_acc_at_end'] for r in v], ddof=1)) if len(v) > 1 else None,
-                           'steps_share': float(np.mean([r['stop_step'] / r['budget_steps'] for r in v]))} for ph, v in by.items()}
-    for s in out['summary'].values():
-        s['as_good_as_the_budget'] = s['seed_spread_at_end'] is not None and s['mean_stop_over_end'] >= -s['seed_spread_at_end']
-    out['every_phase_as_good_as_the_budget'] = all(s['as_good_as_the_budget'] for s in out['summary'].values())
+    out.update(judge_heldout(out['phases']))
     atomic_write_json(work / 'heldout_histories.json', out)            # the histories, to judge other rules on them later
     for r in out['phases']: r['heldout_acc'] = [round(x['heldout_acc'], 4) for x in r.pop('history')]
     return out
@@ -283,12 +308,14 @@ def main():
     for part in args.parts.split(','):
         t0 = time.perf_counter()
         fn = {'job': lambda: part_job(work, args.seeds), 'stop': lambda: part_stop(work, args.seeds),
-              'heldout': lambda: part_heldout(work, args.seeds), 'numerics': lambda: part_numerics(work),
+              'heldout': lambda: part_heldout(work, args.seeds), 'rejudge': lambda: part_rejudge(work), 'numerics': lambda: part_numerics(work),
               'tokens': lambda: part_tokens(work, args.seeds)}[part]
-        result[part] = {**fn(), 'bench_seconds': round(time.perf_counter() - t0, 1)}
+        key = 'heldout' if part == 'rejudge' else part                  # judged again: the same part, the current rules
+        result[key] = {**fn(), 'bench_seconds': result.get(key, {}).get('bench_seconds') if part == 'rejudge'
+                       else round(time.perf_counter() - t0, 1)}
         result['provenance'] = provenance(seeds=args.seeds, parts=args.parts)
         atomic_write_json(out, result)
-        print(part, json.dumps({k: v for k, v in result[part].items() if not isinstance(v, (list, dict))}), flush=True)
+        print(part, json.dumps({k: v for k, v in result[key].items() if not isinstance(v, (list, dict))}), flush=True)
 
 
 if __name__ == '__main__':

@@ -402,7 +402,7 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     """The lines printed under Table 1: what data and backbone it is, seeds, convergence of every row, the QP certificates,
     skipped metrics, the probe's protocol, and the demo warning."""
     from dinoqpm.backbone import get_backbone_spec
-    from dinoqpm.train import CONVERGENCE_CRITERION
+    from dinoqpm.train import convergence_criterion
     bb = run_backbone(p)
     spec = get_backbone_spec(bb)
     notes = []
@@ -423,9 +423,9 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     if stops: notes.append('Where each row stopped: ' + ' | '.join(stops) + '.')
     if 'converged' in tidy:
         bad = tidy[~tidy['converged'].astype(bool)]
-        if len(bad) == 0: notes.append(f'Every row converged in every seed ({CONVERGENCE_CRITERION}).')
+        if len(bad) == 0: notes.append(f'Every row converged in every seed ({convergence_criterion()}).')
         else:
-            notes.append(f'NOT CONVERGED ({CONVERGENCE_CRITERION}): '
+            notes.append(f'NOT CONVERGED ({convergence_criterion()}): '
                          + '; '.join(f'{r.method} seed {int(r.seed)}: {r.not_converged}' for r in bad.itertuples()))
     q = tidy[tidy['row'] == 'qpm'] if 'row' in tidy else tidy.iloc[:0]
     if len(q) and 'qp_certificate' in q:
