@@ -496,7 +496,8 @@ class ConvergenceRule:
     window: float = 0.1           # the window: this share of the epochs run so far ...
     min_window_steps: int = 100   # ... but at least this many optimizer steps (whole epochs)
     rtol: float = 0.0             # from one window to the next it may fall by at most this share of its size ...
-    atol: float = 0.002           # ... or by this much, whichever is larger (a floor for a loss near zero)
+    atol: float = 0.002           # ... or by this much, whichever is larger (a floor for a loss near zero) ...
+    noise: float = 3.0            # ... or by this many standard errors of the difference of the two means (epoch scatter)
     patience: float = 0.1         # it must have held at the end of every epoch of the last such share of the epochs ...
     min_patience_steps: int = 100 # ... and of at least this many steps
     min_steps: int = 300          # no stop before this many optimizer steps
@@ -505,7 +506,9 @@ class ConvergenceRule:
     def what(self) -> str: return MONITORED[self.monitor]
 
     def tolerance(self) -> str:
-        return f'max({self.rtol:.0%} of its size, {self.atol})' if self.rtol else f'{self.atol}'
+        terms = ([f'{self.rtol:.0%} of its size'] if self.rtol else []) + [f'{self.atol}'] + \
+                ([f'{self.noise:g} standard errors of the epoch-to-epoch scatter'] if self.noise else [])
+        return f'max({", ".join(terms)})' if len(terms) > 1 else terms[0]
 
     def describe(self) -> str:
         return (f'the mean epoch train {self.what} of the last {self.window:.0%} of epochs (at least {self.min_window_steps} '
@@ -547,7 +550,8 @@ def criterion_series(history: Sequence[dict], rule: Optional[ConvergenceRule] = 
     """The rule judged after every epoch `t = 1..T` from the first `t` rows alone (so a resumed run judges as an
     uninterrupted one): arrays `window` (epochs), `judged`, `holds`, `improvement` (the previous window's mean minus
     the last one's), `scale` (the last window's mean size), `streak` (consecutive epochs it held), `patience` (epochs
-    it must have held) and `steps`. `rule`: default `CONVERGENCE_RULES['adapter']`, read at the call."""
+    it must have held), `noise` (the standard error of the difference of the two windows' means, from the epoch-to-epoch
+    scatter: the root mean square of the `2w - 1` successive differences in them, over `sqrt(w)`) and `steps`. `rule`: default `CONVERGENCE_RULES['adapter']`, read at the call."""
     rule = rule or CONVERGENCE_RULES['adapter']
     T = len(history)
     vals = np.array([_monitored(r, rule.monitor) for r in history], dtype=np.float64).reshape(T, 2)
@@ -562,12 +566,15 @@ def criterion_series(history: Sequence[dict], rule: Optional[ConvergenceRule] = 
     prev = np.where(judged, (cl[np.maximum(t - ws, 0)] - cl[np.maximum(t - 2 * ws, 0)]) / ws, np.nan)
     scale = (cm[t] - cm[t - ws]) / ws
     improvement = np.where(judged, prev - cur, np.nan)
-    holds = judged & (improvement <= np.maximum(rule.rtol * scale, rule.atol))
+    d2 = np.concatenate([[0., 0.], np.cumsum(np.diff(np.nan_to_num(vals[:, 0])) ** 2)])   # d2[i]: first i - 1 differences
+    lo = np.maximum(t - 2 * ws + 1, 1)                              # the 2w - 1 differences inside the two windows
+    noise = np.where(judged, np.sqrt((d2[t] - d2[lo]) / np.maximum(t - lo, 1) / ws), np.nan)
+    holds = judged & (improvement <= np.maximum(np.maximum(rule.rtol * scale, rule.atol), rule.noise * np.nan_to_num(noise)))
     streak = np.zeros(T, dtype=np.int64)
     for i in range(T): streak[i] = (streak[i - 1] + 1 if i else 1) if holds[i] else 0
     patience = np.maximum(np.ceil(rule.min_patience_steps / per_epoch), np.ceil(rule.patience * t)).astype(np.int64)
     return {'window': w, 'judged': judged, 'holds': holds, 'improvement': improvement, 'scale': scale, 'streak': streak,
-            'patience': patience, 'steps': steps}
+            'patience': patience, 'noise': noise, 'steps': steps}
 
 def stop_epoch(history: Sequence[dict], rule: Optional[ConvergenceRule] = None) -> Optional[int]:
     "The epoch (1-based) after which a phase with `stop_at_convergence` stops, or `None` if the rule never fires."
