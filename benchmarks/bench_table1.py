@@ -13,7 +13,10 @@ demo's tokens were chosen. Writes benchmarks/results/table1.json (not part of th
 - heldout: the rule validated where it may be, on held-out *training* images, never on test images: per seed a
   stratified 20 % of the training split is held out, every phase of every row trains on the other 80 % for its whole
   budget with the held-out accuracy after every epoch, and the rule is applied to that history afterwards (it only ever
-  looks at the epochs before): held-out accuracy where it stops against at the end of the budget.
+  looks at the epochs before): held-out accuracy where it stops against at the end of the budget. The histories are kept
+  in `<work>/heldout_histories.json`; part `rejudge` applies the current rules to them again without training.
+- rejudge, restop, tables: parts heldout, stop and the job's table comparison summarised again from what they left in
+  `--work` (nothing is trained; their timings are kept).
 - numerics: the demo's DINO-QPM dense phase for a fixed number of epochs, with the numerics pins and without
   (`DINOQPM_NUMERICS=native`), in alternating fresh processes.
 - tokens: the demo's token choice: the earlier demo (EfficientNet-Lite0 at 448 px, 1280-d tokens, adapter width 256)
@@ -24,6 +27,7 @@ import dinoqpm  # noqa: F401  (pins the numerics before torch is imported)
 import argparse, json, os, statistics, subprocess, sys, time
 from pathlib import Path
 import numpy as np
+from dinoqpm.core import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ('run_table1', 'run_fig_cover', 'run_fig_classes', 'run_export')
@@ -67,15 +71,33 @@ def phase_records(runs: Path, seeds) -> list:
     return out
 
 
+def _untimed(path: Path) -> str:
+    "A table's text with the QP's wall-clock solve times masked (`0.41s,` in the notes; the `qp_seconds` column)."
+    import re
+    text = re.sub(r'\b\d+(\.\d+)?s, ', 's, ', path.read_text())
+    if path.suffix == '.csv':
+        import io, pandas as pd
+        df = pd.read_csv(io.StringIO(text))
+        text = df.drop(columns=[c for c in ('qp_seconds',) if c in df]).to_csv(index=False)
+    return text
+
+
+def part_tables(work: Path) -> dict:
+    "The job's fresh tables against the committed `figures/` ones."
+    same = {f: _untimed(ROOT / 'figures' / f) == _untimed(work / 'figures' / f) for f in TABLE_FILES if (ROOT / 'figures' / f).exists()}
+    return {'tables_equal_the_committed_ones': same,
+            'tables_equal_byte_for_byte': {f: (ROOT / 'figures' / f).read_bytes() == (work / 'figures' / f).read_bytes() for f in same},
+            'tables_compared': 'every value and note; the QP solve times (wall-clock seconds, in the QP notes and the '
+                               'qp_seconds column) are left out of the comparison'}
+
+
 def part_job(work: Path, seeds: str) -> dict:
     times = {nb: round(papermill(nb, work, seeds), 1) for nb in NOTEBOOKS}
     phases = phase_records(work / 'runs', [int(s) for s in seeds.split(',')])
     wall = sum(r['wall_seconds'] or 0 for r in phases)
     epochs = sum(r['epoch_seconds'] or 0 for r in phases)
-    same = {f: (ROOT / 'figures' / f).read_bytes() == (work / 'figures' / f).read_bytes()
-            for f in TABLE_FILES if (ROOT / 'figures' / f).exists()}
     return {'notebook_seconds': times, 'job_seconds': round(sum(times.values()), 1), 'budget_seconds': 300,
-            'tables_equal_the_committed_ones': same,
+            **part_tables(work),
             'job_over_budget': round(sum(times.values()) / 300, 3), 'phases': phases,
             'training_wall_seconds': round(wall, 1), 'training_epoch_seconds': round(epochs, 1),
             'training_overhead_share': round(1 - epochs / max(wall, 1e-9), 3),
@@ -87,15 +109,11 @@ def _stats(v) -> dict:
     return {'mean': float(np.mean(v)) if v else None, 'std': float(np.std(v, ddof=1)) if len(v) > 1 else None, 'per_seed': v}
 
 
-def part_stop(work: Path, seeds: str) -> dict:
-    "The rows at their whole budget beside the job's (stopped) rows, on the test split as Table 1 reports them."
+def stop_rows(work: Path, full) -> dict:
+    """Each row's test metrics stopped at convergence (the job's `<work>/figures`) against at the whole budget (`full`, the
+    tidy table of `runs_full`), mean ± std over the seeds: the difference, the seed-to-seed spread (the larger std), whether
+    it is within the spread either way, and whether stopping loses more than the spread."""
     import pandas as pd
-    from dinoqpm.paper import paper_params, run_table1
-    p = paper_params(seeds=seeds, stop='off', runs_root=str(work / 'runs_full'), out_dir=str(work / 'figures_full'),
-                     data_root=str(work / 'data'))
-    t0 = time.perf_counter()
-    full = run_table1(p, progress=False)
-    full_seconds = time.perf_counter() - t0
     stopped = pd.read_csv(work / 'figures' / 'table1_per_seed.csv')
     rows = {}
     for method in stopped['method'].unique():
@@ -103,13 +121,35 @@ def part_stop(work: Path, seeds: str) -> dict:
         for metric in ('Accuracy', 'Plausibility'):
             a = _stats(stopped[stopped['method'] == method][metric]); b = _stats(full[full['method'] == method][metric])
             if a['mean'] is None or b['mean'] is None: continue
-            spread = max(a['std'] or 0, b['std'] or 0)
-            r[metric] = {'stopped': a, 'full_budget': b, 'difference': a['mean'] - b['mean'], 'seed_spread': spread,
-                         'within_seed_spread': abs(a['mean'] - b['mean']) <= spread}
+            spread, diff = max(a['std'] or 0, b['std'] or 0), a['mean'] - b['mean']
+            r[metric] = {'stopped': a, 'full_budget': b, 'difference': diff, 'seed_spread': spread,
+                         'within_seed_spread': abs(diff) <= spread, 'loses_more_than_the_spread': diff < -spread}
         rows[method] = r
-    return {'rows': rows, 'full_budget_training_seconds': round(full_seconds, 1),
-            'every_row_within_seed_spread': all(m['within_seed_spread'] for r in rows.values() for m in r.values()),
+    loses = lambda metric: any(r[metric]['loses_more_than_the_spread'] for r in rows.values() if metric in r)
+    return {'rows': rows, 'every_row_within_seed_spread': all(m['within_seed_spread'] for r in rows.values() for m in r.values()),
+            'no_row_loses_accuracy_beyond_the_spread': not loses('Accuracy'),
+            'no_row_loses_plausibility_beyond_the_spread': not loses('Plausibility')}
+
+
+def _full_params(work: Path, seeds: str):
+    from dinoqpm.paper import paper_params
+    return paper_params(seeds=seeds, stop='off', runs_root=str(work / 'runs_full'), out_dir=str(work / 'figures_full'),
+                        data_root=str(work / 'data'))
+
+
+def part_stop(work: Path, seeds: str) -> dict:
+    "The rows at their whole budget beside the job's (stopped) rows, on the test split as Table 1 reports them."
+    from dinoqpm.paper import run_table1
+    t0 = time.perf_counter()
+    full = run_table1(_full_params(work, seeds), progress=False)
+    return {**stop_rows(work, full), 'full_budget_training_seconds': round(time.perf_counter() - t0, 1),
             'full_budget_phases': phase_records(work / 'runs_full', [int(s) for s in seeds.split(',')])}
+
+
+def part_restop(work: Path, seeds: str) -> dict:
+    "Part `stop` summarised again from its finished cells (trains nothing)."
+    from dinoqpm.paper import merge_table1
+    return stop_rows(work, merge_table1(_full_params(work, seeds)))
 
 
 def heldout_split(cache, fraction: float, seed: int):
@@ -125,17 +165,20 @@ def heldout_split(cache, fraction: float, seed: int):
     return mk(fit), mk(held)
 
 
-def part_heldout(work: Path, seeds: str) -> dict:
+HISTORY_KEYS = ('step', 'train_loss', 'train_ce', 'train_div', 'train_sparsity', 'train_acc', 'heldout_acc')
+
+
+def heldout_seed(work: Path, seeds: str, seed: int) -> list:
+    "One seed of part `heldout`: every phase of every row to its whole budget on 80 % of the training split."
     from dinoqpm.baselines import train_dense_frozen, train_linear_probe, train_qsenn, train_sldd
     from dinoqpm.baselines import GLMConfig
-    from dinoqpm.paper import QUICK_STEPS, paper_config, paper_params, steps_to_epochs
+    from dinoqpm.paper import QUICK_STEPS, one_thread_per_cell, paper_config, paper_params, steps_to_epochs
     from dinoqpm.pipeline import load_caches
     from dinoqpm.qp import qp_constants, solve_qp
-    from dinoqpm.train import CONVERGENCE_RULE, eval_accuracy, extract_features, finetune, stop_epoch, train_dense
-    from dinoqpm.config import update_config
+    from dinoqpm.train import eval_accuracy, extract_features, finetune, load_model, train_dense
     p = paper_params(seeds=seeds, stop='off', data_root=str(work / 'data'), runs_root=str(work / 'runs_heldout'))
-    out = {'rule': CONVERGENCE_RULE.describe(), 'fraction_held_out': 0.2, 'phases': []}
-    for seed in p.seed_list:
+    out = []
+    with one_thread_per_cell():
         cfg = paper_config(p, seed)                               # the quick budgets, stop off: every phase to its cap
         train, _ = load_caches(cfg, progress=False)
         fit, held = heldout_split(train, 0.2, seed)
@@ -156,7 +199,6 @@ def part_heldout(work: Path, seeds: str) -> dict:
         r = train_sldd(cfg, fit, held, rd / 'sq', dense_epochs=e('sldd_dense', cfg.dense.batch_size),
                        finetune_epochs=e('finetune', cfg.finetune.batch_size), glm=glm, progress=False, on_epoch_end=[watch],
                        evaluate_kwargs=ev)
-        from dinoqpm.train import load_model
         hist['DINO-SLDD dense'], hist['DINO-SLDD finetune'] = load_model(rd / 'sq' / 'dense_model.pt').history, r.info['history']
         r = train_qsenn(cfg, fit, held, rd / 'sq', dense_epochs=e('sldd_dense', cfg.dense.batch_size),
                         finetune_epochs=e('qsenn_iteration', cfg.finetune.batch_size), glm=glm, progress=False,
@@ -167,21 +209,67 @@ def part_heldout(work: Path, seeds: str) -> dict:
         hist['Dense F^froz'] = train_dense_frozen(cfg, fit, held, rd / 'frozen', epochs=e('probe', cfg.dense.batch_size),
                                                   progress=False, on_epoch_end=[watch], evaluate_kwargs=ev).info['history']
         for phase, h in hist.items():
-            t = stop_epoch(h) or len(h)
-            out['phases'].append({'seed': seed, 'phase': phase, 'stop_epoch': t, 'epochs': len(h), 'stop_step': h[t - 1]['step'],
-                                  'budget_steps': h[-1]['step'], 'heldout_acc_at_stop': h[t - 1]['heldout_acc'],
-                                  'heldout_acc_at_end': h[-1]['heldout_acc'],
-                                  'heldout_acc_best': max(r['heldout_acc'] for r in h),
-                                  'heldout_acc': [round(r['heldout_acc'], 4) for r in h]})
+            out.append({'seed': seed, 'phase': phase, 'epochs': len(h), 'budget_steps': h[-1]['step'],
+                        'heldout_acc_at_end': h[-1]['heldout_acc'], 'heldout_acc_best': max(r['heldout_acc'] for r in h),
+                        'history': [{k: r.get(k) for k in HISTORY_KEYS} for r in h]})
+    return out
+
+
+HEAD_PHASES = ('CLS linear probe', 'Dense F^froz')          # a head on fixed features: judged by the 'head' rule
+NEVER_STOPPED = {'DINO-SLDD finetune': 'trains its whole budget (dinoqpm.baselines.train_sldd), because the rule fails this '
+                                       'check for it'}
+
+
+def judge_heldout(phases: list) -> dict:
+    """Each phase's rule (`dinoqpm.train.CONVERGENCE_RULES`) applied to each seed's whole-budget history: held-out accuracy
+    where it would stop against at the end of the budget, and whether the mean difference stays within the seed spread."""
+    from dinoqpm.train import CONVERGENCE_RULES, stop_epoch
     by = {}
-    for r in out['phases']: by.setdefault(r['phase'], []).append(r)
-    out['summary'] = {ph: {'mean_stop_over_end': float(np.mean([r['heldout_acc_at_stop'] - r['heldout_acc_at_end'] for r in v])),
-                           'per_seed_stop_over_end': [round(r['heldout_acc_at_stop'] - r['heldout_acc_at_end'], 4) for r in v],
-                           'seed_spread_at_end': float(np.std([r['heldout_acc_at_end'] for r in v], ddof=1)) if len(v) > 1 else None,
-                           'steps_share': float(np.mean([r['stop_step'] / r['budget_steps'] for r in v]))} for ph, v in by.items()}
-    for s in out['summary'].values():
-        s['as_good_as_the_budget'] = s['seed_spread_at_end'] is not None and s['mean_stop_over_end'] >= -s['seed_spread_at_end']
-    out['every_phase_as_good_as_the_budget'] = all(s['as_good_as_the_budget'] for s in out['summary'].values())
+    for r in phases:
+        h = r['history']
+        t = stop_epoch(h, CONVERGENCE_RULES['head' if r['phase'] in HEAD_PHASES else 'adapter']) or len(h)
+        r.update(stop_epoch=t, stop_step=h[t - 1]['step'], heldout_acc_at_stop=h[t - 1]['heldout_acc'])
+        by.setdefault(r['phase'], []).append(r)
+    summary = {}
+    for ph, v in by.items():
+        d = [r['heldout_acc_at_stop'] - r['heldout_acc_at_end'] for r in v]
+        spread = float(np.std([r['heldout_acc_at_end'] for r in v], ddof=1)) if len(v) > 1 else None
+        summary[ph] = {'rule': 'head' if ph in HEAD_PHASES else 'adapter', 'mean_stop_over_end': float(np.mean(d)),
+                       'per_seed_stop_over_end': [round(x, 4) for x in d], 'seed_spread_at_end': spread,
+                       'steps_share': float(np.mean([r['stop_step'] / r['budget_steps'] for r in v])),
+                       'as_good_as_the_budget': spread is not None and float(np.mean(d)) >= -spread}
+        if ph in NEVER_STOPPED: summary[ph]['never_stopped'] = NEVER_STOPPED[ph]
+    return {'rules': {k: r.describe() for k, r in CONVERGENCE_RULES.items()}, 'summary': summary,
+            'every_phase_as_good_as_the_budget': all(s['as_good_as_the_budget'] for s in summary.values()),
+            'every_stopped_phase_as_good_as_the_budget': all(s['as_good_as_the_budget'] for ph, s in summary.items()
+                                                             if ph not in NEVER_STOPPED)}
+
+
+def part_rejudge(work: Path) -> dict:
+    "Part `heldout` judged again by the current rules, from the histories it kept (`<work>/heldout_histories.json`)."
+    out = json.loads((work / 'heldout_histories.json').read_text())
+    out.pop('rule', None)                                              # (older runs recorded one rule)
+    out.update(judge_heldout(out['phases']))
+    atomic_write_json(work / 'heldout_histories.json', out)
+    for r in out['phases']: r['heldout_acc'] = [round(x['heldout_acc'], 4) for x in r.pop('history')]
+    return out
+
+
+def part_heldout(work: Path, seeds: str) -> dict:
+    """Every seed in a worker process of its own, on one thread (as Table 1's cells), two at a time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from dinoqpm.paper import paper_config, paper_params
+    from dinoqpm.pipeline import load_caches
+    seed_list = [int(s) for s in seeds.split(',')]
+    load_caches(paper_config(paper_params(seeds=seeds, data_root=str(work / 'data')), seed_list[0]), progress=False)  # data, caches
+    out = {'fraction_held_out': 0.2, 'phases': []}
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn')) as ex:
+        for phases in ex.map(heldout_seed, [work] * len(seed_list), [seeds] * len(seed_list), seed_list):
+            out['phases'] += phases
+    out.update(judge_heldout(out['phases']))
+    atomic_write_json(work / 'heldout_histories.json', out)            # the histories, to judge other rules on them later
+    for r in out['phases']: r['heldout_acc'] = [round(x['heldout_acc'], 4) for x in r.pop('history')]
     return out
 
 
@@ -263,12 +351,13 @@ def main():
     for part in args.parts.split(','):
         t0 = time.perf_counter()
         fn = {'job': lambda: part_job(work, args.seeds), 'stop': lambda: part_stop(work, args.seeds),
-              'heldout': lambda: part_heldout(work, args.seeds), 'numerics': lambda: part_numerics(work),
+              'heldout': lambda: part_heldout(work, args.seeds), 'rejudge': lambda: part_rejudge(work), 'restop': lambda: part_restop(work, args.seeds), 'tables': lambda: part_tables(work), 'numerics': lambda: part_numerics(work),
               'tokens': lambda: part_tokens(work, args.seeds)}[part]
-        result[part] = {**fn(), 'bench_seconds': round(time.perf_counter() - t0, 1)}
+        key = {'rejudge': 'heldout', 'restop': 'stop', 'tables': 'job'}.get(part, part)   # summarised again: the same part, kept timings
+        result[key] = ({**result.get(key, {}), **fn()} if key != part else {**fn(), 'bench_seconds': round(time.perf_counter() - t0, 1)})
         result['provenance'] = provenance(seeds=args.seeds, parts=args.parts)
         atomic_write_json(out, result)
-        print(part, json.dumps({k: v for k, v in result[part].items() if not isinstance(v, (list, dict))}), flush=True)
+        print(part, json.dumps({k: v for k, v in result[key].items() if not isinstance(v, (list, dict))}), flush=True)
 
 
 if __name__ == '__main__':

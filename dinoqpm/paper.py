@@ -19,7 +19,7 @@ from .pipeline import smoke_config, default_run_dir, run_qpm, load_caches, extra
 from .features import get_backbone_spec
 from .numerics import numerics_mode
 from . import distributed as D
-from .train import CONVERGENCE_CRITERION, load_model, extract_features
+from .train import convergence_criterion, load_model, extract_features
 from .evaluation import (summarise_runs, write_table, published_table1, feature_style, probe_cam, overlay_cam,
                                 square_image, local_explanation, hex_to_rgb)
 from .evaluation.render import feature_panels
@@ -418,9 +418,9 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     if stops: notes.append('Where each row stopped: ' + ' | '.join(stops) + '.')
     if 'converged' in tidy:
         bad = tidy[~tidy['converged'].astype(bool)]
-        if len(bad) == 0: notes.append(f'Every row converged in every seed ({CONVERGENCE_CRITERION}).')
+        if len(bad) == 0: notes.append(f'Every row converged in every seed ({convergence_criterion()}).')
         else:
-            notes.append(f'NOT CONVERGED ({CONVERGENCE_CRITERION}): '
+            notes.append(f'NOT CONVERGED ({convergence_criterion()}): '
                          + '; '.join(f'{r.method} seed {int(r.seed)}: {r.not_converged}' for r in bad.itertuples()))
     q = tidy[tidy['row'] == 'qpm'] if 'row' in tidy else tidy.iloc[:0]
     if len(q) and 'qp_certificate' in q:

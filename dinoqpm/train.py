@@ -6,7 +6,7 @@
 from __future__ import annotations
 import copy, hashlib, logging, math, os, random, time, zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 import numpy as np
@@ -24,12 +24,12 @@ from . import distributed as D
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'CHECKPOINT_SECONDS', 'CONVERGENCE_RULE',
-           'CONVERGENCE_CRITERION', 'make_token_data', 'TokenDataset', 'derive_seed', 'epoch_order', 'iter_batches',
-           'make_optimizer', 'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'cache_fingerprint',
-           'state_fingerprint', 'checkpoint_interval', 'ConvergenceRule', 'criterion_series', 'stop_epoch',
-           'convergence', 'convergence_info', 'save_model', 'load_model', 'train_dense', 'extract_features',
-           'compute_feature_stats', 'finetune', 'finetune_from_qp']
+__all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'CHECKPOINT_SECONDS', 'MONITORED', 'CONVERGENCE_RULES',
+           'make_token_data', 'TokenDataset', 'derive_seed', 'epoch_order', 'iter_batches', 'make_optimizer',
+           'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'cache_fingerprint', 'state_fingerprint',
+           'checkpoint_interval', 'ConvergenceRule', 'rule_for', 'convergence_criterion', 'criterion_series',
+           'stop_epoch', 'convergence', 'convergence_info', 'save_model', 'load_model', 'train_dense',
+           'extract_features', 'compute_feature_stats', 'finetune', 'finetune_from_qp']
 
 # %% ../nbs/05_train.ipynb #c005
 def make_token_data(n: int = 200, grid=(4, 4), dim: int = 32, n_classes: int = 4, signal: float = 4.0, seed: int = 0,
@@ -406,7 +406,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
         logits, final = (net or model.head)(x)
         return ModelOutput(logits, x, None, final)
     stopping = pcfg.stop_at_convergence
-    stopped = stopping and stop_epoch(history) is not None         # a resumed phase that had already stopped
+    stopped = stopping and stop_epoch(history, rule_for(model)) is not None        # a resumed phase that had already stopped
     def save_checkpoint(epoch, order_gen):
         save_checked({'format': CHECKPOINT_FORMAT, 'phase': phase, 'epoch': epoch, 'model': model.state_dict(),
                       'optimizer': opt.state_dict(), 'rng': _rng_state(order_gen), 'config': config_to_dict(cfg),
@@ -458,7 +458,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
                    'train_div': sums[2].item() / N, 'train_sparsity': sums[3].item() / N, 'train_acc': correct / N,
                    'test_loss': None, 'test_acc': None}
             history.append(row)
-            stopped = stopping and stop_epoch(history) == epoch + 1
+            stopped = stopping and stop_epoch(history, rule_for(model)) == epoch + 1
             if test_ds is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == pcfg.epochs or stopped):
                 r = (_pooled_accuracy(model, f_test, y_test) if pooled else
                      eval_accuracy(_eval_copy(model, pcfg, train_ds, device, cfg.seed), test_ds, device=device))
@@ -474,7 +474,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             for cb in on_epoch_end: cb({'phase': phase, 'epoch': epoch + 1, 'model': model, 'history': history,
                                         'checkpoint': ckpt_path if saved_epoch == epoch + 1 else None})
             if stopped:
-                log.info('%s: %s', phase, convergence(history, budget_epochs=pcfg.epochs, stop_at_convergence=True)['stop'])
+                log.info('%s: %s', phase, convergence(history, rule_for(model), pcfg.epochs, stop_at_convergence=True)['stop'])
                 bar.update((pcfg.epochs - epoch - 1) * steps)
                 break
     finally:
@@ -482,7 +482,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
         undo()
     _opt_mode(opt, False)
     final = _eval_copy(model, pcfg, train_ds, device, cfg.seed).eval()
-    final.convergence = convergence(history, budget_epochs=pcfg.epochs, stop_at_convergence=stopping)
+    final.convergence = convergence(history, rule_for(model), pcfg.epochs, stop_at_convergence=stopping)
     final.convergence.update(wall_seconds=round(time.time() - t_begin, 3),            # this call: epochs + everything around
                              epoch_seconds=round(sum(r.get('seconds') or 0 for r in history[start:]), 3))
     if not final.convergence['converged']: log.warning('%s: not converged (%s)', phase, final.convergence['reason'])
@@ -492,24 +492,43 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
 @dataclass(frozen=True)
 class ConvergenceRule:
     "When a phase counts as converged and, with `stop_at_convergence`, stops (see above; the numbers are validated there)."
-    monitor: str = 'train_ce'     # the history column judged: the classification loss (or 'train_loss', the whole objective)
+    monitor: str = 'train_error'  # what is judged: 'train_error' (1 - train accuracy), 'train_ce' or 'train_loss' (the whole objective)
     window: float = 0.1           # the window: this share of the epochs run so far ...
     min_window_steps: int = 100   # ... but at least this many optimizer steps (whole epochs)
-    rtol: float = 0.15            # from one window to the next it may fall by at most this share of its size ...
-    atol: float = 0.003           # ... or by this much, whichever is larger (a floor for a loss near zero)
+    rtol: float = 0.0             # from one window to the next it may fall by at most this share of its size ...
+    atol: float = 0.002           # ... or by this much, whichever is larger (a floor for a loss near zero) ...
+    noise: float = 3.0            # ... or by this many standard errors of the difference of the two means (epoch scatter)
     patience: float = 0.1         # it must have held at the end of every epoch of the last such share of the epochs ...
     min_patience_steps: int = 100 # ... and of at least this many steps
     min_steps: int = 300          # no stop before this many optimizer steps
 
-    def describe(self) -> str:
-        what = 'cross-entropy' if self.monitor == 'train_ce' else self.monitor
-        return (f'the mean epoch train {what} of the last {self.window:.0%} of epochs (at least {self.min_window_steps} steps) '
-                f'is at most max({self.rtol:.0%} of its size, {self.atol}) below that of the window before, at the end of '
-                f'every epoch of the last {self.patience:.0%} of epochs (at least {self.min_patience_steps} steps); a stop '
-                f'needs at least {self.min_steps} steps')
+    @property
+    def what(self) -> str: return MONITORED[self.monitor]
 
-CONVERGENCE_RULE = ConvergenceRule()
-CONVERGENCE_CRITERION = f'converged: {CONVERGENCE_RULE.describe()}'
+    def tolerance(self) -> str:
+        terms = ([f'{self.rtol:.0%} of its size'] if self.rtol else []) + [f'{self.atol}'] + \
+                ([f'{self.noise:g} standard errors of the epoch-to-epoch scatter'] if self.noise else [])
+        return f'max({", ".join(terms)})' if len(terms) > 1 else terms[0]
+
+    def describe(self) -> str:
+        return (f'the mean epoch train {self.what} of the last {self.window:.0%} of epochs (at least {self.min_window_steps} '
+                f'steps) is at most {self.tolerance()} below that of the window before, at the end of every epoch of the last '
+                f'{self.patience:.0%} of epochs (at least {self.min_patience_steps} steps); a stop needs at least '
+                f'{self.min_steps} steps')
+
+MONITORED = {'train_error': 'error', 'train_ce': 'cross-entropy', 'train_loss': 'loss'}
+CONVERGENCE_RULES = {'adapter': ConvergenceRule(),                                   # a phase that trains the adapter
+                     'head': ConvergenceRule(monitor='train_ce', rtol=0.15, atol=0.003)}   # only a head, on fixed features
+
+def rule_for(model) -> ConvergenceRule:
+    "The rule a phase of `model` is judged by: `'head'` when only a linear head learns (identity adapter), else `'adapter'`."
+    return CONVERGENCE_RULES['head' if model.cfg.n_layers == 0 else 'adapter']
+
+def convergence_criterion() -> str:
+    "Both rules in words, for table notes."
+    r = CONVERGENCE_RULES
+    return (f"converged: {r['adapter'].describe()} (phases that train the adapter); {r['head'].describe()} (phases that "
+            f"train only a head on fixed features: the probe, Dense F^froz)")
 
 def _magnitude(row: dict) -> float:
     "The size of a history row's loss: the sum of its terms' absolute values (the total's if the terms are not logged)."
@@ -519,6 +538,7 @@ def _magnitude(row: dict) -> float:
 
 def _monitored(row: dict, monitor: str) -> tuple:
     "`(value, size)` of the judged quantity in a history row (the total loss's size is `_magnitude`)."
+    if monitor == 'train_error' and row.get('train_acc') is not None: return 1.0 - row['train_acc'], 1.0 - row['train_acc']
     if monitor == 'train_loss' or row.get(monitor) is None: return row['train_loss'], _magnitude(row)
     return row[monitor], abs(row[monitor])
 
@@ -530,8 +550,9 @@ def criterion_series(history: Sequence[dict], rule: Optional[ConvergenceRule] = 
     """The rule judged after every epoch `t = 1..T` from the first `t` rows alone (so a resumed run judges as an
     uninterrupted one): arrays `window` (epochs), `judged`, `holds`, `improvement` (the previous window's mean minus
     the last one's), `scale` (the last window's mean size), `streak` (consecutive epochs it held), `patience` (epochs
-    it must have held) and `steps`. `rule`: default `CONVERGENCE_RULE`, read at the call."""
-    rule = rule or CONVERGENCE_RULE
+    it must have held), `noise` (the standard error of the difference of the two windows' means, from the epoch-to-epoch
+    scatter: the root mean square of the `2w - 1` successive differences in them, over `sqrt(w)`) and `steps`. `rule`: default `CONVERGENCE_RULES['adapter']`, read at the call."""
+    rule = rule or CONVERGENCE_RULES['adapter']
     T = len(history)
     vals = np.array([_monitored(r, rule.monitor) for r in history], dtype=np.float64).reshape(T, 2)
     steps = _cumulative_steps(history)
@@ -545,16 +566,19 @@ def criterion_series(history: Sequence[dict], rule: Optional[ConvergenceRule] = 
     prev = np.where(judged, (cl[np.maximum(t - ws, 0)] - cl[np.maximum(t - 2 * ws, 0)]) / ws, np.nan)
     scale = (cm[t] - cm[t - ws]) / ws
     improvement = np.where(judged, prev - cur, np.nan)
-    holds = judged & (improvement <= np.maximum(rule.rtol * scale, rule.atol))
+    d2 = np.concatenate([[0., 0.], np.cumsum(np.diff(np.nan_to_num(vals[:, 0])) ** 2)])   # d2[i]: first i - 1 differences
+    lo = np.maximum(t - 2 * ws + 1, 1)                              # the 2w - 1 differences inside the two windows
+    noise = np.where(judged, np.sqrt((d2[t] - d2[lo]) / np.maximum(t - lo, 1) / ws), np.nan)
+    holds = judged & (improvement <= np.maximum(np.maximum(rule.rtol * scale, rule.atol), rule.noise * np.nan_to_num(noise)))
     streak = np.zeros(T, dtype=np.int64)
     for i in range(T): streak[i] = (streak[i - 1] + 1 if i else 1) if holds[i] else 0
     patience = np.maximum(np.ceil(rule.min_patience_steps / per_epoch), np.ceil(rule.patience * t)).astype(np.int64)
     return {'window': w, 'judged': judged, 'holds': holds, 'improvement': improvement, 'scale': scale, 'streak': streak,
-            'patience': patience, 'steps': steps}
+            'patience': patience, 'noise': noise, 'steps': steps}
 
 def stop_epoch(history: Sequence[dict], rule: Optional[ConvergenceRule] = None) -> Optional[int]:
     "The epoch (1-based) after which a phase with `stop_at_convergence` stops, or `None` if the rule never fires."
-    rule = rule or CONVERGENCE_RULE
+    rule = rule or CONVERGENCE_RULES['adapter']
     if not history: return None
     s = criterion_series(history, rule)
     fire = np.nonzero((s['streak'] >= s['patience']) & (s['steps'] >= rule.min_steps))[0]
@@ -568,11 +592,11 @@ def _total_change(history, rule) -> Optional[float]:
 def convergence(history: Sequence[dict], rule: Optional[ConvergenceRule] = None, budget_epochs: Optional[int] = None,
                 stop_at_convergence: bool = False) -> dict:
     """The convergence record of a phase from its per-epoch `history`: `epochs`, `steps`, `budget_epochs`,
-    `budget_steps`, the final train loss, cross-entropy and accuracy, `rel_change` (the judged quantity's fall over the
+    `budget_steps`, the final train loss, cross-entropy and accuracy, `monitor`, `rel_change` (the judged quantity's fall over the
     last window, relative to its size; > 0 while it falls), `loss_rel_change` (the same for the whole objective),
     `converged` (the rule held over the patience window at the end) and, if not, `reason`; `stopped_at_convergence`
     and `stop` (where and why the phase ended)."""
-    rule = rule or CONVERGENCE_RULE
+    rule = rule or CONVERGENCE_RULES['adapter']
     n = len(history)
     last = history[-1] if n else {}
     steps = int(_cumulative_steps(history)[-1]) if n else 0
@@ -580,7 +604,8 @@ def convergence(history: Sequence[dict], rule: Optional[ConvergenceRule] = None,
     out = {'epochs': n, 'steps': steps, 'budget_epochs': budget_epochs, 'budget_steps': budget_steps,
            'final_train_loss': last.get('train_loss'), 'final_train_ce': last.get('train_ce'),
            'final_train_acc': last.get('train_acc'), 'rel_change': None, 'loss_rel_change': None, 'converged': False,
-           'stop_at_convergence': bool(stop_at_convergence), 'stopped_at_convergence': False, 'criterion': f'converged: {rule.describe()}'}
+           'stop_at_convergence': bool(stop_at_convergence), 'stopped_at_convergence': False, 'monitor': rule.monitor,
+           'criterion': f'converged: {rule.describe()}'}
     if not n: return {**out, 'reason': 'no epoch was trained'}
     s = criterion_series(history, rule)
     if s['judged'][-1]: out['rel_change'] = float(s['improvement'][-1] / max(s['scale'][-1], 1e-12))
@@ -592,13 +617,13 @@ def convergence(history: Sequence[dict], rule: Optional[ConvergenceRule] = None,
                                                          + (f' of {budget_epochs})' if budget_epochs else ')'))
     else: out['stop'] = f'trained the whole budget: {steps:,}{of} steps ({n} epochs)'
     if s['streak'][-1] >= s['patience'][-1]: return {**out, 'converged': True}
-    w, what = int(s['window'][-1]), 'cross-entropy' if rule.monitor == 'train_ce' else 'loss'
+    w, what = int(s['window'][-1]), rule.what
     if not s['judged'][-1]:
         why = f'only {n} epoch(s): the rule compares two windows of {w} epochs'
     elif not s['holds'][-1]:
         why = (f'train {what} still falling: the last {w} epochs lowered its mean by {float(s["improvement"][-1]):.4g}, '
-               f'{100 * out["rel_change"]:.1f}% of its size {s["scale"][-1]:.3g} (at most {rule.rtol:.0%} or {rule.atol} '
-               f'counts as converged; {n} epochs)')
+               f'{100 * out["rel_change"]:.1f}% of its size {s["scale"][-1]:.3g} (at most {rule.tolerance()} counts as '
+               f'converged; {n} epochs)')
     else: why = (f'the criterion held for the last {int(s["streak"][-1])} epoch(s) only; it must hold for '
                  f'{int(s["patience"][-1])}')
     return {**out, 'reason': why}
@@ -626,14 +651,14 @@ def load_model(path, device='cpu') -> DinoQPMModel:
     ck = _load(path, 'model file')
     model = model_from_spec(ck['spec'], ck['model']).to(get_device(device)).eval()
     model.history, model.run_config = ck.get('history', []), ck.get('config')
-    model.convergence = _judged(model.history, ck.get('convergence'))
+    model.convergence = _judged(model.history, ck.get('convergence'), rule_for(model))
     return model
 
-def _judged(history, saved: Optional[dict]) -> dict:
-    "A saved phase's convergence record judged by the current rule, with the budget and stop setting it recorded."
+def _judged(history, saved: Optional[dict], rule: ConvergenceRule) -> dict:
+    "A saved phase's convergence record judged by the current `rule`, with the budget and stop setting it recorded."
     saved = saved if isinstance(saved, dict) else {}
     timing = {k: saved[k] for k in ('wall_seconds', 'epoch_seconds') if k in saved}      # measured when it trained
-    return {**convergence(history, budget_epochs=saved.get('budget_epochs'), stop_at_convergence=bool(saved.get('stop_at_convergence'))),
+    return {**convergence(history, rule, saved.get('budget_epochs'), stop_at_convergence=bool(saved.get('stop_at_convergence'))),
             **timing}
 
 def _finished(path, signature, device):
@@ -643,13 +668,15 @@ def _finished(path, signature, device):
     log.info("%s exists: returning it without training", path)
     model = model_from_spec(ck['spec'], ck['model']).to(device).eval()
     model.history = ck.get('history', [])
-    model.convergence = _judged(model.history, ck.get('convergence'))
+    model.convergence = _judged(model.history, ck.get('convergence'), rule_for(model))
     return model, model.history
 
 def _phase_signature(cfg: RunConfig, phase_key: str, train_cache, **extra) -> dict:
     c = config_to_dict(cfg)
     sig = {k: c[k] for k in ('seed', 'data', 'backbone', 'adapter', 'dense')}
     if phase_key == 'finetune': sig['finetune'] = c['finetune']
+    if c[phase_key]['stop_at_convergence']:      # where it stops is part of what it trains: a new rule is a new phase
+        sig['convergence_rules'] = {k: asdict(r) for k, r in CONVERGENCE_RULES.items()}
     return {**sig, 'train_cache': cache_fingerprint(train_cache), **extra}
 
 # %% ../nbs/05_train.ipynb #c025

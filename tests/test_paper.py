@@ -44,7 +44,7 @@ def test_table1_notebook(shared):
     assert t['note'].str.contains('not converged').all() and (t['converged'] == '0/1').all()
     md = (fig / 'table1.md').read_text()
     assert 'NOT THE PAPER' in md and 'dinov2_test_tiny' in md and 'QP (DINO-QPM): seed 0: ' in md
-    assert 'NOT CONVERGED (converged: the mean epoch train cross-entropy' in md and 'DINO-SLDD seed 0: dense: only 3 epoch(s)' in md
+    assert 'NOT CONVERGED (converged: the mean epoch train error' in md and 'DINO-SLDD seed 0: dense: only 3 epoch(s)' in md
     assert 'Where each row stopped: CLS linear probe: dense ran ' in md and '(0/1 seeds stopped)' in md
     assert "CLS linear probe: the authors' recipe" in md and '1 seed (0)' in md
     assert 'Probe check: a converged scikit-learn LogisticRegression (C = 1) on the same cached CLS tokens the probe reads' in md

@@ -76,9 +76,15 @@ MUTANTS = {
                               "    fire = np.nonzero(s['holds'] & (s['steps'] >= rule.min_steps))[0]", [f'{NB}[05_train]']),
     'stop_ignores_min_steps': ('05_train', 'train', "    fire = np.nonzero((s['streak'] >= s['patience']) & (s['steps'] >= rule.min_steps))[0]",
                                "    fire = np.nonzero(s['streak'] >= s['patience'])[0]", [f'{NB}[05_train]']),
-    'convergence_judges_total_loss': ('05_train', 'train', "    monitor: str = 'train_ce'", "    monitor: str = 'train_loss'",
+    'convergence_judges_total_loss': ('05_train', 'train', "    monitor: str = 'train_error'", "    monitor: str = 'train_loss'",
                                       [f'{NB}[05_train]']),
-    'numerics_pin_aten_left_out': ('00_numerics', 'numerics', "'ATEN_CPU_CAPABILITY': 'avx2', ", "",
+    'adapter_rule_judges_cross_entropy': ('05_train', 'train', "    monitor: str = 'train_error'", "    monitor: str = 'train_ce'",
+                                          [f'{NB}[05_train]']),
+    'convergence_ignores_noise': ('05_train', 'train', "rule.noise * np.nan_to_num(noise)", "0.0 * np.nan_to_num(noise)",
+                                  [f'{NB}[05_train]']),
+    'sldd_finetune_stops_early': ('08b_baselines_methods', 'baselines/methods', "    ft_cfg = update_config(scfg, {'finetune.stop_at_convergence': False})",
+                                  "    ft_cfg = scfg", [f'{NB}[08b_baselines_methods]']),
+    'numerics_pin_aten_left_out': ('00_numerics', 'numerics', " 'ATEN_CPU_CAPABILITY': 'avx2',", "",
                                    ['tests/test_numerics.py']),
 }
 

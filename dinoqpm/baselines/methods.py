@@ -14,7 +14,7 @@ from ..config import RunConfig, ConfigError, config_to_dict, config_diff, update
 from ..core import atomic_write_json, json_safe, save_checked, load_checked, CorruptFileError, MissingFileError
 from ..model import DinoQPMModel, SparseHead
 from ..train import (train_dense, finetune, extract_features, load_model, save_model, state_fingerprint,
-                           cache_fingerprint, convergence_info, convergence)
+                           cache_fingerprint, convergence_info, convergence, CONVERGENCE_RULES)
 from ..evaluation import evaluate
 from .glm import (GLMConfig, FeatureSelection, GLMPath, check_glm_config, select_features, fit_path,
                                    sldd_weights, qsenn_weights, array_crc)
@@ -139,7 +139,7 @@ def train_linear_probe(cfg: RunConfig, train_cache, test_cache, run_dir=None, *,
     if protocol == 'dinov2':
         le = dinov2_linear_eval(train_cache, linear_eval or LinearEvalConfig(), seed=cfg.seed, device=cfg.device,
                                 run_dir=run_dir, progress=progress)
-        conv = {'linear_eval': convergence(le.history)}
+        conv = {'linear_eval': convergence(le.history, CONVERGENCE_RULES['head'])}
         if run_dir is not None:
             save_model(le.model, Path(run_dir) / 'linear_eval_model.pt', phase='linear_eval', history=le.history,
                        convergence=conv['linear_eval'], linear_eval=le.info(), config=config_to_dict(cfg))
@@ -290,7 +290,8 @@ def train_sldd(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, dense_e
                glm: GLMConfig = GLMConfig(), progress: bool = True, on_epoch_end: Sequence[Callable] = (),
                evaluate_kwargs: Optional[dict] = None) -> BaselineResult:
     """DINO-SLDD in `run_dir`: dense phase (`dense_model.pt`), selection of `cfg.qp.n_select` features (`glm/`), path,
-    the "take 5" head with `cfg.qp.n_per_class` per class on average, finetune (`sldd/`), metrics (`sldd/metrics.json`)."""
+    the "take 5" head with `cfg.qp.n_per_class` per class on average, finetune (`sldd/`; always its whole budget, see
+    above), metrics (`sldd/metrics.json`)."""
     check_glm_config(glm)
     scfg = sldd_config(cfg, dense_epochs, finetune_epochs, beta, head_dropout)
     C, dev = int(train_cache.n_classes), scfg.device
@@ -301,7 +302,9 @@ def train_sldd(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, dense_e
                                _subdir(run_dir, 'glm'), dev, progress)
     W, b, point = sldd_weights(path, scfg.qp.n_per_class)
     head = _sparse_head(sel.selection, W, b, path, scfg.finetune.head_dropout)
-    model, history = finetune(scfg, dense, head=head, train_cache=train_cache, test_cache=test_cache,
+    if scfg.finetune.stop_at_convergence: log.info('sldd_finetune trains its whole budget: the stop rule is not validated for it')
+    ft_cfg = update_config(scfg, {'finetune.stop_at_convergence': False})
+    model, history = finetune(ft_cfg, dense, head=head, train_cache=train_cache, test_cache=test_cache,
                               run_dir=_subdir(run_dir, 'sldd'), progress=progress, phase='sldd_finetune', on_epoch_end=on_epoch_end)
     conv = {'dense': dense.convergence, 'glm_path': path_convergence(path, point, glm), 'sldd_finetune': model.convergence}
     metrics = evaluate_row('sldd', model, train_cache, test_cache, _subdir(run_dir, 'sldd'), scfg, conv, **(evaluate_kwargs or {}))
