@@ -167,65 +167,65 @@ def _find_mask(masks: Path, rel: str) -> Optional[Path]:
             if p.is_file(): return p
     return None
 
-def scan_folder(root, test_fraction: float = 0.2, split_seed: int = 0, progress: bool = False) -> FolderLayout:
-    """Read the folder dataset at `root` (see the layouts above) and check it: classes, split, masks, and every image's
-    and mask's header. Any problem raises one `DatasetError` naming the files."""
+def _folder_root(root) -> Path:
+    "The dataset folder `root`, resolved; a missing or wrong `data.root` is a `DatasetError`."
     if root is None:
         raise DatasetError('data.dataset=folder needs data.root: the folder with one sub-folder of images per class')
     root = Path(root).expanduser()
     if not root.is_dir(): raise DatasetError(f'folder dataset: {root} is not a folder (data.root)')
-    root = root.resolve()
-    problems, skipped = [], []
-    split_dirs = {s: root / s for s in ('train', 'test', 'val') if (root / s).is_dir()}
-    files = {}                                               # relpath -> class name
-    all_found = {}                                           # every image in a class folder (split.csv may leave some out)
-    fixed = {}                                               # relpath -> split, when the layout fixes it
-    if 'train' in split_dirs:
-        test_name = 'test' if 'test' in split_dirs else 'val' if 'val' in split_dirs else None
-        if test_name is None:
-            raise DatasetError(f'folder dataset: {root} has train/ but no test/ (or val/) folder',
-                               ['put the test images in test/<class>/, or move the class folders up to use a seeded split'])
-        if test_name == 'test' and 'val' in split_dirs: _say(logging.WARNING, root, 'folder dataset: %s has test/ and val/; val/ is ignored', root)
-        layout = 'split folders'
-        names = {}
-        for s, d in (('train', split_dirs['train']), ('test', split_dirs[test_name])):
-            names[s] = _class_dirs(d, root, problems)
-            for c in names[s]:
-                imgs = _walk_images(d / c, root, skipped)
-                if not imgs: problems.append(f'class folder {d / c} has no images')
-                for r in imgs: files[r], fixed[r] = c, s
-            skipped += [p.relative_to(root).as_posix() for p in d.iterdir() if p.is_file() and not p.name.startswith('.')]
-        class_names = names['train']
-        extra = sorted(set(names['test']) - set(class_names))
-        if extra: problems.append(f'{split_dirs[test_name]}: classes without a folder in {split_dirs["train"]}: {", ".join(extra)}')
-    else:
-        class_names = _class_dirs(root, root, problems)
-        for c in class_names:
-            imgs = _walk_images(root / c, root, skipped)
-            if not imgs: problems.append(f'class folder {root / c} has no images')
-            for r in imgs: files[r] = all_found[r] = c
-        loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith('.') and p.name != SPLIT_FILE]
-        loose_imgs = [n for n in loose if _is_image(n)]
-        if loose_imgs: _say(logging.WARNING, root, 'folder dataset: %d image(s) directly in %s belong to no class folder and are skipped: %s',
-                                   len(loose_imgs), root, ', '.join(_listed(loose_imgs, 5)))
-        skipped += [n for n in loose if not _is_image(n)]
-        if (root / SPLIT_FILE).is_file() and not problems:
-            layout = 'split file'
-            fixed = read_split_file(root / SPLIT_FILE, files)
-            unlisted = sorted(set(files) - set(fixed))
-            if unlisted: _say(logging.WARNING, root, 'folder dataset: %d image(s) not in %s are left out: %s', len(unlisted),
-                                     root / SPLIT_FILE, ', '.join(_listed(unlisted, 5)))
-            files = {r: files[r] for r in fixed}
-        else: layout = 'seeded split'
-    found = set(files) | set(all_found)
+    return root.resolve()
+
+def _files_in_split_folders(root: Path, split_dirs: dict, problems: list, skipped: list):
+    "The `train/` + `test/` (or `val/`) layout: `(class names, {relpath: class}, {relpath: split})`."
+    test_name = 'test' if 'test' in split_dirs else 'val' if 'val' in split_dirs else None
+    if test_name is None:
+        raise DatasetError(f'folder dataset: {root} has train/ but no test/ (or val/) folder',
+                           ['put the test images in test/<class>/, or move the class folders up to use a seeded split'])
+    if test_name == 'test' and 'val' in split_dirs: _say(logging.WARNING, root, 'folder dataset: %s has test/ and val/; val/ is ignored', root)
+    files, fixed, names = {}, {}, {}
+    for s, d in (('train', split_dirs['train']), ('test', split_dirs[test_name])):
+        names[s] = _class_dirs(d, root, problems)
+        for c in names[s]:
+            imgs = _walk_images(d / c, root, skipped)
+            if not imgs: problems.append(f'class folder {d / c} has no images')
+            for r in imgs: files[r], fixed[r] = c, s
+        skipped += [p.relative_to(root).as_posix() for p in d.iterdir() if p.is_file() and not p.name.startswith('.')]
+    extra = sorted(set(names['test']) - set(names['train']))
+    if extra: problems.append(f'{split_dirs[test_name]}: classes without a folder in {split_dirs["train"]}: {", ".join(extra)}')
+    return names['train'], files, fixed
+
+def _files_in_class_folders(root: Path, problems: list, skipped: list):
+    "The `root/<class>/` layout, split by `split.csv` or seeded: `(layout, class names, {relpath: class}, {relpath: split}, every image found)`."
+    class_names, files = _class_dirs(root, root, problems), {}
+    for c in class_names:
+        imgs = _walk_images(root / c, root, skipped)
+        if not imgs: problems.append(f'class folder {root / c} has no images')
+        for r in imgs: files[r] = c
+    found = dict(files)                                      # split.csv may leave some out
+    loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith('.') and p.name != SPLIT_FILE]
+    loose_imgs = [n for n in loose if _is_image(n)]
+    if loose_imgs: _say(logging.WARNING, root, 'folder dataset: %d image(s) directly in %s belong to no class folder and are skipped: %s',
+                        len(loose_imgs), root, ', '.join(_listed(loose_imgs, 5)))
+    skipped += [n for n in loose if not _is_image(n)]
+    if not ((root / SPLIT_FILE).is_file() and not problems): return 'seeded split', class_names, files, {}, found
+    fixed = read_split_file(root / SPLIT_FILE, files)
+    unlisted = sorted(set(files) - set(fixed))
+    if unlisted: _say(logging.WARNING, root, 'folder dataset: %d image(s) not in %s are left out: %s', len(unlisted),
+                      root / SPLIT_FILE, ', '.join(_listed(unlisted, 5)))
+    return 'split file', class_names, {r: files[r] for r in fixed}, fixed, found
+
+def _refuse_bad_classes(root: Path, class_names, problems: list):
+    "No class folder, a single one, or any problem found while reading them: one `DatasetError`."
     if not class_names and not problems:
         raise DatasetError(f'folder dataset: no class folders in {root}',
                            ['expected root/<class>/<images> or root/train/<class>/ and root/test/<class>/'])
     if len(class_names) == 1 and not problems:
         raise DatasetError(f'folder dataset: {root} has a single class folder ({class_names[0]}); a classifier needs two or more')
     if problems: raise DatasetError(f'folder dataset: {len(problems)} problem(s) in {root}', _listed(problems))
-    label = {c: i for i, c in enumerate(class_names)}
-    rels = sorted(files)
+
+def _checked_split(root: Path, layout: str, rels, files: dict, fixed: dict, label: dict, test_fraction: float,
+                   split_seed: int) -> dict:
+    "`{relpath: split}` (drawn for a seeded split), refused if a split or a class in one of them is empty."
     if layout == 'seeded split':
         test = stratified_split([label[files[r]] for r in rels], test_fraction, split_seed)
         fixed = {r: 'test' if t else 'train' for r, t in zip(rels, test)}
@@ -233,12 +233,17 @@ def scan_folder(root, test_fraction: float = 0.2, split_seed: int = 0, progress:
         if not any(fixed[r] == s for r in rels):
             raise DatasetError(f'folder dataset: the {s} split of {root} is empty ({layout})',
                                ['raise data.test_fraction' if s == 'test' and layout == 'seeded split' else f'check the {s} images'])
-    count = {c: {'train': 0, 'test': 0} for c in class_names}
+    count = {c: {'train': 0, 'test': 0} for c in label}
     for r in rels: count[files[r]][fixed[r]] += 1
     lacking = [f'{c}: {n["train"]} train, {n["test"]} test image(s)' for c, n in count.items() if not (n['train'] and n['test'])]
     if lacking: raise DatasetError(f'folder dataset: {len(lacking)} class(es) without a training or a test image in {root} ({layout})',
                                    _listed(lacking), 'Every class needs images in both splits'
                                    + (' (a class needs two images for the seeded split)' if layout == 'seeded split' else '') + '.')
+    return fixed
+
+def _checked_masks_and_headers(root: Path, rels, found, progress: bool) -> dict:
+    """Open every image's header (and its mask's, with `masks/`): `{relpath: mask relpath}`; unreadable images, missing,
+    mis-sized or orphaned masks are one `DatasetError` listing them."""
     masks_dir = root / MASKS_DIR
     has_masks = masks_dir.is_dir()
     mask_of, bad, no_mask, bad_masks = {}, [], [], []
@@ -263,15 +268,33 @@ def scan_folder(root, test_fraction: float = 0.2, split_seed: int = 0, progress:
         raise DatasetError(f'folder dataset: {len(no_mask)} image(s) without a mask and {len(bad_masks)} bad mask(s) in {masks_dir}',
                            _listed(no_mask) + _listed(bad_masks),
                            'Every image needs a mask of its size at masks/<image path> (or remove masks/ to run without Plausibility).')
-    if has_masks:
-        jpeg = [m for m in mask_of.values() if Path(m).suffix.lower() in ('.jpg', '.jpeg')]
-        if jpeg: _say(logging.WARNING, root, 'folder dataset: %d mask(s) are JPEG files; compression noise makes background pixels non-zero '
-                             '(object): save masks as PNG', len(jpeg))
+    jpeg = [m for m in mask_of.values() if Path(m).suffix.lower() in ('.jpg', '.jpeg')]
+    if jpeg: _say(logging.WARNING, root, 'folder dataset: %d mask(s) are JPEG files; compression noise makes background pixels non-zero '
+                  '(object): save masks as PNG', len(jpeg))
+    return mask_of
+
+def scan_folder(root, test_fraction: float = 0.2, split_seed: int = 0, progress: bool = False) -> FolderLayout:
+    """Read the folder dataset at `root` (see the layouts above) and check it: classes, split, masks, and every image's
+    and mask's header. Any problem raises one `DatasetError` naming the files."""
+    root = _folder_root(root)
+    problems, skipped = [], []
+    split_dirs = {s: root / s for s in ('train', 'test', 'val') if (root / s).is_dir()}
+    if 'train' in split_dirs:
+        layout = 'split folders'
+        class_names, files, fixed = _files_in_split_folders(root, split_dirs, problems, skipped)
+        found = files
+    else: layout, class_names, files, fixed, found = _files_in_class_folders(root, problems, skipped)
+    _refuse_bad_classes(root, class_names, problems)
+    label = {c: i for i, c in enumerate(class_names)}
+    rels = sorted(files)
+    fixed = _checked_split(root, layout, rels, files, fixed, label, test_fraction, split_seed)
+    mask_of = _checked_masks_and_headers(root, rels, set(files) | set(found), progress)
+    has_masks = (root / MASKS_DIR).is_dir()
     if skipped: _say(logging.WARNING, root, 'folder dataset: %d file(s) in %s are not images (%s) and are skipped: %s', len(skipped), root,
-                            ' '.join(IMAGE_EXTENSIONS), ', '.join(_listed(sorted(skipped), 5)))
+                     ' '.join(IMAGE_EXTENSIONS), ', '.join(_listed(sorted(skipped), 5)))
     entries = tuple((r, label[files[r]], fixed[r], mask_of.get(r)) for r in rels)
     _say(logging.INFO, root, 'folder dataset %s: %d classes, %d train / %d test images (%s)%s', root, len(class_names),
-             sum(e[2] == 'train' for e in entries), sum(e[2] == 'test' for e in entries), layout, ', with masks' if has_masks else '')
+         sum(e[2] == 'train' for e in entries), sum(e[2] == 'test' for e in entries), layout, ', with masks' if has_masks else '')
     return FolderLayout(root, layout, tuple(class_names), entries, has_masks, tuple(sorted(skipped)))
 
 # %% ../../nbs/01b_data_folder.ipynb #c018
