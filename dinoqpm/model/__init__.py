@@ -5,7 +5,8 @@
 # %% ../../nbs/03b_model.ipynb #c003
 from __future__ import annotations
 from .adapter import (FEAT_VEC_TYPES, ARCH_TYPES, ACTIVATIONS, check_adapter_config, TokenBatchNorm,
-                                   MLPAdapter, DenseHead, SparseBLDDHead, SparseHead, ModelOutput, infer_grid,
+                                   MLPAdapter, HEADS, register_head, create_head, DenseHead, SparseBLDDHead, SparseHead,
+                                   ModelOutput, infer_grid,
                                    DinoQPMModel, model_spec, model_from_spec)
 from .losses import feature_diversity_loss, sparsity_loss
 

@@ -14,9 +14,9 @@ from ..distributed import synced_batch_norm
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'FEAT_VEC_TYPES', 'ARCH_TYPES', 'ACTIVATIONS', 'check_adapter_config', 'TokenBatchNorm', 'MLPAdapter',
-           'DenseHead', 'SparseBLDDHead', 'SparseHead', 'ModelOutput', 'infer_grid', 'DinoQPMModel', 'model_spec',
-           'model_from_spec']
+__all__ = ['log', 'FEAT_VEC_TYPES', 'ARCH_TYPES', 'ACTIVATIONS', 'HEADS', 'check_adapter_config', 'TokenBatchNorm', 'MLPAdapter',
+           'register_head', 'create_head', 'DenseHead', 'SparseBLDDHead', 'SparseHead', 'ModelOutput', 'infer_grid',
+           'DinoQPMModel', 'model_spec', 'model_from_spec']
 
 # %% ../../nbs/03_model_adapter.ipynb #c005
 FEAT_VEC_TYPES = ('avg_pooling', 'max_pooling', 'normal', 'mean_avg_pooling')
@@ -88,6 +88,19 @@ def _per_selected(v, sel, sel_order, name) -> torch.Tensor:
     if v.numel() > int(sel.max()): return v[sel]
     raise ValueError(f"{name} has {v.numel()} entries; expected {sel.numel()} (selected) or the dense feature count")
 
+HEADS: dict = {}
+
+def register_head(cls):
+    "Class decorator: a head kind (`cls.kind`) that `create_head` builds and `DinoQPMModel.load_state_dict` rebuilds."
+    if HEADS.get(cls.kind, cls) is not cls: raise ValueError(f'head kind {cls.kind!r} is registered twice')
+    HEADS[cls.kind] = cls
+    return cls
+
+def create_head(kind: str, **kwargs) -> nn.Module:
+    "A head by its kind (`sorted(HEADS)`: `bldd`, `dense`, `sparse`), built with `kwargs`."
+    if kind not in HEADS: raise ValueError(f"unknown head kind {kind!r}; expected one of {sorted(HEADS)}")
+    return HEADS[kind](**kwargs)
+
 class _Head(nn.Module):
     kind = 'base'
     def forward(self, f):
@@ -97,6 +110,7 @@ class _Head(nn.Module):
     def set_extra_state(self, state):
         if state.get('kind') != self.kind: raise ValueError(f"checkpoint holds a {state.get('kind')!r} head, this model a {self.kind!r} head")
 
+@register_head
 class DenseHead(_Head):
     "Dropout on `f`, then `nn.Linear(J, C)` with bias."
     kind = 'dense'
@@ -106,8 +120,13 @@ class DenseHead(_Head):
         self.register_buffer('selection', None)   # no selection: all features
     def logits(self, z): return self.linear(z)
     def effective_weight(self): return self.linear.weight
+    @classmethod
+    def from_state(cls, get, extra: dict, n_classes: int):
+        "The head a state dict holds (`get(name)` reads `head.<name>`; `extra` its `head._extra_state`)."
+        return cls(get('linear.weight').shape[1], n_classes, float(extra.get('dropout', 0.0)))
 
 # %% ../../nbs/03_model_adapter.ipynb #c014
+@register_head
 class SparseBLDDHead(_Head):
     "The QPM head `y = W·(f_S − μ_S)/max(σ_S, 1e-6)`: binary `W [C, n_sel]`, no bias, all frozen (buffers)."
     kind = 'bldd'
@@ -126,7 +145,11 @@ class SparseBLDDHead(_Head):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
     def logits(self, z): return ((z - self.mean) / self.std.clamp_min(1e-6)) @ self.weight.T
     def effective_weight(self): return self.weight
+    @classmethod
+    def from_state(cls, get, extra: dict, n_classes: int):
+        return cls(get('selection'), get('weight'), get('mean'), get('std'), dropout=float(extra.get('dropout', 0.0)))
 
+@register_head
 class SparseHead(_Head):
     "SLDD / Q-SENN head: `y = W·(f_S − μ)/max(σ, 1e-6) + b`, frozen real or ternary `W` and `b`, trainable `μ, σ` (if `trainable_norm`)."
     kind = 'sparse'
@@ -150,6 +173,10 @@ class SparseHead(_Head):
     def logits(self, z): return ((z - self.mean) / self.std.clamp_min(1e-6)) @ self.weight.T + self.bias
     def effective_weight(self): return self.weight
     def get_extra_state(self): return {**super().get_extra_state(), 'trainable_norm': bool(self.trainable_norm)}
+    @classmethod
+    def from_state(cls, get, extra: dict, n_classes: int):
+        return cls(get('selection'), get('weight'), get('bias'), get('mean'), get('std'),
+                   trainable_norm=bool(extra.get('trainable_norm', True)), dropout=float(extra.get('dropout', 0.0)))
 
 # %% ../../nbs/03_model_adapter.ipynb #c017
 class ModelOutput(NamedTuple):
@@ -242,16 +269,11 @@ class DinoQPMModel(nn.Module):
         sparse, or other shapes); a head of the same structure is loaded in place, so an optimiser holding its parameters stays valid."""
         extra = state_dict.get('head._extra_state')
         if extra is not None and not self._head_fits(state_dict, extra):
-            kind, p = extra.get('kind'), float(extra.get('dropout', 0.0))
-            g = lambda k: state_dict[f'head.{k}']
-            if kind == 'dense' and self.head.kind != 'dense':
-                self.set_sparse_head(DenseHead(g('linear.weight').shape[1], self.n_classes, p))
-            elif kind == 'bldd':
-                self.set_sparse_head(SparseBLDDHead(g('selection'), g('weight'), g('mean'), g('std'), dropout=p))
-            elif kind == 'sparse':
-                self.set_sparse_head(SparseHead(g('selection'), g('weight'), g('bias'), g('mean'), g('std'),
-                                                trainable_norm=bool(extra.get('trainable_norm', True)), dropout=p))
-            elif kind not in ('dense',): raise ValueError(f"unknown head kind {kind!r} in state dict")
+            kind = extra.get('kind')
+            if kind not in HEADS: raise ValueError(f"unknown head kind {kind!r} in state dict")
+            if not (kind == 'dense' and self.head.kind == 'dense'):      # (a dense head of other shapes: refused below)
+                get = lambda k: state_dict[f'head.{k}']
+                self.set_sparse_head(HEADS[kind].from_state(get, extra, self.n_classes))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 # %% ../../nbs/03_model_adapter.ipynb #c024
