@@ -17,20 +17,32 @@ from .folder import (RESERVED_DIRS, SPLIT_FILE, MASKS_DIR, image_size, stratifie
                                  FolderLayout, write_split_file, scan_folder, FolderDataset, export_cub_as_folder)
 
 # %% auto #0
-__all__ = ['DATASETS', 'load_dataset', 'dataset_kwargs']
+__all__ = ['DATASET_CLASSES', 'DATASETS', 'register_dataset', 'list_datasets', 'load_dataset', 'dataset_kwargs']
 
 # %% ../../nbs/01c_data.ipynb #c006
 from ..config import RunConfig
 
-DATASETS = ('CUB2011', 'StanfordCars', 'SynthBirds', 'folder')   # folder: your own images (dinoqpm.data.folder)
-_LOADERS = {'CUB2011': CUB2011Dataset, 'StanfordCars': StanfordCarsDataset, 'SynthBirds': SynthBirdsDataset,
-            'folder': FolderDataset}
+DATASET_CLASSES: dict = {}
+
+def register_dataset(cls):
+    "Make an `ImageDataset` subclass loadable by its `name` (`load_dataset`, `data.dataset`), as backbones by theirs."
+    if not (isinstance(cls, type) and issubclass(cls, ImageDataset)): raise TypeError(f'{cls!r} is not an ImageDataset subclass')
+    if DATASET_CLASSES.get(cls.name, cls) is not cls: raise ValueError(f'dataset name {cls.name!r} is registered twice')
+    DATASET_CLASSES[cls.name] = cls
+    return cls
+
+for _cls in (CUB2011Dataset, StanfordCarsDataset, SynthBirdsDataset, FolderDataset): register_dataset(_cls)
+DATASETS = tuple(DATASET_CLASSES)      # the built-in ones; folder: your own images (dinoqpm.data.folder)
+
+def list_datasets() -> list:
+    "Every registered dataset name, built-in or registered later."
+    return list(DATASET_CLASSES)
 
 def load_dataset(name: str, split: str = 'train', root=None, transform=None, **kw) -> ImageDataset:
-    """The `split` ('train' | 'test') of dataset `name` (one of `DATASETS`) under the data root (for `'folder'`:
+    """The `split` ('train' | 'test') of dataset `name` (`list_datasets()`) under the data root (for `'folder'`:
     `root` is the folder of your images, see `dinoqpm.data.folder`)."""
-    if name not in _LOADERS: raise DatasetError(f'unknown dataset {name!r}', [f'valid names: {", ".join(DATASETS)}'])
-    return _LOADERS[name](root, split, transform, **kw)
+    if name not in DATASET_CLASSES: raise DatasetError(f'unknown dataset {name!r}', [f'valid names: {", ".join(DATASET_CLASSES)}'])
+    return DATASET_CLASSES[name](root, split, transform, **kw)
 
 def dataset_kwargs(cfg: RunConfig) -> dict:
     """Extra keyword arguments for `load_dataset`: `require_masks` for the CUB-format datasets, the SynthBirds size
