@@ -27,12 +27,13 @@ SPLIT_FILE = 'split.csv'
 MASKS_DIR = 'masks'
 _MAX_LISTED = 20
 _HEADERS: dict = {}          # (path, size, mtime_ns) -> (width, height) or an error string
-_SAID: set = set()           # (root, message) logged already: a folder read five times in a run is reported once
+_LOGGED: set = set()           # (root, message) logged already: a folder read five times in a run is reported once
 
-def _say(level, root, msg, *args):
+def _log_once(level, root, msg, *args):
+    "Log `msg % args` about the folder `root` once per process (it is read again by every split and stage)."
     key = (str(root), msg % args if args else msg)
-    if key in _SAID: return
-    _SAID.add(key)
+    if key in _LOGGED: return
+    _LOGGED.add(key)
     log.log(level, msg, *args)
 
 def _listed(items, n=_MAX_LISTED) -> list:
@@ -181,7 +182,7 @@ def _files_in_split_folders(root: Path, split_dirs: dict, problems: list, skippe
     if test_name is None:
         raise DatasetError(f'folder dataset: {root} has train/ but no test/ (or val/) folder',
                            ['put the test images in test/<class>/, or move the class folders up to use a seeded split'])
-    if test_name == 'test' and 'val' in split_dirs: _say(logging.WARNING, root, 'folder dataset: %s has test/ and val/; val/ is ignored', root)
+    if test_name == 'test' and 'val' in split_dirs: _log_once(logging.WARNING, root, 'folder dataset: %s has test/ and val/; val/ is ignored', root)
     files, fixed, names = {}, {}, {}
     for s, d in (('train', split_dirs['train']), ('test', split_dirs[test_name])):
         names[s] = _class_dirs(d, root, problems)
@@ -204,13 +205,13 @@ def _files_in_class_folders(root: Path, problems: list, skipped: list):
     found = dict(files)                                      # split.csv may leave some out
     loose = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith('.') and p.name != SPLIT_FILE]
     loose_imgs = [n for n in loose if _is_image(n)]
-    if loose_imgs: _say(logging.WARNING, root, 'folder dataset: %d image(s) directly in %s belong to no class folder and are skipped: %s',
+    if loose_imgs: _log_once(logging.WARNING, root, 'folder dataset: %d image(s) directly in %s belong to no class folder and are skipped: %s',
                         len(loose_imgs), root, ', '.join(_listed(loose_imgs, 5)))
     skipped += [n for n in loose if not _is_image(n)]
     if not ((root / SPLIT_FILE).is_file() and not problems): return 'seeded split', class_names, files, {}, found
     fixed = read_split_file(root / SPLIT_FILE, files)
     unlisted = sorted(set(files) - set(fixed))
-    if unlisted: _say(logging.WARNING, root, 'folder dataset: %d image(s) not in %s are left out: %s', len(unlisted),
+    if unlisted: _log_once(logging.WARNING, root, 'folder dataset: %d image(s) not in %s are left out: %s', len(unlisted),
                       root / SPLIT_FILE, ', '.join(_listed(unlisted, 5)))
     return 'split file', class_names, {r: files[r] for r in fixed}, fixed, found
 
@@ -269,7 +270,7 @@ def _checked_masks_and_headers(root: Path, rels, found, progress: bool) -> dict:
                            _listed(no_mask) + _listed(bad_masks),
                            'Every image needs a mask of its size at masks/<image path> (or remove masks/ to run without Plausibility).')
     jpeg = [m for m in mask_of.values() if Path(m).suffix.lower() in ('.jpg', '.jpeg')]
-    if jpeg: _say(logging.WARNING, root, 'folder dataset: %d mask(s) are JPEG files; compression noise makes background pixels non-zero '
+    if jpeg: _log_once(logging.WARNING, root, 'folder dataset: %d mask(s) are JPEG files; compression noise makes background pixels non-zero '
                   '(object): save masks as PNG', len(jpeg))
     return mask_of
 
@@ -290,10 +291,10 @@ def scan_folder(root, test_fraction: float = 0.2, split_seed: int = 0, progress:
     fixed = _checked_split(root, layout, rels, files, fixed, label, test_fraction, split_seed)
     mask_of = _checked_masks_and_headers(root, rels, set(files) | set(found), progress)
     has_masks = (root / MASKS_DIR).is_dir()
-    if skipped: _say(logging.WARNING, root, 'folder dataset: %d file(s) in %s are not images (%s) and are skipped: %s', len(skipped), root,
+    if skipped: _log_once(logging.WARNING, root, 'folder dataset: %d file(s) in %s are not images (%s) and are skipped: %s', len(skipped), root,
                      ' '.join(IMAGE_EXTENSIONS), ', '.join(_listed(sorted(skipped), 5)))
     entries = tuple((r, label[files[r]], fixed[r], mask_of.get(r)) for r in rels)
-    _say(logging.INFO, root, 'folder dataset %s: %d classes, %d train / %d test images (%s)%s', root, len(class_names),
+    _log_once(logging.INFO, root, 'folder dataset %s: %d classes, %d train / %d test images (%s)%s', root, len(class_names),
          sum(e[2] == 'train' for e in entries), sum(e[2] == 'test' for e in entries), layout, ', with masks' if has_masks else '')
     return FolderLayout(root, layout, tuple(class_names), entries, has_masks, tuple(sorted(skipped)))
 
