@@ -38,7 +38,12 @@ def list_datasets() -> list:
     "Every registered dataset name, built-in or registered later."
     return list(DATASET_CLASSES)
 
-def load_dataset(name: str, split: str = 'train', root=None, transform=None, **kw) -> ImageDataset:
+def load_dataset(name: str,           # a registered dataset name (`list_datasets()`): 'CUB2011', 'SynthBirds', 'folder', ...
+                 split: str = 'train',  # 'train' or 'test'
+                 root=None,             # the data root (default `$DINOQPM_DATA` or ~/tmp/Datasets); for 'folder' your image folder
+                 transform=None,        # applied to every image (`make_transform`); None: PIL images
+                 **kw                   # the dataset's own settings (`dataset_kwargs(cfg)`)
+                ) -> ImageDataset:
     """The `split` ('train' | 'test') of dataset `name` (`list_datasets()`) under the data root (for `'folder'`:
     `root` is the folder of your images, see `dinoqpm.data.folder`)."""
     if name not in DATASET_CLASSES: raise DatasetError(f'unknown dataset {name!r}', [f'valid names: {", ".join(DATASET_CLASSES)}'])

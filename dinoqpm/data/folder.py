@@ -274,7 +274,11 @@ def _checked_masks_and_headers(root: Path, rels, found, progress: bool) -> dict:
                   '(object): save masks as PNG', len(jpeg))
     return mask_of
 
-def scan_folder(root, test_fraction: float = 0.2, split_seed: int = 0, progress: bool = False) -> FolderLayout:
+def scan_folder(root,                      # the folder: <class>/ sub-folders, or train/ and test/ (or val/) with them
+                test_fraction: float = 0.2,  # the test share of every class, for a seeded split
+                split_seed: int = 0,         # the seed of that split
+                progress: bool = False       # a progress bar while the image headers are checked
+               ) -> FolderLayout:
     """Read the folder dataset at `root` (see the layouts above) and check it: classes, split, masks, and every image's
     and mask's header. Any problem raises one `DatasetError` naming the files."""
     root = _folder_root(root)

@@ -496,8 +496,14 @@ def _annotate(spec, locs, rng):
                 i += 1
     return out
 
-def make_synthbirds(root, seed: int = 0, n_classes: int = 20, images_per_class: int = 30, img_size: int = 256,
-                    progress: bool = True, overwrite: bool = True) -> Path:
+def make_synthbirds(root,                       # the data root: writes <root>/SynthBirds/CUB_200_2011/
+                    seed: int = 0,              # the seed of the class design and of every image
+                    n_classes: int = 20,        # classes (designed pairs that differ in one part among them)
+                    images_per_class: int = 30, # images per class, about half of them for training
+                    img_size: int = 256,        # image side in pixels
+                    progress: bool = True,      # a progress bar
+                    overwrite: bool = True      # False: keep an existing dataset
+                   ) -> Path:
     "Generate SynthBirds into `<root>/SynthBirds/CUB_200_2011/` (CUB layout); returns that folder."
     if images_per_class < 2: raise ValueError(f'images_per_class must be >= 2 (every class needs a train and a test image), got {images_per_class}')
     if img_size < 64: raise ValueError(f'img_size must be >= 64, got {img_size}')
