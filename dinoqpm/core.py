@@ -15,8 +15,9 @@ __all__ = ['ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGH
            'JOB_OUTPUTS', 'UserError', 'CorruptFileError', 'MissingFileError', 'DiskSpaceError', 'RunLockedError',
            'describe_os_error', 'data_root', 'weights_dir', 'runs_dir', 'repo_root', 'atomic_path',
            'atomic_write_bytes', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_torch_save',
-           'content_digest', 'save_checked', 'load_checked', 'seed_everything', 'get_device', 'setup_logging',
-           'git_state', 'git_commit', 'dinoqpm_version', 'package_versions', 'provenance']
+           'content_digest', 'save_checked', 'load_checked', 'sha256_file', 'sha256_bytes', 'crc32_of',
+           'seed_everything', 'get_device', 'setup_logging', 'git_state', 'git_commit', 'dinoqpm_version',
+           'package_versions', 'provenance']
 
 # %% ../nbs/00a_core.ipynb #c019
 class UserError(Exception):
@@ -188,6 +189,29 @@ def load_checked(path, what: str = 'file', map_location='cpu', require_checksum:
         raise CorruptFileError(f'{what} {path} fails its checksum: its content changed after it was written (disk or copy '
                                f'error, or an edit); delete it to compute it again, or restore it from a backup')
     return ck
+
+# %% ../nbs/00a_core.ipynb #c022
+def sha256_file(path, block: int = 1 << 24) -> str:
+    "SHA-256 (hex) of a file's bytes, read in 16 MiB blocks."
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(block): h.update(chunk)
+    return h.hexdigest()
+
+def sha256_bytes(data: bytes) -> str:
+    "SHA-256 (hex) of `data`."
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+def crc32_of(*arrays) -> int:
+    "CRC-32 over the bytes of numpy arrays / torch tensors (anything `np.asarray` takes), one after the other."
+    import zlib
+    c = 0
+    for a in arrays:
+        a = a.detach().cpu().contiguous().numpy() if hasattr(a, 'detach') else np.asarray(a)
+        c = zlib.crc32(np.ascontiguousarray(a).tobytes(), c)
+    return c
 
 # %% ../nbs/00a_core.ipynb #c013
 def seed_everything(seed: int):

@@ -4,12 +4,12 @@
 
 # %% ../nbs/07_pipeline.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, errno, fcntl, hashlib, json, logging, math, os, socket, sys, time
+import contextlib, datetime, errno, fcntl, json, logging, math, os, socket, sys, time
 from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError,
+from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError, sha256_file,
                           UserError)
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS,
                             FINETUNE_DEFAULTS, ConfigError, config_to_dict, config_from_dict, config_diff,
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV', 'default_run_dir',
            'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches', 'load_caches', 'validate_run_config',
-           'run_dir_lock', 'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
+           'run_dir_lock', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
            'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config', 'smoke_run']
 
 # %% ../nbs/07_pipeline.ipynb #c005
@@ -174,12 +174,6 @@ def run_dir_lock(run_dir):
         os.close(fd)
 
 # %% ../nbs/07_pipeline.ipynb #c010
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 22), b''): h.update(b)
-    return h.hexdigest()
-
 def saved_results(output_json, model_path, eval_mode='all', sha: Optional[str] = None, **expect) -> Optional[dict]:
     """The results in `output_json` (written by `evaluate_once`) if they were computed for exactly the file `model_path`
     (checksum `sha`, computed if not given) with `eval_mode` and the `expect`ed values (e.g. `seed=0`); else `None`."""
@@ -190,14 +184,14 @@ def saved_results(output_json, model_path, eval_mode='all', sha: Optional[str] =
         log.warning('%s is unreadable (%s): evaluating again', out, e)
         return None
     if not isinstance(old, dict): return None
-    same = (old.get('model_sha256') == (sha or file_sha256(model_path))
+    same = (old.get('model_sha256') == (sha or sha256_file(model_path))
             and old.get('eval_mode') == json.loads(json.dumps(eval_mode)) and all(old.get(k) == v for k, v in expect.items()))
     return old if same else None
 
 def evaluate_once(model_path, train_cache, test_cache, output_json, *, seed=0, eval_mode='all', run_info=None,
                   data_root=None, progress=False) -> dict:
     "Evaluate the saved model at `model_path` unless `output_json` already holds results for exactly that file."
-    sha = file_sha256(model_path)
+    sha = sha256_file(model_path)
     out = Path(output_json)
     old = saved_results(out, model_path, eval_mode, sha)
     if old is not None:
@@ -219,7 +213,7 @@ def _solution_settings(qp_config: dict) -> dict:
 def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progress=False):
     """The QP solution of `cfg.qp` on the dense model's training features, solved once and stored in `qp_dir`. A solution
     that misses `qp.mip_gap` is a WARNING (fresh or reused), or `QPNotCertifiedError` with `qp.require_certified`."""
-    sha = file_sha256(dense_model_path)
+    sha = sha256_file(dense_model_path)
     qp_dir = Path(qp_dir)
     if (qp_dir / 'qp_result.json').exists():
         try: meta = json.loads((qp_dir / 'qp_result.json').read_text())

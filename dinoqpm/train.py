@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #c002
 from __future__ import annotations
-import copy, hashlib, logging, math, os, random, time, zlib
+import copy, hashlib, logging, math, os, random, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import RunConfig, PhaseConfig, ConfigError, config_to_dict, config_diff
 from .core import (atomic_write_text, get_device, seed_everything, provenance, save_checked, load_checked,
-                          CorruptFileError, UserError)
+                          CorruptFileError, UserError, crc32_of)
 from .model import (DinoQPMModel, SparseBLDDHead, ModelOutput, TokenBatchNorm, model_spec, model_from_spec,
                            feature_diversity_loss, sparsity_loss)
 from . import distributed as D
@@ -222,13 +222,6 @@ MODEL_FORMAT = 'dinoqpm-model/1'
 class NonFiniteLossError(UserError, FloatingPointError):
     "A training loss became NaN or infinite (a learning rate too high, or NaN in the tokens); the message says where."
 
-def _crc(*arrays) -> int:
-    c = 0
-    for a in arrays:
-        if isinstance(a, torch.Tensor): a = a.detach().cpu().contiguous().numpy()
-        c = zlib.crc32(np.ascontiguousarray(a).tobytes(), c)
-    return c
-
 def cache_fingerprint(cache) -> dict:
     """Shape, class count, label checksum and (for a cache on disk) the cache key of a feature cache (part of a phase
     signature): the key names the dataset's samples, the backbone, its weights' SHA-256, the preprocessing and the input
@@ -236,12 +229,12 @@ def cache_fingerprint(cache) -> dict:
     N, Np, D = cache.patch.shape
     key = (getattr(cache, 'manifest', None) or {}).get('key')
     return {'n': int(N), 'n_patches': int(Np), 'dim': int(D), 'grid': [int(g) for g in cache.grid],
-            'n_classes': int(cache.n_classes), 'labels_crc': _crc(np.asarray(cache.labels, dtype=np.int64)), 'key': key}
+            'n_classes': int(cache.n_classes), 'labels_crc': crc32_of(np.asarray(cache.labels, dtype=np.int64)), 'key': key}
 
 def state_fingerprint(model: nn.Module) -> int:
     "A checksum of a model's parameters and buffers."
     sd = model.state_dict()
-    return _crc(*(v for k, v in sorted(sd.items()) if isinstance(v, torch.Tensor)))
+    return crc32_of(*(v for k, v in sorted(sd.items()) if isinstance(v, torch.Tensor)))
 
 def _rng_state(order_gen=None) -> dict:
     st = np.random.get_state()
@@ -764,8 +757,8 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
     model.set_sparse_head(head)
     h = model.head
     signature = _phase_signature(cfg, 'finetune', train_cache, phase=phase, start_model_crc=start_fp,
-                                 head={**h.get_extra_state(), 'selection': h.selection.tolist(), 'weight_crc': _crc(h.weight),
-                                       'bias_crc': _crc(h.bias) if hasattr(h, 'bias') else None,
+                                 head={**h.get_extra_state(), 'selection': h.selection.tolist(), 'weight_crc': crc32_of(h.weight),
+                                       'bias_crc': crc32_of(h.bias) if hasattr(h, 'bias') else None,
                                        'mean': h.mean.detach().cpu().double().tolist(), 'std': h.std.detach().cpu().double().tolist()})
     final_path = Path(run_dir) / f'{phase}_model.pt' if run_dir is not None else None
     done = _finished(final_path, signature, device)

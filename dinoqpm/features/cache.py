@@ -4,13 +4,13 @@
 
 # %% ../../nbs/02a_features_cache.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, fcntl, hashlib, json, logging, os, shutil, time
+import contextlib, datetime, fcntl, json, logging, os, shutil, time
 from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
 import torch
 from ..core import (data_root, atomic_write_bytes, atomic_write_json, atomic_path, provenance, UserError,
-                          DiskSpaceError, RunLockedError)
+                          DiskSpaceError, RunLockedError, sha256_file, sha256_bytes)
 from .. import distributed as D
 from .backbone import (FrozenBackbone, create_backbone, get_backbone_spec, weights_path,
                                        _missing_weights_error)
@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CACHE_FORMAT', 'PRECISIONS', 'ARRAY_NAMES', 'PROGRESS_FILE', 'CHUNKS_DIR', 'StaleCacheError',
-           'default_cache_root', 'sha256_file', 'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir',
-           'safe_name', 'FeatureCache', 'save_feature_cache', 'open_feature_cache', 'cache_bytes',
-           'effective_precision', 'extract_tokens', 'samples_fingerprint', 'build_feature_cache', 'get_feature_cache']
+           'default_cache_root', 'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir', 'safe_name',
+           'FeatureCache', 'save_feature_cache', 'open_feature_cache', 'cache_bytes', 'effective_precision',
+           'extract_tokens', 'samples_fingerprint', 'build_feature_cache', 'get_feature_cache']
 
 # %% ../../nbs/02a_features_cache.ipynb #c005
 CACHE_FORMAT = 3   # 3: CNN tokens computed in channels_last; 2: without the BatchNorm drift of a train-mode grid probe
@@ -36,13 +36,6 @@ def default_cache_root(cache_root=None, root=None) -> Path:
     "`cache_root`, else `<data root>/dinoqpm_cache`."
     return Path(cache_root).expanduser() if cache_root else data_root(root) / 'dinoqpm_cache'
 
-def sha256_file(path, block: int = 1 << 24) -> str:
-    "SHA-256 of a file's bytes, read in 16 MiB blocks."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(block): h.update(chunk)
-    return h.hexdigest()
-
 _WEIGHT_HASHES: dict = {}
 def weights_fingerprint(path) -> dict:
     "Name, size and SHA-256 of a weight file (the hash is remembered per path, size and mtime within a process)."
@@ -53,7 +46,7 @@ def weights_fingerprint(path) -> dict:
     return dict(file=path.name, bytes=st.st_size, sha256=_WEIGHT_HASHES[memo])
 
 def _json_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 def feature_cache_key(dataset: str, split: str, backbone: str, weights: dict, preprocessing: str, img_size: int,
                       samples_fingerprint: Optional[str] = None, masks: bool = False, precision: str = 'fp32') -> dict:

@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core import atomic_write_bytes, json_safe, dinoqpm_version
+from ..core import atomic_write_bytes, json_safe, dinoqpm_version, sha256_file, sha256_bytes
 from ..config import RunConfig, config_to_dict
 from .inference import Predictor
 from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FILE, README_FILE, PAGE_FILE,
-                                  ExportError, is_exported, _read_json, _sha256)
-from ..pipeline import find_run_config, file_sha256, load_caches
+                                  ExportError, is_exported, _read_json)
+from ..pipeline import find_run_config, load_caches
 from ..features import get_backbone_spec, weights_path, weights_fingerprint
 from ..evaluation import (class_independence, contrastiveness, correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
                                 feature_style, render_layers, compose, square_image, FeatureStyle, local_explanation)
@@ -253,9 +253,9 @@ def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n
                        'compare_rule': "every class's most confident correctly classified test image (else its most confident one)",
                        'prototypes_rule': f"each feature's {n_prototypes} training images with the largest pooled activation"},
             'provenance': {'training': ck.get('provenance'), 'seed': cfg.seed,
-                           'finetune_model_sha256': file_sha256(files['model']),
-                           'dense_model_sha256': file_sha256(files['dense']) if files['dense'].is_file() else None,
-                           'results_sha256': file_sha256(files['results'])}}
+                           'finetune_model_sha256': sha256_file(files['model']),
+                           'dense_model_sha256': sha256_file(files['dense']) if files['dense'].is_file() else None,
+                           'results_sha256': sha256_file(files['results'])}}
     return card, assets
 
 # %% ../../nbs/09c_share_export.ipynb #c016
@@ -380,7 +380,7 @@ def export_model(model_path, out, *, cache_root=None, n_prototypes: int = 5, n_e
     names = [c['name'] for c in card['classes']]
     config = {'model_type': 'dinoqpm', 'dinoqpm_export_format': EXPORT_FORMAT, 'method': 'DINO-QPM', 'dataset': cfg.data.dataset,
               'n_classes': card['n_classes'], 'selected_features': card['selected_features'], 'n_per_class': card['n_per_class'],
-              'model': {'file': MODEL_FILE, 'sha256': _sha256(weights), 'spec': model_spec(model), 'state': extra},
+              'model': {'file': MODEL_FILE, 'sha256': sha256_bytes(weights), 'spec': model_spec(model), 'state': extra},
               'backbone': _backbone_record(cfg, train_c),
               'preprocessing': {'mode': cfg.data.preprocessing, 'dataset': cfg.data.dataset, 'img_size': int(cfg.data.img_size)},
               'run_config': _portable_config(cfg), 'demo': card['demo']}

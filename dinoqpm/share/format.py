@@ -8,7 +8,7 @@ import json, logging
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..core import UserError, weights_dir as default_weights_dir
+from ..core import UserError, sha256_bytes, weights_dir as default_weights_dir
 from ..config import RunConfig, config_from_dict
 from ..model import model_from_spec
 from ..features import create_backbone, get_backbone_spec, weights_path, weights_fingerprint
@@ -38,10 +38,6 @@ def _read_json(path, what: str):
     except (OSError, ValueError) as e: raise ExportError(f'cannot read {what} {path}: {e}') from e
 
 # %% ../../nbs/09_share_format.ipynb #c009
-def _sha256(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
-
 def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') -> SimpleNamespace:
     """The parts of an exported folder, each checked: the model (from `model.safetensors`, whose SHA-256 must be the one
     in `config.json`), the run configuration, the class names, the explanation card, and the frozen backbone from the
@@ -56,7 +52,7 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
     if config['dinoqpm_export_format'] > EXPORT_FORMAT:
         raise ExportError(f'{p} was exported in format {config["dinoqpm_export_format"]}; this dinoqpm reads format {EXPORT_FORMAT} or older')
     data = (p / MODEL_FILE).read_bytes()
-    sha = _sha256(data)
+    sha = sha256_bytes(data)
     if sha != config['model']['sha256']:
         raise ExportError(f'{p / MODEL_FILE} is corrupt or was changed: its SHA-256 is {sha}, {p / CONFIG_FILE} records '
                           f'{config["model"]["sha256"]}; export the model again')
