@@ -4,12 +4,12 @@
 
 # %% ../nbs/07_pipeline.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, errno, fcntl, json, logging, math, os, socket, sys, time
+import contextlib, datetime, json, logging, math, os, time
 from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError, sha256_file,
+from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, MissingFileError, sha256_file, file_lock,
                           UserError)
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS,
                             FINETUNE_DEFAULTS, ConfigError, config_to_dict, config_from_dict, config_diff,
@@ -147,31 +147,9 @@ def run_dir_lock(run_dir):
     "Hold the run directory's lock (see above) for the duration of the `with` block."
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    try: fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
-    except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM): raise
-        if not path.exists():
-            log.info('%s is read-only and has no lock file: working without a lock (nothing can be written there)', run_dir)
-            yield run_dir; return
-        fd, writable = os.open(path, os.O_RDONLY), False
-    try:
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try: h = json.loads(path.read_text() or '{}')
-            except (OSError, ValueError): h = {}
-            raise RunLockedError(f"{run_dir} is in use by another dinoqpm process (pid {h.get('pid', '?')} on {h.get('host', '?')}, "
-                                 f"since {h.get('started', '?')}: {h.get('command', '?')}); wait for it to finish, or use "
-                                 f"another --run-dir") from None
-        if writable:
-            holder = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'command': ' '.join(sys.argv)[:300],
-                                 'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
-            try: os.ftruncate(fd, 0); os.pwrite(fd, holder.encode(), 0)
-            except OSError as e: log.debug('could not record the lock holder in %s: %s', path, e)
+    with file_lock(run_dir / LOCK_FILE, f'{run_dir} is in use by another dinoqpm process',
+                   'wait for it to finish, or use another --run-dir'):
         yield run_dir
-    finally:
-        with contextlib.suppress(OSError): fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 # %% ../nbs/07_pipeline.ipynb #c010
 def saved_results(output_json, model_path, eval_mode='all', sha: Optional[str] = None, **expect) -> Optional[dict]:

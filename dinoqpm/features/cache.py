@@ -4,13 +4,13 @@
 
 # %% ../../nbs/02a_features_cache.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, fcntl, json, logging, os, shutil, time
+import contextlib, datetime, json, logging, os, shutil, time
 from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
 import torch
 from ..core import (data_root, atomic_write_bytes, atomic_write_json, atomic_path, provenance, UserError,
-                          DiskSpaceError, RunLockedError, sha256_file, sha256_bytes)
+                          DiskSpaceError, RunLockedError, sha256_file, sha256_bytes, file_lock)
 from .. import distributed as D
 from .backbone import (FrozenBackbone, create_backbone, get_backbone_spec, weights_path,
                                        _missing_weights_error)
@@ -213,24 +213,9 @@ CHUNKS_DIR = 'chunks'          # one empty marker file per finished chunk, writt
 def _build_lock(folder: Path):
     """Hold the lock of `folder`'s build for this job (its rank 0 under torchrun); another job building it is refused,
     with its process id, host and start time."""
-    import datetime, socket, sys
-    lock = folder.parent / f'.{folder.name}.lock'
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, 'a+') as f:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            try: h = json.loads(f.read() or '{}')
-            except ValueError: h = {}
-            raise RunLockedError(f"the feature cache {folder} is being built by another job (pid {h.get('pid', '?')} on "
-                                 f"{h.get('host', '?')}, since {h.get('started', '?')}: {h.get('command', '?')}); wait for it "
-                                 f"to finish and run again (the finished cache is then reused), or use another --cache-root") from None
-        f.seek(0); f.truncate()
-        f.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'command': ' '.join(sys.argv)[:300],
-                            'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}))
-        f.flush()
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(folder.parent / f'.{folder.name}.lock', f'the feature cache {folder} is being built by another job',
+                   'wait for it to finish and run again (the finished cache is then reused), or use another --cache-root'):
+        yield
 
 def _resume_state(partial: Path, state: dict, layout: dict) -> Optional[dict]:
     "The saved progress of an interrupted run, if it belongs to the same key and shapes; else None (the folder is wiped)."
