@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, MissingFileError, sha256_file, file_lock,
-                          UserError)
+from .core import atomic_path, atomic_write_json, json_safe, runs_dir, MissingFileError, sha256_file, file_lock
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS,
                             FINETUNE_DEFAULTS, ConfigError, config_to_dict, config_from_dict, config_diff,
                             check_config, update_config)
@@ -250,16 +249,10 @@ def run_qpm(cfg: RunConfig, run_dir=None, *, runs_root=None, cache_root=None, ev
         return _run_qpm(cfg, run_dir, cache_root, eval_mode, progress and D.is_main(), stop_after)
 
 def _validate_on_every_rank(cfg: RunConfig, eval_mode):
-    """`validate_run_config` on rank 0 first (it may generate SynthBirds), then on the others; a refusal on rank 0 stops
-    every rank with rank 0's message."""
-    if not D.is_distributed(): return validate_run_config(cfg, eval_mode)
-    err = ''
-    if D.is_main():
-        try: validate_run_config(cfg, eval_mode)
-        except UserError as e: err = str(e)
-    err = D.broadcast_object(err)
-    if err: raise ConfigError(err)
-    if not D.is_main(): validate_run_config(cfg, eval_mode)
+    """`validate_run_config` on rank 0 first (it may generate SynthBirds), then on the others; any error on rank 0 stops
+    every rank with rank 0's message (`distributed.decide_on_rank0`)."""
+    res = D.decide_on_rank0(lambda: validate_run_config(cfg, eval_mode), 'checking the run configuration')
+    return res if D.is_main() else validate_run_config(cfg, eval_mode)
 
 QPM_LATER_STAGES = {'qp': ['qp', 'finetune', 'finetune_model.pt', 'results_finetune.json'],
                     'finetune': ['finetune', 'finetune_model.pt', 'results_finetune.json']}

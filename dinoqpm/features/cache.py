@@ -330,18 +330,6 @@ def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, ver
     except BaseException:
         stack.close(); raise
 
-def _shared_verdict(fn):
-    "`fn()` on rank 0, its verdict on every rank; an error on rank 0 stops all ranks with its message."
-    if not D.is_distributed(): return fn()
-    res, err = (None, None), None
-    if D.is_main():
-        try: res = fn()
-        except Exception as e: err = e
-    verdict = D.broadcast_object(('error', f'{type(err).__name__}: {err}') if err is not None else res[0])
-    if err is not None: raise err
-    if verdict[0] == 'error': raise RunLockedError(f'rank 0 could not prepare the feature cache: {verdict[1]}')
-    return verdict, res[1] if D.is_main() else contextlib.ExitStack()
-
 def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict] = None, *, batch_size: int = 16,
                      chunk_size: int = 64, device='auto', num_workers: Optional[int] = None, progress: bool = True,
                      overwrite: bool = False, verify: str = 'full', on_chunk: Optional[Callable] = None,
@@ -363,7 +351,12 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
     chunk_size = -(-max(chunk_size, batch_size) // batch_size) * batch_size
     state = dict(key_hash=key_hash(key) if key else None, n=n, grid=list(grid), embed_dim=dim, device=dev.type,
                  batch_size=batch_size, chunk_size=chunk_size, done=0, precision=prec)
-    verdict, lock = _shared_verdict(lambda: _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify))
+    held = {}                                                 # rank 0's lock stays with rank 0; the verdict goes to all
+    def prepare():
+        verdict, held['lock'] = _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify)
+        return verdict
+    verdict = D.decide_on_rank0(prepare, f'preparing the feature cache {folder}')
+    lock = held.get('lock') or contextlib.ExitStack()
     if verdict[0] == 'ready':                                  # rank 0 has just verified it (with `verify`) under the lock
         lock.close()
         return open_feature_cache(folder, key, 'quick')
