@@ -29,7 +29,7 @@ __all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'CHECKPOIN
            'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'cache_fingerprint', 'state_fingerprint',
            'checkpoint_interval', 'ConvergenceRule', 'rule_for', 'convergence_criterion', 'criterion_series',
            'stop_epoch', 'convergence', 'convergence_info', 'save_model', 'load_model', 'train_dense',
-           'extract_features', 'compute_feature_stats', 'finetune', 'finetune_from_qp']
+           'extract_features', 'compute_feature_stats', 'finetune']
 
 # %% ../nbs/05_train.ipynb #c005
 def make_token_data(n: int = 200, grid=(4, 4), dim: int = 32, n_classes: int = 4, signal: float = 4.0, seed: int = 0,
@@ -773,9 +773,3 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
                    provenance=provenance(seed=cfg.seed, phase=phase))
     D.barrier()
     return model, history
-
-def finetune_from_qp(cfg: RunConfig, model: DinoQPMModel, qp_result, train_cache, test_cache=None, run_dir=None,
-                     progress: bool = True, mean=None, std=None, **kwargs):
-    "`finetune` with the selection and binary weight of a QP result (anything with `.selection` and `.weight`)."
-    return finetune(cfg, model, mean=mean, std=std, train_cache=train_cache, test_cache=test_cache, run_dir=run_dir,
-                    progress=progress, qp_result=qp_result, **kwargs)

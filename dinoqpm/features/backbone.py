@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'PAPER_DEFAULT_BACKBONE', 'DINOV2_URL', 'DINO_URL', 'DINOV3_URL', 'EFFICIENTNET_PACKAGE', 'BACKBONES',
            'TIMM_PREFIX', 'BackboneSpec', 'register_backbone', 'list_backbones', 'get_backbone_spec',
            'timm_backbone_spec', 'TokenOutput', 'FrozenBackbone', 'meta_state_dict', 'save_meta_checkpoint',
-           'resample_pos_embed_reference', 'WeightsError', 'load_meta_weights', 'load_efficientnet_weights',
-           'weights_path', 'check_weights', 'create_backbone', 'randomize_', 'make_test_checkpoint']
+           'resample_pos_embed_reference', 'WeightsError', 'load_efficientnet_weights', 'weights_path', 'check_weights',
+           'create_backbone', 'randomize_', 'make_test_checkpoint']
 
 # %% ../../nbs/02_features_backbone.ipynb #c005
 PAPER_DEFAULT_BACKBONE = 'dinov2_vitb14_reg4'
@@ -310,13 +310,6 @@ def _check_fits(state: dict, model: nn.Module, path: Path, arch: str):
     def part(title, items): return f'\n  {title} ({len(items)}): ' + ', '.join(items[:12]) + (' ...' if len(items) > 12 else '') if items else ''
     raise WeightsError(f'{path} does not fit {arch}:' + part('shape mismatches', shapes) + part('missing keys', missing)
                      + part('unexpected keys', unexpected))
-
-def load_meta_weights(model: nn.Module, path, spec: BackboneSpec, pos_embed_resample: str = 'reference') -> nn.Module:
-    "Load Meta's checkpoint `path` into the timm ViT `model` (built for `spec`), checking every key and shape first."
-    sd = _meta_state_dict_for(model, Path(path), spec, pos_embed_resample)
-    want = model.state_dict()
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
-    return model
 
 def _meta_state_dict_for(model: nn.Module, path: Path, spec: BackboneSpec, pos_embed_resample: str = 'reference',
                          mmap: bool = False) -> dict:

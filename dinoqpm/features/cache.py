@@ -231,13 +231,10 @@ def _resume_state(partial: Path, state: dict, layout: dict) -> Optional[dict]:
     if partial.exists(): shutil.rmtree(partial)
     return None
 
-def _done_chunks(partial: Path, state: dict) -> set:
-    "Chunks whose rows are final: a marker each (and, from a run of an older version, the recorded prefix `done`)."
-    cs = state['chunk_size']
-    done = {k for k in range(state.get('done', 0) // cs)}
+def _done_chunks(partial: Path) -> set:
+    "Chunks whose rows are final: a marker each."
     d = partial / CHUNKS_DIR
-    if d.is_dir(): done |= {int(p.name) for p in d.iterdir() if p.name.isdigit()}
-    return done
+    return {int(p.name) for p in d.iterdir() if p.name.isdigit()} if d.is_dir() else set()
 
 class _RowFile:
     "Rows of one preallocated `.npy` file written in place with `pwrite` (disjoint rows from several processes are safe)."
@@ -317,7 +314,7 @@ def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, ver
         if saved:
             if (saved['batch_size'], saved['chunk_size']) != (state['batch_size'], state['chunk_size']):
                 log.info('resuming with the interrupted run\'s batch size %d and chunk size %d', saved['batch_size'], saved['chunk_size'])
-            state = {**state, 'batch_size': saved['batch_size'], 'chunk_size': saved['chunk_size'], 'done': saved.get('done', 0)}
+            state = {**state, 'batch_size': saved['batch_size'], 'chunk_size': saved['chunk_size']}
         else:
             partial.mkdir(parents=True, exist_ok=True)
             for name, (shape, dtype) in layout.items():
@@ -326,6 +323,8 @@ def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, ver
                 _reserve(partial / f'{name}.npy')
             atomic_write_json(partial / PROGRESS_FILE, state)
         (partial / CHUNKS_DIR).mkdir(exist_ok=True)
+        if saved:     # a version before the per-chunk markers recorded its finished rows as a prefix `done`: mark its chunks
+            for k in range(saved.get('done', 0) // state['chunk_size']): (partial / CHUNKS_DIR / str(k)).touch()
         return ('extract', state), stack
     except BaseException:
         stack.close(); raise
@@ -350,7 +349,7 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
     prec = effective_precision(precision, dev)
     chunk_size = -(-max(chunk_size, batch_size) // batch_size) * batch_size
     state = dict(key_hash=key_hash(key) if key else None, n=n, grid=list(grid), embed_dim=dim, device=dev.type,
-                 batch_size=batch_size, chunk_size=chunk_size, done=0, precision=prec)
+                 batch_size=batch_size, chunk_size=chunk_size, precision=prec)
     held = {}                                                 # rank 0's lock stays with rank 0; the verdict goes to all
     def prepare():
         verdict, held['lock'] = _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify)
@@ -363,7 +362,7 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
     with lock:
         state = verdict[1]
         bs, cs = state['batch_size'], state['chunk_size']
-        done = _done_chunks(partial, state)
+        done = _done_chunks(partial)
         n_chunks = -(-n // cs)
         mine = [k for k in range(n_chunks) if k % D.world_size() == D.rank() and k not in done]
         start = sum(min(cs, n - k * cs) for k in done)
@@ -404,7 +403,7 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
         D.barrier()                                                   # every rank's chunks are final
         seconds = time.perf_counter() - t0
         if D.is_main():
-            missing = sorted(set(range(n_chunks)) - _done_chunks(partial, state))
+            missing = sorted(set(range(n_chunks)) - _done_chunks(partial))
             if missing: raise RuntimeError(f'{partial}: chunks {missing[:10]} were not computed by any rank')
             if getattr(dataset, 'has_masks', False):
                 for name, dilate in (('masks', False), ('masks_dilated', True)):
