@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'CHECKPOINT_SECONDS', 'MONITORED', 'CONVERGENCE_RULES',
            'make_token_data', 'TokenDataset', 'derive_seed', 'epoch_order', 'iter_batches', 'make_optimizer',
-           'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'cache_fingerprint', 'state_fingerprint',
-           'checkpoint_interval', 'ConvergenceRule', 'rule_for', 'convergence_criterion', 'criterion_series',
-           'stop_epoch', 'convergence', 'convergence_info', 'save_model', 'load_model', 'train_dense',
-           'extract_features', 'compute_feature_stats', 'finetune']
+           'set_optimizer_mode', 'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'cache_fingerprint',
+           'state_fingerprint', 'read_model_file', 'checkpoint_interval', 'ConvergenceRule', 'rule_for',
+           'convergence_criterion', 'criterion_series', 'stop_epoch', 'convergence', 'convergence_info', 'save_model',
+           'load_model', 'train_dense', 'extract_features', 'compute_feature_stats', 'finetune']
 
 # %% ../nbs/05_train.ipynb #c005
 def make_token_data(n: int = 200, grid=(4, 4), dim: int = 32, n_classes: int = 4, signal: float = 4.0, seed: int = 0,
@@ -174,7 +174,7 @@ def _model_device(model) -> torch.device:
     if t is None: t = next(model.buffers(), None)
     return t.device if t is not None else torch.device('cpu')
 
-def _opt_mode(opt, train: bool):
+def set_optimizer_mode(opt, train: bool):
     "Switch a schedule-free optimiser between its training point `y` and the averaged point `x` (no-op for others)."
     if hasattr(opt, 'train') and hasattr(opt, 'eval'): opt.train() if train else opt.eval()
 
@@ -269,7 +269,7 @@ def _refuse_mismatch(path, saved: dict, current: dict):
         raise ConfigError(f"{path} was written with a different configuration; differing keys: {', '.join(diff)}. "
                           f"Use another run_dir, or delete the file to start this phase afresh.")
 
-def _load(path, what: str) -> dict:
+def read_model_file(path, what: str) -> dict:
     "A dinoqpm model file or checkpoint, verified (`dinoqpm.core.load_checked`); anything else is a `CorruptFileError`."
     ck = load_checked(path, what)
     if ck.get('format') not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
@@ -359,7 +359,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
     log_path = Path(run_dir) / phase / 'log.csv' if run_dir is not None else None
     history, start = [], 0
     if ckpt_path is not None and ckpt_path.exists():
-        ck = _load(ckpt_path, 'checkpoint')
+        ck = read_model_file(ckpt_path, 'checkpoint')
         _refuse_mismatch(ckpt_path, ck['signature'], signature)
         model.load_state_dict(ck['model'])
         live = {id(p) for p in model.parameters()}
@@ -411,7 +411,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             t0 = time.time()
             order, order_gen = epoch_order(len(train_ds), cfg.seed, phase, epoch)
             torch.manual_seed(derive_seed(cfg.seed, phase, 'torch', epoch))
-            model.train(); _opt_mode(opt, True)
+            model.train(); set_optimizer_mode(opt, True)
             sums = torch.zeros(4, dtype=torch.float64)
             correct = 0
             for step, (x, labels, n_global) in enumerate(batches(order)):
@@ -442,7 +442,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
                 if step % 10 == 0 or step == steps - 1:
                     seen = (step * pcfg.batch_size + n) if step < steps - 1 else len(train_ds)
                     bar.set_postfix(epoch=epoch + 1, loss=f'{sums[0].item() / seen:.3f}', acc=f'{correct / seen:.3f}')
-            _opt_mode(opt, False)
+            set_optimizer_mode(opt, False)
             if ddp:                                   # the epoch's sums over every rank's rows
                 sums = D.all_reduce_sum(sums)
                 correct = int(D.all_reduce_sum(torch.tensor([correct], dtype=torch.float64))[0].item())
@@ -473,7 +473,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
     finally:
         bar.close()
         undo()
-    _opt_mode(opt, False)
+    set_optimizer_mode(opt, False)
     final = _eval_copy(model, pcfg, train_ds, device, cfg.seed).eval()
     final.convergence = convergence(history, rule_for(model), pcfg.epochs, stop_at_convergence=stopping)
     final.convergence.update(wall_seconds=round(time.time() - t_begin, 3),            # this call: epochs + everything around
@@ -641,7 +641,7 @@ def save_model(model: DinoQPMModel, path, **extra) -> Path:
 
 def load_model(path, device='cpu') -> DinoQPMModel:
     "Rebuild a `DinoQPMModel` (eval mode) from a final model file or a checkpoint; `.history`, `.run_config` and `.convergence` are attached."
-    ck = _load(path, 'model file')
+    ck = read_model_file(path, 'model file')
     model = model_from_spec(ck['spec'], ck['model']).to(get_device(device)).eval()
     model.history, model.run_config = ck.get('history', []), ck.get('config')
     model.convergence = _judged(model.history, ck.get('convergence'), rule_for(model))
@@ -656,7 +656,7 @@ def _judged(history, saved: Optional[dict], rule: ConvergenceRule) -> dict:
 
 def _finished(path, signature, device):
     if path is None or not Path(path).exists(): return None
-    ck = _load(path, 'model file')
+    ck = read_model_file(path, 'model file')
     _refuse_mismatch(path, ck.get('signature', {}), signature)
     log.info("%s exists: returning it without training", path)
     model = model_from_spec(ck['spec'], ck['model']).to(device).eval()

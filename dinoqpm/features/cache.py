@@ -13,7 +13,7 @@ from ..core import (data_root, atomic_write_bytes, atomic_write_json, atomic_pat
                           DiskSpaceError, RunLockedError, sha256_file, sha256_bytes, file_lock)
 from .. import distributed as D
 from .backbone import (FrozenBackbone, create_backbone, get_backbone_spec, weights_path,
-                                       _missing_weights_error)
+                                       missing_weights_error)
 from ..data import DatasetError, load_dataset, make_transform, dataset_kwargs
 
 log = logging.getLogger(__name__)
@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'CACHE_FORMAT', 'PRECISIONS', 'ARRAY_NAMES', 'PROGRESS_FILE', 'CHUNKS_DIR', 'StaleCacheError',
            'default_cache_root', 'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir', 'safe_name',
-           'FeatureCache', 'save_feature_cache', 'open_feature_cache', 'cache_bytes', 'effective_precision',
-           'extract_tokens', 'samples_fingerprint', 'build_feature_cache', 'get_feature_cache']
+           'FeatureCache', 'save_feature_cache', 'open_feature_cache', 'cache_bytes', 'default_loader_workers',
+           'effective_precision', 'extract_tokens', 'samples_fingerprint', 'build_feature_cache', 'get_feature_cache']
 
 # %% ../../nbs/02a_features_cache.ipynb #c005
 CACHE_FORMAT = 3   # 3: CNN tokens computed in channels_last; 2: without the BatchNorm drift of a train-mode grid probe
@@ -286,7 +286,7 @@ def _worker_errors_named():
             raise DatasetError(text[text.rindex(marker) + len(marker):].strip()) from None
         raise
 
-def _default_workers() -> int:
+def default_loader_workers() -> int:
     """Loader processes per rank: `min(8, cores per rank)` on a GPU; on the CPU one fewer than the rank's cores (one
     decodes while the backbone computes even on 2 cores: 0.69x -> 0.93x of the bare forward there), none on one core."""
     n = max(1, (os.cpu_count() or 1) // D.local_world_size())
@@ -370,7 +370,7 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
         rows = [i for k in mine for i in range(k * cs, min(n, (k + 1) * cs))]
         files = {name: _RowFile(partial / f'{name}.npy') for name in layout}
         backbone.to(dev)
-        workers = _default_workers() if num_workers is None else num_workers
+        workers = default_loader_workers() if num_workers is None else num_workers
         workers = min(workers, max(0, -(-len(rows) // bs) - 1))   # no loader process for a single batch
         loader = DataLoader(Subset(dataset, rows), batch_size=bs, shuffle=False, num_workers=workers,
                             pin_memory=dev.type == 'cuda', persistent_workers=workers > 0)
@@ -455,7 +455,7 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
     spec = get_backbone_spec(backbone)
     img_size = int(img_size or spec.default_img_size)
     wfile = weights_path(backbone, weights_dir, weights_file)
-    if not wfile.is_file(): raise _missing_weights_error(spec, wfile)
+    if not wfile.is_file(): raise missing_weights_error(spec, wfile)
     ds = load_dataset(dataset, split, root=root, transform=make_transform(mode=preprocessing, dataset=dataset, img_size=img_size),
                       **(dataset_kw or {}))
     key = feature_cache_key(dataset, split, backbone, weights_fingerprint(wfile), preprocessing, img_size, samples_fingerprint(ds),
