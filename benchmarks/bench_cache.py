@@ -151,8 +151,8 @@ def main(argv=None):
     try:
         load_dataset('SynthBirds', 'train', root=work, n_classes=a.n_classes, images_per_class=a.images_per_class, img_size=256, progress=False)
         wdir = work / 'weights'; wdir.mkdir()
-        from dinoqpm.features.cache import _default_workers
-        workers = _default_workers() if a.num_workers is None else a.num_workers
+        from dinoqpm.features.cache import default_loader_workers
+        workers = default_loader_workers() if a.num_workers is None else a.num_workers
         extraction = []
         for name in a.backbones:
             extraction.append(bench_extraction(name, work, wdir, a.batch_size, a.chunk_size, workers, device, a.repeats))

@@ -22,7 +22,7 @@ from dinoqpm.core import atomic_write_json, get_device, provenance
 from dinoqpm.features import FeatureCache, save_feature_cache, open_feature_cache
 from dinoqpm.model import DinoQPMModel
 from dinoqpm.model import feature_diversity_loss
-from dinoqpm.train import TokenDataset, iter_batches, epoch_order, make_optimizer, _opt_mode
+from dinoqpm.train import TokenDataset, iter_batches, epoch_order, make_optimizer, set_optimizer_mode
 
 ADAPTERS = {'probe': AdapterConfig(n_layers=0),                                 # linear probe on pooled patch tokens (no MLP)
             'demo': AdapterConfig(n_layers=2, hidden=256, n_features=64),      # demo_config's adapter
@@ -84,7 +84,7 @@ def time_training(make_iter, steps, warmup, bs, device, acfg, dim, n_classes, gr
     torch.manual_seed(0)
     model = DinoQPMModel(dim, n_classes, acfg, head_dropout=0.2, grid=grid).to(device).train()
     opt = make_optimizer(DENSE_DEFAULTS, model.parameters())
-    _opt_mode(opt, True)
+    set_optimizer_mode(opt, True)
     it = make_iter()
     def step():
         tokens, labels, _ = next(it)

@@ -136,12 +136,12 @@ def cmd_extract(args) -> dict:
 def _paper_params(items):
     "`--set name=value` of `dinoqpm table1` as `PaperParams` (booleans as in `train --set`: true/false, yes/no, on/off, 1/0)."
     import dataclasses
-    from dinoqpm.config import _coerce
+    from dinoqpm.config import coerce_config_value
     from dinoqpm.paper import PaperParams, paper_params
     kinds = {f.name: f.type for f in dataclasses.fields(PaperParams)}
     kw = {}
     for k, v in parse_overrides(items).items():
-        kw[k] = _coerce(v, bool, f'--set {k}') if kinds.get(k) in (bool, 'bool') else v     # as `train --set` reads them
+        kw[k] = coerce_config_value(v, bool, f'--set {k}') if kinds.get(k) in (bool, 'bool') else v     # as `train --set` reads them
     return paper_params(**kw)
 
 def cmd_table1(args) -> dict:

@@ -13,9 +13,9 @@ from .core import UserError, MissingFileError
 
 # %% auto #0
 __all__ = ['DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'OPTIMIZERS', 'TAU_RULES', 'ConfigError', 'DataConfig', 'BackboneConfig',
-           'AdapterConfig', 'PhaseConfig', 'QPConfig', 'RunConfig', 'config_to_dict', 'config_from_dict',
-           'update_config', 'parse_overrides', 'config_diff', 'check_config', 'flatten_dict', 'load_config',
-           'demo_config']
+           'AdapterConfig', 'PhaseConfig', 'QPConfig', 'RunConfig', 'config_to_dict', 'coerce_config_value',
+           'config_from_dict', 'update_config', 'parse_overrides', 'config_diff', 'check_config', 'flatten_dict',
+           'load_config', 'demo_config']
 
 # %% ../nbs/00b_config.ipynb #c005
 class ConfigError(UserError, ValueError):
@@ -104,7 +104,7 @@ def _expected(hint) -> tuple:
         return next(a for a in args if a is not type(None)), True
     return hint, False
 
-def _coerce(value, hint, key):
+def coerce_config_value(value, hint, key):
     "`value` (a string from the command line, or a value from a file) as the field's declared type; else `ConfigError`."
     base, optional = _expected(hint)
     name, raw = getattr(base, '__name__', str(base)), value
@@ -153,7 +153,7 @@ def config_from_dict(cls, d: dict | None, prefix=''):
             if is_dataclass(v): v = config_to_dict(v)
             if not isinstance(v, dict): raise ConfigError(f"config key '{prefix + k}' is a section; expected a mapping, got {v!r}")
             kw[k] = config_from_dict(type(cur), v, prefix=f'{prefix}{k}.')
-        else: kw[k] = _coerce(v, hints[k], prefix + k)
+        else: kw[k] = coerce_config_value(v, hints[k], prefix + k)
     return cls(**kw)
 
 def update_config(cfg, overrides: dict):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00a_core.ipynb #c002
 from __future__ import annotations
-import contextlib, importlib.metadata, json, logging, os, platform, random, subprocess, tempfile
+import contextlib, datetime, errno, fcntl, importlib.metadata, json, logging, os, platform, random, socket, subprocess, sys, tempfile
 from pathlib import Path
 from typing import Optional
 import numpy as np
@@ -15,8 +15,9 @@ __all__ = ['ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGH
            'JOB_OUTPUTS', 'UserError', 'CorruptFileError', 'MissingFileError', 'DiskSpaceError', 'RunLockedError',
            'describe_os_error', 'data_root', 'weights_dir', 'runs_dir', 'repo_root', 'atomic_path',
            'atomic_write_bytes', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_torch_save',
-           'content_digest', 'save_checked', 'load_checked', 'seed_everything', 'get_device', 'setup_logging',
-           'git_state', 'git_commit', 'dinoqpm_version', 'package_versions', 'provenance']
+           'content_digest', 'save_checked', 'load_checked', 'sha256_file', 'sha256_bytes', 'crc32_of', 'file_lock',
+           'seed_everything', 'get_device', 'setup_logging', 'git_state', 'git_commit', 'dinoqpm_version',
+           'package_versions', 'provenance']
 
 # %% ../nbs/00a_core.ipynb #c019
 class UserError(Exception):
@@ -188,6 +189,62 @@ def load_checked(path, what: str = 'file', map_location='cpu', require_checksum:
         raise CorruptFileError(f'{what} {path} fails its checksum: its content changed after it was written (disk or copy '
                                f'error, or an edit); delete it to compute it again, or restore it from a backup')
     return ck
+
+# %% ../nbs/00a_core.ipynb #c022
+def sha256_file(path, block: int = 1 << 24) -> str:
+    "SHA-256 (hex) of a file's bytes, read in 16 MiB blocks."
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while chunk := f.read(block): h.update(chunk)
+    return h.hexdigest()
+
+def sha256_bytes(data: bytes) -> str:
+    "SHA-256 (hex) of `data`."
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+def crc32_of(*arrays) -> int:
+    "CRC-32 over the bytes of numpy arrays / torch tensors (anything `np.asarray` takes), one after the other."
+    import zlib
+    c = 0
+    for a in arrays:
+        a = a.detach().cpu().contiguous().numpy() if hasattr(a, 'detach') else np.asarray(a)
+        c = zlib.crc32(np.ascontiguousarray(a).tobytes(), c)
+    return c
+
+# %% ../nbs/00a_core.ipynb #c025
+@contextlib.contextmanager
+def file_lock(path, busy: str, advice: str):
+    """Hold an exclusive lock on the file `path` (created if need be) for the `with` block and record this process in it.
+    Held by another process: `RunLockedError` "`busy` (pid, host, start and command of the holder); `advice`"."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try: fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM): raise
+        if not path.exists():
+            logging.getLogger(__name__).info('%s is read-only and has no lock file %s: working without a lock (nothing can '
+                                             'be written there)', path.parent, path.name)
+            yield path; return
+        fd, writable = os.open(path, os.O_RDONLY), False
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try: h = json.loads(path.read_text() or '{}')
+            except (OSError, ValueError): h = {}
+            if not isinstance(h, dict): h = {}
+            raise RunLockedError(f"{busy} (pid {h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('started', '?')}: "
+                                 f"{h.get('command', '?')}); {advice}") from None
+        if writable:
+            holder = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'command': ' '.join(sys.argv)[:300],
+                                 'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
+            try: os.ftruncate(fd, 0); os.pwrite(fd, holder.encode(), 0)
+            except OSError as e: logging.getLogger(__name__).debug('could not record the lock holder in %s: %s', path, e)
+        yield path
+    finally:
+        with contextlib.suppress(OSError): fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 # %% ../nbs/00a_core.ipynb #c013
 def seed_everything(seed: int):

@@ -4,14 +4,14 @@
 
 # %% ../nbs/00c_distributed.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, logging, os
+import contextlib, datetime, importlib, logging, os, pickle
 from dataclasses import dataclass
 from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from .core import get_device
+from .core import get_device, UserError
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'DistInfo', 'launched', 'is_distributed', 'rank', 'world_size', 'is_main', 'job_rank', 'job_world_size',
            'independently', 'local_world_size', 'rank_device', 'init_distributed', 'shutdown', 'job_barrier', 'barrier',
-           'broadcast_object', 'all_reduce_sum', 'agree', 'rank_rows', 'check_batch_size', 'sum_over_ranks',
-           'synced_batch_norm', 'GlobalBatchDropout', 'use_global_batch_dropout', 'restore_dropout']
+           'broadcast_object', 'all_reduce_sum', 'RankZeroError', 'decide_on_rank0', 'rank_rows', 'check_batch_size',
+           'sum_over_ranks', 'synced_batch_norm', 'GlobalBatchDropout', 'use_global_batch_dropout', 'restore_dropout']
 
 # %% ../nbs/00c_distributed.ipynb #c004
 @dataclass(frozen=True)
@@ -121,13 +121,47 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t)
     return t
 
-def agree(ok: bool, message: str = '') -> tuple:
-    "`(all ranks ok, the first failing rank's message)`: lets rank 0 refuse something and every rank stop with it."
-    if not is_distributed(): return ok, message
-    flags = [None] * world_size()
-    dist.all_gather_object(flags, (bool(ok), message))
-    bad = [m for o, m in flags if not o]
-    return not bad, (bad[0] if bad else '')
+class RankZeroError(RuntimeError):
+    "What the other ranks raise when rank 0 failed with an error that is not a `UserError`: its type and message."
+
+def _rank0_verdict(fn) -> tuple:
+    """`(verdict, result, error)` of running `fn()`: the verdict (plain strings and bytes, so it always broadcasts) is
+    `('ok', pickled result)` or `('error', module, type name, message, is it a UserError)`. A result that cannot be
+    pickled is an error too, raised on rank 0 as such."""
+    try:
+        res = fn()
+        return ('ok', pickle.dumps(res)), res, None
+    except BaseException as e:
+        t = type(e)
+        return ('error', t.__module__, t.__qualname__, str(e), isinstance(e, UserError)), None, e
+
+def _follow_verdict(verdict: tuple, what: str):
+    "Rank 0's result from its verdict, or its error: a `UserError` as its own class and message, any other a `RankZeroError`."
+    if verdict[0] == 'ok': return pickle.loads(verdict[1])
+    _, module, name, message, user = verdict
+    cls = None
+    if user:
+        try:
+            cls = importlib.import_module(module)
+            for part in name.split('.'): cls = getattr(cls, part)
+        except (ImportError, AttributeError): cls = None
+    if isinstance(cls, type) and issubclass(cls, UserError):
+        try: e = cls(message)
+        except Exception: e = cls.__new__(cls); e.args = (message,)
+        raise e
+    raise RankZeroError(f'{what} failed on rank 0 with {name}: {message}')
+
+def decide_on_rank0(fn, what: str = 'a step of rank 0'):
+    """`fn()` run on rank 0 alone, its result returned on every rank (in one process simply `fn()`). Whatever rank 0
+    raises reaches every rank, so none waits forever for a verdict: rank 0 raises its own error, the others the same
+    `UserError` (its class and message) or, for any other error, a `RankZeroError` naming `what`, the type and message."""
+    if not is_distributed(): return fn()
+    if is_main():
+        verdict, res, err = _rank0_verdict(fn)
+        broadcast_object(verdict)
+        if err is not None: raise err
+        return res
+    return _follow_verdict(broadcast_object(None), what)
 
 # %% ../nbs/00c_distributed.ipynb #c008
 def rank_rows(n: int, r: Optional[int] = None, world: Optional[int] = None) -> slice:

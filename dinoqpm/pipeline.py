@@ -4,13 +4,12 @@
 
 # %% ../nbs/07_pipeline.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, errno, fcntl, hashlib, json, logging, math, os, socket, sys, time
+import contextlib, datetime, json, logging, math, os, time
 from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError,
-                          UserError)
+from .core import atomic_path, atomic_write_json, json_safe, runs_dir, MissingFileError, sha256_file, file_lock
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS,
                             FINETUNE_DEFAULTS, ConfigError, config_to_dict, config_from_dict, config_diff,
                             check_config, update_config)
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV', 'default_run_dir',
            'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches', 'load_caches', 'validate_run_config',
-           'run_dir_lock', 'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
+           'run_dir_lock', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
            'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config', 'smoke_run']
 
 # %% ../nbs/07_pipeline.ipynb #c005
@@ -147,39 +146,11 @@ def run_dir_lock(run_dir):
     "Hold the run directory's lock (see above) for the duration of the `with` block."
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    try: fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
-    except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM): raise
-        if not path.exists():
-            log.info('%s is read-only and has no lock file: working without a lock (nothing can be written there)', run_dir)
-            yield run_dir; return
-        fd, writable = os.open(path, os.O_RDONLY), False
-    try:
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try: h = json.loads(path.read_text() or '{}')
-            except (OSError, ValueError): h = {}
-            raise RunLockedError(f"{run_dir} is in use by another dinoqpm process (pid {h.get('pid', '?')} on {h.get('host', '?')}, "
-                                 f"since {h.get('started', '?')}: {h.get('command', '?')}); wait for it to finish, or use "
-                                 f"another --run-dir") from None
-        if writable:
-            holder = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'command': ' '.join(sys.argv)[:300],
-                                 'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})
-            try: os.ftruncate(fd, 0); os.pwrite(fd, holder.encode(), 0)
-            except OSError as e: log.debug('could not record the lock holder in %s: %s', path, e)
+    with file_lock(run_dir / LOCK_FILE, f'{run_dir} is in use by another dinoqpm process',
+                   'wait for it to finish, or use another --run-dir'):
         yield run_dir
-    finally:
-        with contextlib.suppress(OSError): fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
 # %% ../nbs/07_pipeline.ipynb #c010
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 22), b''): h.update(b)
-    return h.hexdigest()
-
 def saved_results(output_json, model_path, eval_mode='all', sha: Optional[str] = None, **expect) -> Optional[dict]:
     """The results in `output_json` (written by `evaluate_once`) if they were computed for exactly the file `model_path`
     (checksum `sha`, computed if not given) with `eval_mode` and the `expect`ed values (e.g. `seed=0`); else `None`."""
@@ -190,14 +161,14 @@ def saved_results(output_json, model_path, eval_mode='all', sha: Optional[str] =
         log.warning('%s is unreadable (%s): evaluating again', out, e)
         return None
     if not isinstance(old, dict): return None
-    same = (old.get('model_sha256') == (sha or file_sha256(model_path))
+    same = (old.get('model_sha256') == (sha or sha256_file(model_path))
             and old.get('eval_mode') == json.loads(json.dumps(eval_mode)) and all(old.get(k) == v for k, v in expect.items()))
     return old if same else None
 
 def evaluate_once(model_path, train_cache, test_cache, output_json, *, seed=0, eval_mode='all', run_info=None,
                   data_root=None, progress=False) -> dict:
     "Evaluate the saved model at `model_path` unless `output_json` already holds results for exactly that file."
-    sha = file_sha256(model_path)
+    sha = sha256_file(model_path)
     out = Path(output_json)
     old = saved_results(out, model_path, eval_mode, sha)
     if old is not None:
@@ -219,7 +190,7 @@ def _solution_settings(qp_config: dict) -> dict:
 def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progress=False):
     """The QP solution of `cfg.qp` on the dense model's training features, solved once and stored in `qp_dir`. A solution
     that misses `qp.mip_gap` is a WARNING (fresh or reused), or `QPNotCertifiedError` with `qp.require_certified`."""
-    sha = file_sha256(dense_model_path)
+    sha = sha256_file(dense_model_path)
     qp_dir = Path(qp_dir)
     if (qp_dir / 'qp_result.json').exists():
         try: meta = json.loads((qp_dir / 'qp_result.json').read_text())
@@ -278,16 +249,10 @@ def run_qpm(cfg: RunConfig, run_dir=None, *, runs_root=None, cache_root=None, ev
         return _run_qpm(cfg, run_dir, cache_root, eval_mode, progress and D.is_main(), stop_after)
 
 def _validate_on_every_rank(cfg: RunConfig, eval_mode):
-    """`validate_run_config` on rank 0 first (it may generate SynthBirds), then on the others; a refusal on rank 0 stops
-    every rank with rank 0's message."""
-    if not D.is_distributed(): return validate_run_config(cfg, eval_mode)
-    err = ''
-    if D.is_main():
-        try: validate_run_config(cfg, eval_mode)
-        except UserError as e: err = str(e)
-    err = D.broadcast_object(err)
-    if err: raise ConfigError(err)
-    if not D.is_main(): validate_run_config(cfg, eval_mode)
+    """`validate_run_config` on rank 0 first (it may generate SynthBirds), then on the others; any error on rank 0 stops
+    every rank with rank 0's message (`distributed.decide_on_rank0`)."""
+    res = D.decide_on_rank0(lambda: validate_run_config(cfg, eval_mode), 'checking the run configuration')
+    return res if D.is_main() else validate_run_config(cfg, eval_mode)
 
 QPM_LATER_STAGES = {'qp': ['qp', 'finetune', 'finetune_model.pt', 'results_finetune.json'],
                     'finetune': ['finetune', 'finetune_model.pt', 'results_finetune.json']}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from .core import atomic_path, atomic_write_json, provenance, UserError, MissingFileError, CorruptFileError
+from .core import atomic_path, atomic_write_json, provenance, UserError, MissingFileError, CorruptFileError, sha256_file
 from .config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -498,12 +498,11 @@ class QPResult:
     def save(self, path_dir, **extra):
         """Write `selection.npy` and `weight.npy`, then `qp_result.json` (scalars, history, provenance and the SHA-256 of
         both arrays, checked by `load`), each atomically, into `path_dir`."""
-        import hashlib
         d = Path(path_dir); d.mkdir(parents=True, exist_ok=True)
         sums = {}
         for name, arr in (('selection', self.selection), ('weight', self.weight)):
             with atomic_path(d / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, arr)
-            sums[f'{name}.npy'] = hashlib.sha256((d / f'{name}.npy').read_bytes()).hexdigest()
+            sums[f'{name}.npy'] = sha256_file(d / f'{name}.npy')
         meta = {k: v for k, v in dataclasses.asdict(self).items() if k not in ('selection', 'weight')}
         atomic_write_json(d / 'qp_result.json', {**meta, 'files_sha256': sums, 'provenance': provenance(**extra)})
         return d
@@ -511,7 +510,6 @@ class QPResult:
     @classmethod
     def load(cls, path_dir) -> 'QPResult':
         "Read a folder written by `save`; a missing, damaged or altered file raises naming it."
-        import hashlib
         d = Path(path_dir)
         for f in ('qp_result.json', 'selection.npy', 'weight.npy'):
             if not (d / f).exists(): raise MissingFileError(f'{d / f} is missing: not a saved QPResult folder')
@@ -521,7 +519,7 @@ class QPResult:
         for name in ('selection', 'weight'):
             f = d / f'{name}.npy'
             want = (meta.get('files_sha256') or {}).get(f.name)
-            if want is not None and hashlib.sha256(f.read_bytes()).hexdigest() != want:
+            if want is not None and sha256_file(f) != want:
                 raise CorruptFileError(f'{f} fails its checksum (recorded in {d / "qp_result.json"}): it changed after the QP '
                                        f'was solved; delete {d} to solve the QP again')
             try: arrays[name] = np.load(f, allow_pickle=False)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #c002
 from __future__ import annotations
-import copy, hashlib, logging, math, os, random, time, zlib
+import copy, hashlib, logging, math, os, random, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from .config import RunConfig, PhaseConfig, ConfigError, config_to_dict, config_diff
 from .core import (atomic_write_text, get_device, seed_everything, provenance, save_checked, load_checked,
-                          CorruptFileError, UserError)
+                          CorruptFileError, UserError, crc32_of)
 from .model import (DinoQPMModel, SparseBLDDHead, ModelOutput, TokenBatchNorm, model_spec, model_from_spec,
                            feature_diversity_loss, sparsity_loss)
 from . import distributed as D
@@ -26,10 +26,10 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'CHECKPOINT_FORMAT', 'MODEL_FORMAT', 'LOG_COLUMNS', 'CHECKPOINT_SECONDS', 'MONITORED', 'CONVERGENCE_RULES',
            'make_token_data', 'TokenDataset', 'derive_seed', 'epoch_order', 'iter_batches', 'make_optimizer',
-           'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'cache_fingerprint', 'state_fingerprint',
-           'checkpoint_interval', 'ConvergenceRule', 'rule_for', 'convergence_criterion', 'criterion_series',
-           'stop_epoch', 'convergence', 'convergence_info', 'save_model', 'load_model', 'train_dense',
-           'extract_features', 'compute_feature_stats', 'finetune', 'finetune_from_qp']
+           'set_optimizer_mode', 'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'cache_fingerprint',
+           'state_fingerprint', 'read_model_file', 'checkpoint_interval', 'ConvergenceRule', 'rule_for',
+           'convergence_criterion', 'criterion_series', 'stop_epoch', 'convergence', 'convergence_info', 'save_model',
+           'load_model', 'train_dense', 'extract_features', 'compute_feature_stats', 'finetune']
 
 # %% ../nbs/05_train.ipynb #c005
 def make_token_data(n: int = 200, grid=(4, 4), dim: int = 32, n_classes: int = 4, signal: float = 4.0, seed: int = 0,
@@ -174,7 +174,7 @@ def _model_device(model) -> torch.device:
     if t is None: t = next(model.buffers(), None)
     return t.device if t is not None else torch.device('cpu')
 
-def _opt_mode(opt, train: bool):
+def set_optimizer_mode(opt, train: bool):
     "Switch a schedule-free optimiser between its training point `y` and the averaged point `x` (no-op for others)."
     if hasattr(opt, 'train') and hasattr(opt, 'eval'): opt.train() if train else opt.eval()
 
@@ -222,13 +222,6 @@ MODEL_FORMAT = 'dinoqpm-model/1'
 class NonFiniteLossError(UserError, FloatingPointError):
     "A training loss became NaN or infinite (a learning rate too high, or NaN in the tokens); the message says where."
 
-def _crc(*arrays) -> int:
-    c = 0
-    for a in arrays:
-        if isinstance(a, torch.Tensor): a = a.detach().cpu().contiguous().numpy()
-        c = zlib.crc32(np.ascontiguousarray(a).tobytes(), c)
-    return c
-
 def cache_fingerprint(cache) -> dict:
     """Shape, class count, label checksum and (for a cache on disk) the cache key of a feature cache (part of a phase
     signature): the key names the dataset's samples, the backbone, its weights' SHA-256, the preprocessing and the input
@@ -236,12 +229,12 @@ def cache_fingerprint(cache) -> dict:
     N, Np, D = cache.patch.shape
     key = (getattr(cache, 'manifest', None) or {}).get('key')
     return {'n': int(N), 'n_patches': int(Np), 'dim': int(D), 'grid': [int(g) for g in cache.grid],
-            'n_classes': int(cache.n_classes), 'labels_crc': _crc(np.asarray(cache.labels, dtype=np.int64)), 'key': key}
+            'n_classes': int(cache.n_classes), 'labels_crc': crc32_of(np.asarray(cache.labels, dtype=np.int64)), 'key': key}
 
 def state_fingerprint(model: nn.Module) -> int:
     "A checksum of a model's parameters and buffers."
     sd = model.state_dict()
-    return _crc(*(v for k, v in sorted(sd.items()) if isinstance(v, torch.Tensor)))
+    return crc32_of(*(v for k, v in sorted(sd.items()) if isinstance(v, torch.Tensor)))
 
 def _rng_state(order_gen=None) -> dict:
     st = np.random.get_state()
@@ -276,7 +269,7 @@ def _refuse_mismatch(path, saved: dict, current: dict):
         raise ConfigError(f"{path} was written with a different configuration; differing keys: {', '.join(diff)}. "
                           f"Use another run_dir, or delete the file to start this phase afresh.")
 
-def _load(path, what: str) -> dict:
+def read_model_file(path, what: str) -> dict:
     "A dinoqpm model file or checkpoint, verified (`dinoqpm.core.load_checked`); anything else is a `CorruptFileError`."
     ck = load_checked(path, what)
     if ck.get('format') not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
@@ -366,7 +359,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
     log_path = Path(run_dir) / phase / 'log.csv' if run_dir is not None else None
     history, start = [], 0
     if ckpt_path is not None and ckpt_path.exists():
-        ck = _load(ckpt_path, 'checkpoint')
+        ck = read_model_file(ckpt_path, 'checkpoint')
         _refuse_mismatch(ckpt_path, ck['signature'], signature)
         model.load_state_dict(ck['model'])
         live = {id(p) for p in model.parameters()}
@@ -418,7 +411,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             t0 = time.time()
             order, order_gen = epoch_order(len(train_ds), cfg.seed, phase, epoch)
             torch.manual_seed(derive_seed(cfg.seed, phase, 'torch', epoch))
-            model.train(); _opt_mode(opt, True)
+            model.train(); set_optimizer_mode(opt, True)
             sums = torch.zeros(4, dtype=torch.float64)
             correct = 0
             for step, (x, labels, n_global) in enumerate(batches(order)):
@@ -449,7 +442,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
                 if step % 10 == 0 or step == steps - 1:
                     seen = (step * pcfg.batch_size + n) if step < steps - 1 else len(train_ds)
                     bar.set_postfix(epoch=epoch + 1, loss=f'{sums[0].item() / seen:.3f}', acc=f'{correct / seen:.3f}')
-            _opt_mode(opt, False)
+            set_optimizer_mode(opt, False)
             if ddp:                                   # the epoch's sums over every rank's rows
                 sums = D.all_reduce_sum(sums)
                 correct = int(D.all_reduce_sum(torch.tensor([correct], dtype=torch.float64))[0].item())
@@ -480,7 +473,7 @@ def _train_loop(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
     finally:
         bar.close()
         undo()
-    _opt_mode(opt, False)
+    set_optimizer_mode(opt, False)
     final = _eval_copy(model, pcfg, train_ds, device, cfg.seed).eval()
     final.convergence = convergence(history, rule_for(model), pcfg.epochs, stop_at_convergence=stopping)
     final.convergence.update(wall_seconds=round(time.time() - t_begin, 3),            # this call: epochs + everything around
@@ -648,7 +641,7 @@ def save_model(model: DinoQPMModel, path, **extra) -> Path:
 
 def load_model(path, device='cpu') -> DinoQPMModel:
     "Rebuild a `DinoQPMModel` (eval mode) from a final model file or a checkpoint; `.history`, `.run_config` and `.convergence` are attached."
-    ck = _load(path, 'model file')
+    ck = read_model_file(path, 'model file')
     model = model_from_spec(ck['spec'], ck['model']).to(get_device(device)).eval()
     model.history, model.run_config = ck.get('history', []), ck.get('config')
     model.convergence = _judged(model.history, ck.get('convergence'), rule_for(model))
@@ -663,7 +656,7 @@ def _judged(history, saved: Optional[dict], rule: ConvergenceRule) -> dict:
 
 def _finished(path, signature, device):
     if path is None or not Path(path).exists(): return None
-    ck = _load(path, 'model file')
+    ck = read_model_file(path, 'model file')
     _refuse_mismatch(path, ck.get('signature', {}), signature)
     log.info("%s exists: returning it without training", path)
     model = model_from_spec(ck['spec'], ck['model']).to(device).eval()
@@ -764,8 +757,8 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
     model.set_sparse_head(head)
     h = model.head
     signature = _phase_signature(cfg, 'finetune', train_cache, phase=phase, start_model_crc=start_fp,
-                                 head={**h.get_extra_state(), 'selection': h.selection.tolist(), 'weight_crc': _crc(h.weight),
-                                       'bias_crc': _crc(h.bias) if hasattr(h, 'bias') else None,
+                                 head={**h.get_extra_state(), 'selection': h.selection.tolist(), 'weight_crc': crc32_of(h.weight),
+                                       'bias_crc': crc32_of(h.bias) if hasattr(h, 'bias') else None,
                                        'mean': h.mean.detach().cpu().double().tolist(), 'std': h.std.detach().cpu().double().tolist()})
     final_path = Path(run_dir) / f'{phase}_model.pt' if run_dir is not None else None
     done = _finished(final_path, signature, device)
@@ -780,9 +773,3 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
                    provenance=provenance(seed=cfg.seed, phase=phase))
     D.barrier()
     return model, history
-
-def finetune_from_qp(cfg: RunConfig, model: DinoQPMModel, qp_result, train_cache, test_cache=None, run_dir=None,
-                     progress: bool = True, mean=None, std=None, **kwargs):
-    "`finetune` with the selection and binary weight of a QP result (anything with `.selection` and `.weight`)."
-    return finetune(cfg, model, mean=mean, std=std, train_cache=train_cache, test_cache=test_cache, run_dir=run_dir,
-                    progress=progress, qp_result=qp_result, **kwargs)

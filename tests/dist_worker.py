@@ -2,10 +2,13 @@
 
     python dist_worker.py extract CONFIG CACHE_ROOT [KILL_RANK KILL_AFTER_CHUNKS]
     python dist_worker.py train CONFIG CACHE_ROOT RUN_DIR WRITES_LOG
+    python dist_worker.py decide OUT_DIR
 
 `extract` builds both caches in small chunks (batch 2, chunk 2) so that both ranks have several; with KILL_RANK the
 process of that rank kills itself (SIGKILL) after KILL_AFTER_CHUNKS of its chunks. `train` runs `dinoqpm train`; every
-rank but 0 records each file it opens for writing, creates, renames or deletes under RUN_DIR into WRITES_LOG.
+rank but 0 records each file it opens for writing, creates, renames or deletes under RUN_DIR into WRITES_LOG. `decide`
+lets rank 0 fail in `distributed.decide_on_rank0` (an OSError, a RuntimeError, a ConfigError), writes what every rank
+raised into OUT_DIR/rank<r>.json, and ends with a RuntimeError on rank 0 that no rank catches.
 """
 import json, os, signal, sys
 from pathlib import Path
@@ -31,9 +34,30 @@ def record_writes(under: Path, log_file: Path):
     atexit.register(lambda: log_file.write_text(json.dumps(seen)))
 
 
+def decide(out: Path, rank: int):
+    from dinoqpm import distributed as D
+    from dinoqpm.config import ConfigError
+    D.init_distributed('cpu')
+    def fails(e):
+        def fn():
+            if D.rank() != 0: raise AssertionError(f'fn ran on rank {D.rank()}')
+            raise e
+        return fn
+    seen = {}
+    for name, e in (('oserror', OSError(28, 'No space left on device', '/cache/x.npy')),
+                    ('runtime', RuntimeError('CUDA out of memory')), ('config', ConfigError('qp.n_select=0 is not positive'))):
+        try: seen[name] = ['returned', D.decide_on_rank0(fails(e), f'deciding {name}')]
+        except Exception as err: seen[name] = [type(err).__name__, str(err)]
+    seen['ok'] = D.decide_on_rank0(lambda: {'decided by': D.rank()}, 'deciding ok')
+    (out / f'rank{rank}.json').write_text(json.dumps(seen))
+    D.barrier()
+    D.decide_on_rank0(fails(RuntimeError('the last straw')), 'the last decision')   # raised on every rank, caught by none
+
+
 def main():
-    cmd, config, cache_root = sys.argv[1], sys.argv[2], sys.argv[3]
     rank = int(os.environ.get('RANK', 0))
+    if sys.argv[1] == 'decide': return decide(Path(sys.argv[2]), rank)
+    cmd, config, cache_root = sys.argv[1], sys.argv[2], sys.argv[3]
     if cmd == 'extract':
         from dinoqpm import distributed as D
         from dinoqpm.features import get_feature_cache

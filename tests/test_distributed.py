@@ -1,7 +1,8 @@
 """torchrun on the CPU (gloo, 2 processes) on the smoke configuration: sharded extraction gives the single-process
 cache byte for byte and survives a killed rank (resumed with another number of processes), data-parallel training
-matches one process within the tolerance stated in nbs/05_train.ipynb, and only rank 0 writes the run directory."""
-import json, os, shutil, subprocess, sys
+matches one process within the tolerance stated in nbs/05_train.ipynb, and only rank 0 writes the run directory; an
+error of rank 0 in `decide_on_rank0`, of any type, reaches every rank and no rank hangs."""
+import json, os, shutil, signal, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest, torch, yaml
@@ -69,7 +70,7 @@ def test_sharded_extraction_is_byte_identical_and_resumes_after_a_killed_rank(wo
     r = finish(kill_job)
     assert r.returncode != 0
     partial = next((t / 'c_kill').rglob('train.partial'))
-    done = sorted(int(p.name) for p in (partial / 'chunks').iterdir())
+    done = sorted(int(p.name) for p in (partial / 'chunks').iterdir() if p.name.isdigit())   # not a killed write's temp file
     assert 1 in done and 3 not in done and 5 not in done                       # rank 1's finished chunk is kept, its others not
     r = launch(['extract', t / 'smoke.yaml', t / 'c_kill'])                     # resumed by one process
     assert r.returncode == 0, r.stderr[-3000:]
@@ -109,3 +110,24 @@ def test_data_parallel_training_matches_one_process_and_only_rank_0_writes(world
         assert abs(ra[k] - rb[k]) <= 0.05, (k, ra[k], rb[k])
     hist_a = [h['train_loss'] for h in _state(t / 'run_one', 'dense_model.pt')[1].history]
     assert np.allclose(hist_a, [h['train_loss'] for h in mb.history], rtol=1e-5)
+
+
+def test_an_error_of_rank_0_of_any_type_reaches_every_rank_and_none_hangs(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', DINOQPM_DIST_TIMEOUT_MIN='3')   # a hang ends too
+    for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'): env.pop(k, None)
+    p = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc-per-node', '2', str(WORKER),
+                          'decide', str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try: out, err = p.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL); p.communicate()
+        raise AssertionError('a rank hung waiting for rank 0') from None
+    seen = {r: json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)}
+    assert seen[0]['oserror'] == ['OSError', "[Errno 28] No space left on device: '/cache/x.npy'"]
+    assert seen[1]['oserror'] == ['RankZeroError', "deciding oserror failed on rank 0 with OSError: [Errno 28] No space left "
+                                                   "on device: '/cache/x.npy'"]
+    assert seen[0]['runtime'] == ['RuntimeError', 'CUDA out of memory']
+    assert seen[1]['runtime'] == ['RankZeroError', 'deciding runtime failed on rank 0 with RuntimeError: CUDA out of memory']
+    assert seen[0]['config'] == seen[1]['config'] == ['ConfigError', 'qp.n_select=0 is not positive']   # a UserError as itself
+    assert seen[0]['ok'] == seen[1]['ok'] == {'decided by': 0}
+    assert p.returncode != 0 and 'the last straw' in err, err[-3000:]                  # the uncaught one ends the job

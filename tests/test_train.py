@@ -78,7 +78,7 @@ from types import SimpleNamespace
 from dinoqpm.config import RunConfig, AdapterConfig, DENSE_DEFAULTS, FINETUNE_DEFAULTS
 from dinoqpm.features import FeatureCache
 from dinoqpm.model import SparseHead
-from dinoqpm.train import (make_token_data, train_dense, finetune, finetune_from_qp, load_model, TokenDataset,
+from dinoqpm.train import (make_token_data, train_dense, finetune, load_model, TokenDataset,
                            extract_features, compute_feature_stats)
 
 @pytest.fixture(scope='module')
@@ -99,7 +99,7 @@ def test_load_model_and_qp_result_duck_typing(small, tmp_path):
     assert torch.equal(m.head_weight(), torch.eye(4))
     x = TokenDataset(train).read(range(8))[0]
     assert torch.equal(m(x).logits, ft(x).logits)
-    ft2, hist2 = finetune_from_qp(cfg, dense, qp, train, run_dir=tmp_path, progress=False)
+    ft2, hist2 = finetune(cfg, dense, train_cache=train, qp_result=qp, run_dir=tmp_path, progress=False)   # finished: reused
     assert hist2 == hist
     mean, std = compute_feature_stats(dense, train)
     assert torch.allclose(m.head.mean, mean[[1, 3, 4, 6]]) and torch.allclose(m.head.std, std[[1, 3, 4, 6]])

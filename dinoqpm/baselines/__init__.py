@@ -13,7 +13,7 @@ from .methods import (QSENN_SCHEDULES, TABLE1_METHODS, ROW_LABELS, PROBE_PROTOCO
 from .glm import (PROX_RULES, LAM_MAX_RULES, SAGA_N_RULES, GLM_CHECKPOINT_FORMAT, GLMConfig,
                                    check_glm_config, feature_stats, split_train_val, max_lambda, soft_threshold,
                                    group_threshold_selected, SagaState, elastic_objective, few_threads_if_small,
-                                   saga_fit, array_crc, FeatureSelection, select_features, GLMPath, fit_path,
+                                   saga_fit, FeatureSelection, select_features, GLMPath, fit_path,
                                    keep_largest, sldd_point, sldd_weights, quantise_ternary, qsenn_bias, qsenn_weights)
 from .linear_eval import (DINOV2_LEARNING_RATES, LINEAR_EVAL_FORMAT, LinearEvalConfig,
                                            check_linear_eval_config, stratified_holdout, probe_inputs,

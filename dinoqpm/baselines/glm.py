@@ -4,7 +4,7 @@
 
 # %% ../../nbs/08_baselines_glm.ipynb #c002
 from __future__ import annotations
-import contextlib, dataclasses, io, logging, math, warnings, zlib
+import contextlib, dataclasses, io, logging, math, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,16 +13,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from ..config import ConfigError, config_diff
-from ..core import get_device, save_checked, load_checked, CorruptFileError
+from ..core import get_device, save_checked, load_checked, CorruptFileError, crc32_of
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PROX_RULES', 'LAM_MAX_RULES', 'SAGA_N_RULES', 'GLM_CHECKPOINT_FORMAT', 'GLMConfig', 'check_glm_config',
            'feature_stats', 'split_train_val', 'max_lambda', 'soft_threshold', 'group_threshold_selected', 'SagaState',
-           'elastic_objective', 'few_threads_if_small', 'saga_fit', 'array_crc', 'FeatureSelection', 'select_features',
-           'GLMPath', 'fit_path', 'keep_largest', 'sldd_point', 'sldd_weights', 'quantise_ternary', 'qsenn_bias',
-           'qsenn_weights']
+           'elastic_objective', 'few_threads_if_small', 'saga_fit', 'FeatureSelection', 'select_features', 'GLMPath',
+           'fit_path', 'keep_largest', 'sldd_point', 'sldd_weights', 'quantise_ternary', 'qsenn_bias', 'qsenn_weights']
 
 # %% ../../nbs/08_baselines_glm.ipynb #c006
 PROX_RULES = ('reference', 'exact')
@@ -182,16 +181,8 @@ def saga_fit(W, b, X, y, lam: float, alpha: float, prox: Callable, state: SagaSt
 # %% ../../nbs/08_baselines_glm.ipynb #c019
 GLM_CHECKPOINT_FORMAT = 'dinoqpm-glm/1'
 
-def array_crc(*arrays) -> int:
-    "CRC-32 over the bytes of tensors / arrays (a cheap identity check of inputs)."
-    c = 0
-    for a in arrays:
-        a = a.detach().cpu().contiguous().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-        c = zlib.crc32(np.ascontiguousarray(a).tobytes(), c)
-    return c
-
 def _signature(kind: str, X, y, cfg: GLMConfig, **extra) -> dict:
-    return {'kind': kind, 'n': int(X.shape[0]), 'd': int(X.shape[1]), 'data_crc': array_crc(X, y),
+    return {'kind': kind, 'n': int(X.shape[0]), 'd': int(X.shape[1]), 'data_crc': crc32_of(X, y),
             'glm': dataclasses.asdict(cfg), **extra}
 
 def _load_checkpoint(path, signature: dict) -> Optional[dict]:
@@ -372,7 +363,7 @@ def fit_path(X, y, n_classes: Optional[int] = None, cfg: GLMConfig = GLMConfig()
     if backend == 'glm_saga': points = _path_glm_saga(Ztr, ytr, C, cfg)
     elif backend != 'native': raise ConfigError(f"backend={backend!r}; expected 'native' or 'glm_saga'")
     else:
-        sig = _signature('path', X, y, cfg, n_classes=C, seed=int(seed), mean_crc=array_crc(mean), std_crc=array_crc(std))
+        sig = _signature('path', X, y, cfg, n_classes=C, seed=int(seed), mean_crc=crc32_of(mean), std_crc=crc32_of(std))
         points = _path_native(Ztr, ytr, C, lams, cfg, seed, sig, checkpoint, progress)
     Wp = torch.stack([p['W'].float().cpu() for p in points]); bp = torch.stack([p['b'].float().cpu() for p in points])
     lt, at, av = [], [], []

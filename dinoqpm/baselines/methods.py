@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 import torch
 from ..config import RunConfig, ConfigError, config_to_dict, config_diff, update_config
-from ..core import atomic_write_json, json_safe, save_checked, load_checked, CorruptFileError, MissingFileError
+from ..core import atomic_write_json, json_safe, save_checked, load_checked, CorruptFileError, MissingFileError, crc32_of
 from ..model import DinoQPMModel, SparseHead
 from ..train import (train_dense, finetune, extract_features, load_model, save_model, state_fingerprint,
                            cache_fingerprint, convergence_info, convergence, CONVERGENCE_RULES)
 from ..evaluation import evaluate
 from .glm import (GLMConfig, FeatureSelection, GLMPath, check_glm_config, select_features, fit_path,
-                                   sldd_weights, qsenn_weights, array_crc)
+                                   sldd_weights, qsenn_weights)
 from .linear_eval import LinearEvalConfig, dinov2_linear_eval
 from ..pipeline import (saved_results, find_run_config, default_run_dir, init_run_dir, run_dir_lock,
                               validate_run_config, load_caches)
@@ -255,7 +255,7 @@ def feature_selection(features: dict, n_select: int, n_classes: int, glm: GLMCon
                       progress: bool = False) -> FeatureSelection:
     "The shared glm-saga forward selection (`run_dir/glm/selection.pt`, progress in `selection_progress.pt`)."
     X, y = features['features'], features['labels']
-    sig = {'data_crc': array_crc(X, y), 'glm': dataclasses.asdict(glm), 'n_select': int(n_select), 'seed': int(seed)}
+    sig = {'data_crc': crc32_of(X, y), 'glm': dataclasses.asdict(glm), 'n_select': int(n_select), 'seed': int(seed)}
     d = _subdir(run_dir, 'glm')
     compute = lambda: select_features(X, y, n_select, n_classes, glm, seed, device,
                                       checkpoint=d / 'selection_progress.pt' if d else None, progress=progress).to_dict()
@@ -263,7 +263,7 @@ def feature_selection(features: dict, n_select: int, n_classes: int, glm: GLMCon
 
 def regularisation_path(X, y, n_classes: int, glm: GLMConfig, seed: int, folder=None, device=None, progress: bool = False) -> GLMPath:
     "The elastic-net path on the selected raw features `X` (μ, σ of `X`), cached at `folder/path.pt`."
-    sig = {'data_crc': array_crc(X, y), 'glm': dataclasses.asdict(glm), 'seed': int(seed)}
+    sig = {'data_crc': crc32_of(X, y), 'glm': dataclasses.asdict(glm), 'seed': int(seed)}
     folder = Path(folder) if folder is not None else None
     compute = lambda: fit_path(X, y, n_classes, glm, seed, device=device, progress=progress,
                                checkpoint=folder / 'path_progress.pt' if folder else None).to_dict()

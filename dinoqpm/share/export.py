@@ -12,18 +12,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core import atomic_write_bytes, json_safe, dinoqpm_version
+from ..core import atomic_write_bytes, json_safe, dinoqpm_version, sha256_file, sha256_bytes
 from ..config import RunConfig, config_to_dict
 from .inference import Predictor
 from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FILE, README_FILE, PAGE_FILE,
-                                  ExportError, is_exported, _read_json, _sha256)
-from ..pipeline import find_run_config, file_sha256, load_caches
+                                  ExportError, is_exported, read_export_json)
+from ..pipeline import find_run_config, load_caches
 from ..features import get_backbone_spec, weights_path, weights_fingerprint
 from ..evaluation import (class_independence, contrastiveness, correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
                                 feature_style, render_layers, compose, square_image, FeatureStyle, local_explanation)
 from ..data import load_dataset, dataset_kwargs, open_rgb
 from ..qp import QPResult
-from ..train import extract_features, _load, load_model, cache_fingerprint
+from ..train import extract_features, read_model_file, load_model, cache_fingerprint
 from ..model import model_spec
 from .explorer import explorer_page
 
@@ -157,7 +157,7 @@ def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n
     W = model.head_weight().detach().cpu().numpy()
     C, J = W.shape
     sel = model.selection.cpu().numpy()
-    names = _read_json(files['names'], 'the class names') if files['names'].is_file() else list(test_cache.class_names)
+    names = read_export_json(files['names'], 'the class names') if files['names'].is_file() else list(test_cache.class_names)
     if len(names) != C: raise ExportError(f'{files["names"]} names {len(names)} classes, the model has {C}')
     tr = extract_features(model, train_cache, with_maps=True, progress=progress)
     te = extract_features(model, test_cache, with_maps=True, progress=progress)
@@ -237,10 +237,10 @@ def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n
         classes.append({'index': c, 'name': names[c], 'label': class_label(names[c]), 'features': [int(sel[j]) for j in feats],
                         'n_test': int(len(mine)), 'test_accuracy': float((p_te[mine] == c).mean()) if len(mine) else None,
                         'examples': examples, 'compare': rep})
-    results = _read_json(files['results'], 'the run results')
+    results = read_export_json(files['results'], 'the run results')
     qp = QPResult.load(files['qp'])
     spec = get_backbone_spec(cfg.backbone.name)
-    ck = _load(files['model'], 'model file')
+    ck = read_model_file(files['model'], 'model file')
     demo = cfg.data.dataset == 'SynthBirds' or not spec.is_paper_backbone
     card = {'format': EXPORT_FORMAT, 'method': 'DINO-QPM', 'dataset': cfg.data.dataset, 'backbone': cfg.backbone.name,
             'is_paper_backbone': bool(spec.is_paper_backbone), 'demo': bool(demo),
@@ -253,9 +253,9 @@ def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n
                        'compare_rule': "every class's most confident correctly classified test image (else its most confident one)",
                        'prototypes_rule': f"each feature's {n_prototypes} training images with the largest pooled activation"},
             'provenance': {'training': ck.get('provenance'), 'seed': cfg.seed,
-                           'finetune_model_sha256': file_sha256(files['model']),
-                           'dense_model_sha256': file_sha256(files['dense']) if files['dense'].is_file() else None,
-                           'results_sha256': file_sha256(files['results'])}}
+                           'finetune_model_sha256': sha256_file(files['model']),
+                           'dense_model_sha256': sha256_file(files['dense']) if files['dense'].is_file() else None,
+                           'results_sha256': sha256_file(files['results'])}}
     return card, assets
 
 # %% ../../nbs/09c_share_export.ipynb #c016
@@ -370,7 +370,7 @@ def export_model(model_path, out, *, cache_root=None, n_prototypes: int = 5, n_e
     if getattr(model.head, 'kind', None) != 'bldd':
         raise ExportError(f'{files["model"]} has a {model.head.kind!r} head; only DINO-QPM models (binary sparse head) are exported')
     train_c, test_c = load_caches(cfg, cache_root, progress)
-    trained_on = (_load(files['model'], 'model file').get('signature') or {}).get('train_cache')
+    trained_on = (read_model_file(files['model'], 'model file').get('signature') or {}).get('train_cache')
     if trained_on is not None and trained_on != cache_fingerprint(train_c):
         raise ExportError(f'the training feature cache of {files["run_dir"]} differs from the one the model was trained on '
                           f'(other tokens, samples or labels); rebuild it with the run\'s settings before exporting')
@@ -380,7 +380,7 @@ def export_model(model_path, out, *, cache_root=None, n_prototypes: int = 5, n_e
     names = [c['name'] for c in card['classes']]
     config = {'model_type': 'dinoqpm', 'dinoqpm_export_format': EXPORT_FORMAT, 'method': 'DINO-QPM', 'dataset': cfg.data.dataset,
               'n_classes': card['n_classes'], 'selected_features': card['selected_features'], 'n_per_class': card['n_per_class'],
-              'model': {'file': MODEL_FILE, 'sha256': _sha256(weights), 'spec': model_spec(model), 'state': extra},
+              'model': {'file': MODEL_FILE, 'sha256': sha256_bytes(weights), 'spec': model_spec(model), 'state': extra},
               'backbone': _backbone_record(cfg, train_c),
               'preprocessing': {'mode': cfg.data.preprocessing, 'dataset': cfg.data.dataset, 'img_size': int(cfg.data.img_size)},
               'run_config': _portable_config(cfg), 'demo': card['demo']}

@@ -8,7 +8,7 @@ import json, logging
 from pathlib import Path
 from types import SimpleNamespace
 
-from ..core import UserError, weights_dir as default_weights_dir
+from ..core import UserError, sha256_bytes, weights_dir as default_weights_dir
 from ..config import RunConfig, config_from_dict
 from ..model import model_from_spec
 from ..features import create_backbone, get_backbone_spec, weights_path, weights_fingerprint
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'EXPORT_FORMAT', 'MODEL_FILE', 'CONFIG_FILE', 'NAMES_FILE', 'CARD_FILE', 'README_FILE', 'PAGE_FILE',
-           'ExportError', 'is_exported', 'read_export']
+           'ExportError', 'is_exported', 'read_export_json', 'read_export']
 
 # %% ../../nbs/09_share_format.ipynb #c006
 EXPORT_FORMAT = 1
@@ -33,15 +33,12 @@ def is_exported(path) -> bool:
     p = Path(path)
     return p.is_dir() and (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file()
 
-def _read_json(path, what: str):
+def read_export_json(path, what: str):
+    "The JSON file `path` of an exported folder; an unreadable one is an `ExportError` naming `what`."
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise ExportError(f'cannot read {what} {path}: {e}') from e
 
 # %% ../../nbs/09_share_format.ipynb #c009
-def _sha256(data: bytes) -> str:
-    import hashlib
-    return hashlib.sha256(data).hexdigest()
-
 def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') -> SimpleNamespace:
     """The parts of an exported folder, each checked: the model (from `model.safetensors`, whose SHA-256 must be the one
     in `config.json`), the run configuration, the class names, the explanation card, and the frozen backbone from the
@@ -50,13 +47,13 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
     from safetensors.torch import load as load_safetensors
     p = Path(path)
     if mode != 'finetune': raise ExportError(f'{p} is an exported model, which holds the finetuned model only; use mode finetune, not {mode!r}')
-    config = _read_json(p / CONFIG_FILE, 'the export configuration')
+    config = read_export_json(p / CONFIG_FILE, 'the export configuration')
     if not isinstance(config, dict) or config.get('model_type') != 'dinoqpm' or 'dinoqpm_export_format' not in config:
         raise ExportError(f'{p / CONFIG_FILE} is not the configuration of a dinoqpm export (no model_type "dinoqpm")')
     if config['dinoqpm_export_format'] > EXPORT_FORMAT:
         raise ExportError(f'{p} was exported in format {config["dinoqpm_export_format"]}; this dinoqpm reads format {EXPORT_FORMAT} or older')
     data = (p / MODEL_FILE).read_bytes()
-    sha = _sha256(data)
+    sha = sha256_bytes(data)
     if sha != config['model']['sha256']:
         raise ExportError(f'{p / MODEL_FILE} is corrupt or was changed: its SHA-256 is {sha}, {p / CONFIG_FILE} records '
                           f'{config["model"]["sha256"]}; export the model again')
@@ -78,7 +75,7 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
                                img_size=config['preprocessing']['img_size']).to(device)
     pre = config['preprocessing']
     names_file = p / NAMES_FILE
-    names = _read_json(names_file, 'the class names') if names_file.is_file() else None
-    card = _read_json(p / CARD_FILE, 'the explanation card') if (p / CARD_FILE).is_file() else None
+    names = read_export_json(names_file, 'the class names') if names_file.is_file() else None
+    card = read_export_json(p / CARD_FILE, 'the explanation card') if (p / CARD_FILE).is_file() else None
     return SimpleNamespace(path=p, config=config, cfg=cfg, model=model, backbone=backbone, class_names=names, card=card,
                            transform=make_transform(mode=pre['mode'], dataset=pre['dataset'], img_size=pre['img_size']))
