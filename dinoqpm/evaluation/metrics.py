@@ -8,16 +8,17 @@ import logging, math, statistics, warnings
 from typing import Optional
 import numpy as np
 from ..data import resize_mask_uint8        # the cache's own implementation of the cv2 rule (bit-exact)
-from ..data import dilate_mask as _dilate   # the cache's own dilation, so the two always agree
+from ..data import dilate_mask              # the one dilation (the cache's own), so masks always agree
 
+_all_ = ['dilate_mask']   # still `dinoqpm.evaluation.metrics.dilate_mask`
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PLAUSIBILITY_VARIANTS', 'HIGHER', 'LOWER', 'METRIC_DIRECTIONS', 'as_numpy', 'predicted_classes',
            'relevant_features', 'accuracy', 'sid_per_image', 'sid_at_k', 'class_independence', 'gmm_overlap',
            'contrastiveness', 'correlation', 'dependence', 'structural_grounding', 'alignment', 'resize_mask',
-           'dilate_mask', 'plausibility_scores', 'plausibility', 'pooling_baseline', 'part_cells', 'part_faithfulness',
-           'Metric', 'Plausibility', 'SIDAtK', 'ClassIndependence', 'Contrastiveness', 'Correlation']
+           'plausibility_scores', 'plausibility', 'pooling_baseline', 'part_cells', 'part_faithfulness', 'Metric',
+           'Plausibility', 'SIDAtK', 'ClassIndependence', 'Contrastiveness', 'Correlation', 'dilate_mask']
 
 # %% ../../nbs/06_evaluation_metrics.ipynb #c006
 def as_numpy(x, dtype=None) -> np.ndarray:
@@ -189,10 +190,6 @@ def resize_mask(mask, size) -> np.ndarray:
         m = m.astype(np.uint8)
     if m.shape == tuple(size): return m > 0
     return resize_mask_uint8(m, tuple(size)) > 0
-
-def dilate_mask(mask, iterations: int = 1) -> np.ndarray:
-    "Grow a boolean mask `[h, w]` or `[N, h, w]` by a 3×3 square `iterations` times (no growth from outside the border)."
-    return _dilate(as_numpy(mask).astype(bool), iterations)
 
 # %% ../../nbs/06_evaluation_metrics.ipynb #c039
 PLAUSIBILITY_VARIANTS = ('gradcam', 'gradcam_dilated', 'max', 'max_dilated', 'gradcam_max', 'gradcam_max_dilated')
