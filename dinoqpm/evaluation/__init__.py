@@ -16,7 +16,8 @@ from .metrics import (PLAUSIBILITY_VARIANTS, HIGHER, LOWER, METRIC_DIRECTIONS, a
                                         plausibility, pooling_baseline, part_cells, part_faithfulness, Metric,
                                         Plausibility, SIDAtK, ClassIndependence, Contrastiveness, Correlation)
 from .render import (PALETTE, feature_palette, feature_levels, FeatureStyle, feature_style,
-                                       square_image, render_layers, compose, local_explanation)
+                                       square_image, render_layers, compose, feature_panels, image_style,
+                                       local_explanation)
 from .viz import (TABLE1_METRICS, paper_style, save_figure, published_table1, format_mean_std,
                                     summarise_runs, write_table)
 
