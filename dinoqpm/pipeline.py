@@ -20,17 +20,17 @@ from .features import (safe_name, get_feature_cache, get_backbone_spec, check_we
 from .model import check_adapter_config
 from .data import DATASETS, dataset_kwargs, load_dataset, make_transform, scan_folder, write_split_file
 from .evaluation import resolve_eval_mode, evaluate
-from .qp import require_solver, QPResult, QPNotCertifiedError, qp_constants, solve_qp
+from .qp import require_solver, QPResult, QPNotCertifiedError, qp_constants, solve_qp, qp_record
 from .train import load_model, extract_features, train_dense, finetune, convergence_info
 from . import distributed as D
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV', 'default_run_dir',
-           'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches', 'load_caches', 'validate_run_config',
-           'run_dir_lock', 'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
-           'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config', 'smoke_run']
+__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QP_INFO_FIELDS', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV',
+           'default_run_dir', 'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches', 'load_caches',
+           'validate_run_config', 'run_dir_lock', 'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once',
+           'write_class_names', 'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config', 'smoke_run']
 
 # %% ../nbs/07_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -262,10 +262,11 @@ def write_split_provenance(cfg: RunConfig, run_dir) -> Optional[Path]:
     d = cfg.data
     return write_split_file(scan_folder(d.root, d.test_fraction, d.split_seed), Path(run_dir) / 'split.csv')
 
+QP_INFO_FIELDS = ('status', 'gap', 'mip_gap', 'seconds', 'solver', 'tau', 'certified', 'certificate')
+
 def qp_info(qp) -> dict:
-    "The QP certificate fields of a result JSON."
-    return {'qp_status': qp.status, 'qp_gap': qp.gap, 'qp_mip_gap': qp.mip_gap, 'qp_seconds': qp.seconds, 'qp_solver': qp.solver,
-            'qp_tau': qp.tau, 'qp_certified': qp.certified, 'qp_certificate': qp.certificate()}
+    "The QP certificate fields of a result JSON: `qp_record`'s `QP_INFO_FIELDS`, each named `qp_<field>`."
+    return qp_record(qp, QP_INFO_FIELDS, 'qp_')
 
 def run_qpm(cfg: RunConfig, run_dir=None, *, runs_root=None, cache_root=None, eval_mode='all', progress=True,
             stop_after: Optional[str] = None) -> dict:

@@ -22,7 +22,7 @@ from ..features import get_backbone_spec, weights_path, weights_fingerprint
 from ..evaluation import (class_independence, contrastiveness, correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
                                 feature_style, render_layers, compose, square_image, FeatureStyle, local_explanation)
 from ..data import load_dataset, dataset_kwargs, open_rgb
-from ..qp import QPResult
+from ..qp import QPResult, qp_record
 from ..train import extract_features, _load, load_model, cache_fingerprint
 from ..model import model_spec
 from .explorer import explorer_page
@@ -130,12 +130,6 @@ def _model_metrics(results: dict) -> dict:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[k] = {'value': float(v), 'direction': direction, 'table1': k in TABLE1_METRICS}
     return out
-
-def _qp_record(qp) -> dict:
-    return {'solver': qp.solver, 'status': qp.status, 'gap': qp.gap, 'mip_gap': qp.mip_gap, 'seconds': qp.seconds,
-            'certified': bool(qp.certified), 'certificate': qp.certificate(), 'objective': qp.objective, 'bound': qp.bound,
-            'tau': qp.tau, 'n_select': int(qp.n_select or len(qp.selection)), 'n_per_class': int(qp.n_per_class),
-            'formulation': qp.formulation}
 
 def _training_record(results: dict) -> dict:
     conv = results.get('convergence') or {}
@@ -247,7 +241,7 @@ def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n
             'n_classes': C, 'n_features': int(model.n_features), 'n_selected': J, 'n_per_class': int((W != 0).sum(1).max()),
             'selected_features': [int(s) for s in sel], 'style': style.to_dict(), 'features': features, 'classes': classes,
             'metrics': _model_metrics(results), 'skipped_metrics': results.get('skipped') or {},
-            'qp': _qp_record(qp), 'training': _training_record(results), 'designed_pairs': _designed_pairs(sets['test']),
+            'qp': qp_record(qp), 'training': _training_record(results), 'designed_pairs': _designed_pairs(sets['test']),
             'images': {'size': size, 'compare_size': compare_size, 'patch_size': patch_size, 'view': 224,
                        'examples_rule': f'the first {n_examples} test images of every class, in dataset order',
                        'compare_rule': "every class's most confident correctly classified test image (else its most confident one)",
