@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError,
-                          UserError)
+                          CorruptFileError, UserError)
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS,
                             FINETUNE_DEFAULTS, ConfigError, config_to_dict, config_from_dict, config_diff,
                             check_config, update_config)
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QP_INFO_FIELDS', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV',
            'default_run_dir', 'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches', 'load_caches',
-           'validate_run_config', 'run_dir_lock', 'file_sha256', 'saved_results', 'evaluate_once', 'solve_qp_once',
-           'write_class_names', 'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config', 'smoke_run']
+           'validate_run_config', 'run_dir_lock', 'results_for_model', 'file_sha256', 'saved_results', 'evaluate_once',
+           'solve_qp_once', 'write_class_names', 'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config',
+           'smoke_run']
 
 # %% ../nbs/07_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -173,6 +174,28 @@ def run_dir_lock(run_dir):
         with contextlib.suppress(OSError): fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
+# %% ../nbs/07_pipeline.ipynb #c009r
+def results_for_model(path, identity: dict, *, unreadable: str = 'warn') -> Optional[dict]:
+    """The results JSON at `path` if they belong to this model: every entry of `identity` (a key of the JSON, or a dotted
+    path into it such as `'provenance.run_info.model_crc'`) holds the given value (compared as JSON); else `None`. The one
+    check behind every reuse of results (`saved_results`, `dinoqpm.baselines.evaluate_row`). A file that cannot be read
+    is evaluated again with a WARNING (`unreadable='warn'`) or refused (`'raise'`, `CorruptFileError`)."""
+    if unreadable not in ('warn', 'raise'): raise ValueError(f"unreadable must be 'warn' or 'raise', got {unreadable!r}")
+    out = Path(path)
+    if not out.exists(): return None
+    try: old = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        if unreadable == 'raise': raise CorruptFileError(f"cannot read {out} ({e}); delete it to evaluate again") from None
+        log.warning('%s is unreadable (%s): evaluating again', out, e)
+        return None
+    if not isinstance(old, dict): return None
+    def held(key):
+        v = old
+        for k in key.split('.'): v = v.get(k) if isinstance(v, dict) else None
+        return v
+    same = all(held(k) == json.loads(json.dumps(json_safe(v))) for k, v in identity.items())
+    return old if same else None
+
 # %% ../nbs/07_pipeline.ipynb #c010
 def file_sha256(path) -> str:
     h = hashlib.sha256()
@@ -183,16 +206,8 @@ def file_sha256(path) -> str:
 def saved_results(output_json, model_path, eval_mode='all', sha: Optional[str] = None, **expect) -> Optional[dict]:
     """The results in `output_json` (written by `evaluate_once`) if they were computed for exactly the file `model_path`
     (checksum `sha`, computed if not given) with `eval_mode` and the `expect`ed values (e.g. `seed=0`); else `None`."""
-    out = Path(output_json)
-    if not out.exists(): return None
-    try: old = json.loads(out.read_text())
-    except (OSError, ValueError) as e:
-        log.warning('%s is unreadable (%s): evaluating again', out, e)
-        return None
-    if not isinstance(old, dict): return None
-    same = (old.get('model_sha256') == (sha or file_sha256(model_path))
-            and old.get('eval_mode') == json.loads(json.dumps(eval_mode)) and all(old.get(k) == v for k, v in expect.items()))
-    return old if same else None
+    if not Path(output_json).exists(): return None                 # no checksum to compute
+    return results_for_model(output_json, {'model_sha256': sha or file_sha256(model_path), 'eval_mode': eval_mode, **expect})
 
 def evaluate_once(model_path, train_cache, test_cache, output_json, *, seed=0, eval_mode='all', run_info=None,
                   data_root=None, progress=False) -> dict:
