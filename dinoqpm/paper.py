@@ -22,7 +22,7 @@ from .numerics import numerics_mode
 from . import distributed as D
 from .train import convergence_criterion, load_model, extract_features
 from .evaluation import (summarise_runs, write_table, published_table1, feature_style, probe_cam, overlay_cam,
-                                square_image, local_explanation, hex_to_rgb)
+                                square_image, local_explanation, hex_to_rgb, TABLE1_METRICS)
 from .evaluation.render import feature_panels
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ ROW_METHOD = {'linear_probe': 'CLS linear probe', 'dense_frozen': 'Dense F^froz 
               'dense_qpm': 'Dense (DINO-QPM dense phase)', 'sldd': 'DINO-SLDD', 'qsenn': 'DINO-QSENN', 'qpm': 'DINO-QPM'}
 PUBLISHED_ROW = {'linear_probe': 'DINOv2 CLS linear probe', 'dense_frozen': 'Dense F^froz', 'dense_qpm': 'Dense F^froz',
                  'sldd': 'DINO-SLDD', 'qsenn': 'DINO-QSENN', 'qpm': 'DINO-QPM'}
-_KEEP = ('Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness', 'Correlation', 'PartFaithfulness',
+_KEEP = (*TABLE1_METRICS, 'Correlation', 'PartFaithfulness',                  # Table 1's columns (the metric registry's) and more
          'CUBSegmentationOverlap_gradcam', 'CUBSegmentationOverlap_gradcam_dilated')
 
 def row_run_dir(p: PaperParams, cfg: RunConfig, name: str) -> Path:

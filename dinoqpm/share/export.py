@@ -282,7 +282,7 @@ def model_card(config: dict, card: dict) -> str:
               f"| adapter | {config['run_config']['adapter']['n_layers']} layers, {card['n_features']} features |",
               f"| head | binary, {card['n_selected']} selected features, {card['n_per_class']} per class |",
               f"| weights | `{MODEL_FILE}` (safetensors), SHA-256 `{config['model']['sha256']}` |", '']
-    t1 = [k for k in ('Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness') if k in m]
+    t1 = [k for k in TABLE1_METRICS if k in m]
     rest = [k for k in sorted(m) if k not in t1]
     lines += ['## Metrics', '', 'Table 1 of the paper, on the test split (in %):', '',
               '| ' + ' | '.join(t1) + ' |', '|' + '---|' * len(t1), '| ' + ' | '.join(_pct(m[k]['value']) for k in t1) + ' |', '',
