@@ -19,7 +19,7 @@ from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FI
                                   ExportError, is_exported, _read_json, _sha256)
 from ..pipeline import find_run_config, file_sha256, load_caches
 from ..features import get_backbone_spec, weights_path, weights_fingerprint
-from ..evaluation import (class_independence, contrastiveness, correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
+from ..evaluation import (ClassIndependence, Contrastiveness, Correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
                                 feature_style, render_layers, compose, square_image, FeatureStyle, local_explanation)
 from ..data import load_dataset, dataset_kwargs, open_rgb
 from ..qp import QPResult, qp_record
@@ -117,10 +117,9 @@ def _crop_box(peak: dict, grid, frac: float = 1 / 3) -> tuple:
     return r0, r0 + k, c0, c0 + k
 
 def _per_feature_metrics(f: np.ndarray, labels: np.ndarray, n_classes: int, seed: int) -> dict:
-    "Class-Independence, Contrastiveness and Correlation of every selected feature on the training features `f` `[N, J']`."
-    return {'Class-Independence': class_independence(f, labels, n_classes, return_per_feature=True),
-            'Contrastiveness': contrastiveness(f, seed=seed, return_per_feature=True),
-            'Correlation': correlation(f, return_per_feature=True)}
+    "Class-Independence, Contrastiveness and Correlation (the metric objects) of every selected feature on the training features `f` `[N, J']`."
+    ci, co, cr = ClassIndependence(), Contrastiveness(seed), Correlation()
+    return {ci.name: ci(f, labels, n_classes), co.name: co(f), cr.name: cr(f)}
 
 def _model_metrics(results: dict) -> dict:
     "The run's metric scores with their direction (`higher` or `lower` is better) and whether they are Table 1 columns."
