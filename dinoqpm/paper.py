@@ -15,25 +15,27 @@ from .core import atomic_write_text, repo_root, provenance, CorruptFileError
 from .config import (RunConfig, ConfigError, config_to_dict, demo_config, update_config)
 from .data import load_dataset, dataset_kwargs
 from .baselines import GLMConfig, run_baseline, logistic_regression_check, DINOV2_PROBE_LABEL
+from .qp import qp_record
 from .pipeline import smoke_config, default_run_dir, run_qpm, load_caches, extract_caches
 from .features import get_backbone_spec
 from .numerics import numerics_mode
 from . import distributed as D
 from .train import convergence_criterion, load_model, extract_features
 from .evaluation import (summarise_runs, write_table, published_table1, feature_style, probe_cam, overlay_cam,
-                                square_image, local_explanation, hex_to_rgb)
+                                square_image, local_explanation, hex_to_rgb, TABLE1_METRICS)
 from .evaluation.render import feature_panels
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
-           'TABLE1_CELLS', 'CELL_OF_ROW', 'CELL_COST', 'PROBE_CHECK_POINTS', 'PaperParams', 'paper_params',
-           'steps_to_epochs', 'paper_config', 'quick_budget', 'row_run_dir', 'stop_summary', 'run_table1_seed',
-           'parse_cells', 'table1_cells', 'cell_file', 'one_thread_per_cell', 'run_table1_cell', 'merge_table1',
-           'run_table1_cells', 'run_table1', 'run_backbone', 'is_demo', 'row_notes', 'table1_notes', 'write_table1',
-           'FigureData', 'figure_data', 'pick_examples', 'class_label', 'model_style', 'figure_style', 'cover_figure',
-           'sharing_pairs', 'class_comparison_figure', 'assignment_overview_figure', 'params_from_namespace']
+           'TABLE1_QP_FIELDS', 'TABLE1_CELLS', 'CELL_OF_ROW', 'CELL_COST', 'PROBE_CHECK_POINTS', 'PaperParams',
+           'paper_params', 'steps_to_epochs', 'paper_config', 'quick_budget', 'row_run_dir', 'stop_summary',
+           'run_table1_seed', 'parse_cells', 'table1_cells', 'cell_file', 'one_thread_per_cell', 'run_table1_cell',
+           'merge_table1', 'run_table1_cells', 'run_table1', 'run_backbone', 'is_demo', 'row_notes', 'table1_notes',
+           'write_table1', 'FigureData', 'figure_data', 'pick_examples', 'class_label', 'model_style', 'figure_style',
+           'cover_figure', 'sharing_pairs', 'class_comparison_figure', 'assignment_overview_figure',
+           'params_from_namespace']
 
 # %% ../nbs/10_paper.ipynb #c005
 MODES = ('quick', 'full', 'smoke')
@@ -147,7 +149,7 @@ ROW_METHOD = {'linear_probe': 'CLS linear probe', 'dense_frozen': 'Dense F^froz 
               'dense_qpm': 'Dense (DINO-QPM dense phase)', 'sldd': 'DINO-SLDD', 'qsenn': 'DINO-QSENN', 'qpm': 'DINO-QPM'}
 PUBLISHED_ROW = {'linear_probe': 'DINOv2 CLS linear probe', 'dense_frozen': 'Dense F^froz', 'dense_qpm': 'Dense F^froz',
                  'sldd': 'DINO-SLDD', 'qsenn': 'DINO-QSENN', 'qpm': 'DINO-QPM'}
-_KEEP = ('Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness', 'Correlation', 'PartFaithfulness',
+_KEEP = (*TABLE1_METRICS, 'Correlation', 'PartFaithfulness',                  # Table 1's columns (the metric registry's) and more
          'CUBSegmentationOverlap_gradcam', 'CUBSegmentationOverlap_gradcam_dilated')
 
 def row_run_dir(p: PaperParams, cfg: RunConfig, name: str) -> Path:
@@ -197,6 +199,8 @@ def _under(path, root) -> str:
     try: return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError: return str(path)
 
+TABLE1_QP_FIELDS = ('status', 'gap', 'mip_gap', 'seconds', 'solver', 'certified', 'certificate')   # `qp_record`'s, as `qp_<field>`
+
 def run_table1_seed(p: PaperParams, seed: int, rows=TABLE1_ROWS, progress=True) -> list:
     "Train/evaluate every row for one seed; returns tidy records (metric fractions plus provenance fields)."
     cfg = paper_config(p, seed)
@@ -217,8 +221,7 @@ def run_table1_seed(p: PaperParams, seed: int, rows=TABLE1_ROWS, progress=True) 
     for name in rows:
         if name == 'qpm':
             q = qpm['qp']
-            record('qpm', qpm['results'], qpm['model'], qp_status=q.status, qp_gap=q.gap, qp_mip_gap=q.mip_gap,
-                   qp_seconds=q.seconds, qp_solver=q.solver, qp_certified=q.certified, qp_certificate=q.certificate())
+            record('qpm', qpm['results'], qpm['model'], **qp_record(q, TABLE1_QP_FIELDS, 'qp_'))
         elif name == 'dense_qpm':
             record('dense_qpm', qpm['results_dense'], qpm['dense_model'])
         else:
@@ -462,7 +465,7 @@ def write_table1(tidy: pd.DataFrame, p: PaperParams, name='table1') -> dict:
         conv = tidy.groupby('method', sort=False)['converged'].agg(lambda v: f'{int(v.astype(bool).sum())}/{len(v)}')
         summary.insert(4, 'converged', [conv.get(m, '') for m in summary.index])
     published = published_table1(p.dataset) if p.dataset in ('CUB2011', 'StanfordCars') else None
-    qcols = [c for c in ('seed', 'qp_status', 'qp_gap', 'qp_mip_gap', 'qp_seconds', 'qp_solver', 'qp_certified', 'qp_certificate') if c in tidy]
+    qcols = [c for c in ('seed', *(f'qp_{f}' for f in TABLE1_QP_FIELDS)) if c in tidy]
     prov = provenance(params=dataclasses.asdict(p), demo=is_demo(p), seeds=p.seed_list,
                       configs={s: config_to_dict(paper_config(p, s)) for s in p.seed_list},
                       quick_steps=QUICK_STEPS if p.mode == 'quick' else None,

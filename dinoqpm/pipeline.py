@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import atomic_path, atomic_write_json, json_safe, runs_dir, MissingFileError, sha256_file, file_lock
+from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError,
+                          CorruptFileError, UserError, sha256_file, file_lock)
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS,
                             FINETUNE_DEFAULTS, ConfigError, config_to_dict, config_from_dict, config_diff,
                             check_config, update_config)
@@ -19,17 +20,18 @@ from .features import (safe_name, get_feature_cache, get_backbone_spec, check_we
 from .model import check_adapter_config
 from .data import DATASETS, dataset_kwargs, load_dataset, make_transform, scan_folder, write_split_file
 from .evaluation import resolve_eval_mode, evaluate
-from .qp import require_solver, QPResult, QPNotCertifiedError, qp_constants, solve_qp
+from .qp import require_solver, QPResult, QPNotCertifiedError, qp_constants, solve_qp, qp_record
 from .train import load_model, extract_features, train_dense, finetune, convergence_info
 from . import distributed as D
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV', 'default_run_dir',
-           'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches', 'load_caches', 'validate_run_config',
-           'run_dir_lock', 'saved_results', 'evaluate_once', 'solve_qp_once', 'write_class_names',
-           'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config', 'smoke_run']
+__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QP_INFO_FIELDS', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV',
+           'default_run_dir', 'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches', 'load_caches',
+           'validate_run_config', 'run_dir_lock', 'results_for_model', 'saved_results', 'evaluate_once',
+           'solve_qp_once', 'write_class_names', 'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config',
+           'smoke_run']
 
 # %% ../nbs/07_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -150,20 +152,34 @@ def run_dir_lock(run_dir):
                    'wait for it to finish, or use another --run-dir'):
         yield run_dir
 
+# %% ../nbs/07_pipeline.ipynb #c009r
+def results_for_model(path, identity: dict, *, unreadable: str = 'warn') -> Optional[dict]:
+    """The results JSON at `path` if they belong to this model: every entry of `identity` (a key of the JSON, or a dotted
+    path into it such as `'provenance.run_info.model_crc'`) holds the given value (compared as JSON); else `None`. The one
+    check behind every reuse of results (`saved_results`, `dinoqpm.baselines.evaluate_row`). A file that cannot be read
+    is evaluated again with a WARNING (`unreadable='warn'`) or refused (`'raise'`, `CorruptFileError`)."""
+    if unreadable not in ('warn', 'raise'): raise ValueError(f"unreadable must be 'warn' or 'raise', got {unreadable!r}")
+    out = Path(path)
+    if not out.exists(): return None
+    try: old = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        if unreadable == 'raise': raise CorruptFileError(f"cannot read {out} ({e}); delete it to evaluate again") from None
+        log.warning('%s is unreadable (%s): evaluating again', out, e)
+        return None
+    if not isinstance(old, dict): return None
+    def held(key):
+        v = old
+        for k in key.split('.'): v = v.get(k) if isinstance(v, dict) else None
+        return v
+    same = all(held(k) == json.loads(json.dumps(json_safe(v))) for k, v in identity.items())
+    return old if same else None
+
 # %% ../nbs/07_pipeline.ipynb #c010
 def saved_results(output_json, model_path, eval_mode='all', sha: Optional[str] = None, **expect) -> Optional[dict]:
     """The results in `output_json` (written by `evaluate_once`) if they were computed for exactly the file `model_path`
     (checksum `sha`, computed if not given) with `eval_mode` and the `expect`ed values (e.g. `seed=0`); else `None`."""
-    out = Path(output_json)
-    if not out.exists(): return None
-    try: old = json.loads(out.read_text())
-    except (OSError, ValueError) as e:
-        log.warning('%s is unreadable (%s): evaluating again', out, e)
-        return None
-    if not isinstance(old, dict): return None
-    same = (old.get('model_sha256') == (sha or sha256_file(model_path))
-            and old.get('eval_mode') == json.loads(json.dumps(eval_mode)) and all(old.get(k) == v for k, v in expect.items()))
-    return old if same else None
+    if not Path(output_json).exists(): return None                 # no checksum to compute
+    return results_for_model(output_json, {'model_sha256': sha or sha256_file(model_path), 'eval_mode': eval_mode, **expect})
 
 def evaluate_once(model_path, train_cache, test_cache, output_json, *, seed=0, eval_mode='all', run_info=None,
                   data_root=None, progress=False) -> dict:
@@ -233,10 +249,11 @@ def write_split_provenance(cfg: RunConfig, run_dir) -> Optional[Path]:
     d = cfg.data
     return write_split_file(scan_folder(d.root, d.test_fraction, d.split_seed), Path(run_dir) / 'split.csv')
 
+QP_INFO_FIELDS = ('status', 'gap', 'mip_gap', 'seconds', 'solver', 'tau', 'certified', 'certificate')
+
 def qp_info(qp) -> dict:
-    "The QP certificate fields of a result JSON."
-    return {'qp_status': qp.status, 'qp_gap': qp.gap, 'qp_mip_gap': qp.mip_gap, 'qp_seconds': qp.seconds, 'qp_solver': qp.solver,
-            'qp_tau': qp.tau, 'qp_certified': qp.certified, 'qp_certificate': qp.certificate()}
+    "The QP certificate fields of a result JSON: `qp_record`'s `QP_INFO_FIELDS`, each named `qp_<field>`."
+    return qp_record(qp, QP_INFO_FIELDS, 'qp_')
 
 def run_qpm(cfg: RunConfig, run_dir=None, *, runs_root=None, cache_root=None, eval_mode='all', progress=True,
             stop_after: Optional[str] = None) -> dict:

@@ -16,10 +16,11 @@ from .config import ConfigError
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SOLVER_NAMES', 'HIGHS_OPTIONS', 'qp_constants', 'locality_statistics', 'locality_bias', 'scaled_similarity',
-           'penalised_pairs', 'TauChoice', 'choose_tau', 'best_unique_assignment', 'qp_objective', 'SelectionSearch',
-           'check_qp_inputs', 'require_solver', 'c_stdout_silenced', 'solver_gc_guard', 'QPResult', 'TopKModel',
-           'solve_qp', 'QPNotCertifiedError', 'synthetic_qp_features', 'solve_qp_exhaustive', 'solve_qp_naive']
+__all__ = ['log', 'SOLVER_NAMES', 'QP_RECORD_FIELDS', 'HIGHS_OPTIONS', 'qp_constants', 'locality_statistics', 'locality_bias',
+           'scaled_similarity', 'penalised_pairs', 'TauChoice', 'choose_tau', 'best_unique_assignment', 'qp_objective',
+           'SelectionSearch', 'check_qp_inputs', 'require_solver', 'c_stdout_silenced', 'solver_gc_guard', 'QPResult',
+           'qp_record', 'TopKModel', 'solve_qp', 'QPNotCertifiedError', 'synthetic_qp_features', 'solve_qp_exhaustive',
+           'solve_qp_naive']
 
 # %% ../nbs/04_qp.ipynb #c006
 def qp_constants(features, labels, n_classes: int):
@@ -528,6 +529,22 @@ class QPResult:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in meta.items() if k in names}
         return cls(selection=arrays['selection'], weight=arrays['weight'], **kw)
+
+# %% ../nbs/04_qp.ipynb #c030s
+QP_RECORD_FIELDS = ('solver', 'status', 'gap', 'mip_gap', 'seconds', 'certified', 'certificate', 'objective', 'bound', 'tau',
+                    'n_select', 'n_per_class', 'formulation')
+
+def qp_record(result: QPResult, fields=QP_RECORD_FIELDS, prefix: str = '') -> dict:
+    """The QP result's record: solver, status, gap, time, certificate and selection size (`QP_RECORD_FIELDS`), the
+    `fields` asked for, in that order, each named `prefix + field`."""
+    q = result
+    record = {'solver': q.solver, 'status': q.status, 'gap': q.gap, 'mip_gap': q.mip_gap, 'seconds': q.seconds,
+              'certified': bool(q.certified), 'certificate': q.certificate(), 'objective': q.objective, 'bound': q.bound,
+              'tau': q.tau, 'n_select': int(q.n_select or len(q.selection)), 'n_per_class': int(q.n_per_class),
+              'formulation': q.formulation}
+    unknown = [f for f in fields if f not in record]
+    if unknown: raise ValueError(f'unknown QP record field(s) {unknown}; choose from {QP_RECORD_FIELDS}')
+    return {prefix + f: record[f] for f in fields}
 
 # %% ../nbs/04_qp.ipynb #c032
 HIGHS_OPTIONS = {'mip_heuristic_run_feasibility_jump': False,   # ~100 s on these models for nothing (qp-measurements.md)

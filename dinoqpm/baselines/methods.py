@@ -19,7 +19,7 @@ from ..evaluation import evaluate
 from .glm import (GLMConfig, FeatureSelection, GLMPath, check_glm_config, select_features, fit_path,
                                    sldd_weights, qsenn_weights)
 from .linear_eval import LinearEvalConfig, dinov2_linear_eval
-from ..pipeline import (saved_results, find_run_config, default_run_dir, init_run_dir, run_dir_lock,
+from ..pipeline import (saved_results, results_for_model, find_run_config, default_run_dir, init_run_dir, run_dir_lock,
                               validate_run_config, load_caches)
 
 log = logging.getLogger(__name__)
@@ -107,10 +107,9 @@ def evaluate_row(name: str, model: DinoQPMModel, train_cache, test_cache, run_di
     info = _row_info(name, model, cfg, evaluate_kwargs, label)
     out = Path(run_dir) / 'metrics.json' if run_dir is not None else None
     if out is not None and out.exists():
-        try: old = json.loads(out.read_text())
-        except (OSError, ValueError) as e: raise CorruptFileError(f"cannot read {out} ({e}); delete it to evaluate again") from None
-        ri = old.get('provenance', {}).get('run_info', {})
-        if ri.get('model_crc') == info['model_crc'] and json.loads(json.dumps(ri.get('evaluate_settings'))) == json.loads(json.dumps(info['evaluate_settings'])):
+        old = results_for_model(out, {'provenance.run_info.model_crc': info['model_crc'],
+                                      'provenance.run_info.evaluate_settings': info['evaluate_settings']}, unreadable='raise')
+        if old is not None:
             log.info("%s exists for this model: metrics reused", out)
             new = json_safe({**old, **convergence_info(convergence or {}), 'label': info['label'], **(extra or {})})
             if new != old: atomic_write_json(out, new)                   # run facts (convergence) kept current

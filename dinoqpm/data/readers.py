@@ -56,8 +56,10 @@ def _cv_linear_axis(n_src: int, n_dst: int, clamp_weights: bool):
 
 def dilate_mask(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     """Binary dilation of `[h, w]` (or a stack `[..., h, w]`, image by image) with a 3×3 rectangle, `iterations` times
-    (each grows by one cell; outside the array counts as background)."""
+    (each grows by one cell; outside the array counts as background). The package's one dilation: `evaluation.metrics` uses
+    it too; a torch tensor is detached and moved to the CPU first."""
     if int(iterations) < 1: raise ValueError(f'iterations must be >= 1, got {iterations}')
+    if hasattr(mask, 'detach'): mask = mask.detach().cpu().numpy()
     m = np.asarray(mask, dtype=bool)
     if m.ndim < 2: raise ValueError(f'mask must be [h, w] or [..., h, w], got shape {m.shape}')
     h, w = m.shape[-2:]

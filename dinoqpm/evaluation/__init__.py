@@ -13,10 +13,14 @@ from .metrics import (PLAUSIBILITY_VARIANTS, HIGHER, LOWER, METRIC_DIRECTIONS, a
                                         predicted_classes, relevant_features, accuracy, sid_per_image, sid_at_k,
                                         class_independence, gmm_overlap, contrastiveness, correlation, dependence,
                                         structural_grounding, alignment, resize_mask, dilate_mask, plausibility_scores,
-                                        plausibility, pooling_baseline, part_cells, part_faithfulness, Metric,
-                                        Plausibility, SIDAtK, ClassIndependence, Contrastiveness, Correlation)
+                                        plausibility, pooling_baseline, part_cells, part_faithfulness, MASKS,
+                                        CLASS_ATTRIBUTES, IMAGE_ATTRIBUTES, PART_MAPS, REQUIREMENTS, Metric, Accuracy,
+                                        Plausibility, SIDAtK, ClassIndependence, Contrastiveness, Correlation,
+                                        StructuralGrounding, Alignment, PoolingBaseline, Dependence, PartFaithfulness,
+                                        METRICS)
 from .render import (PALETTE, feature_palette, feature_levels, FeatureStyle, feature_style,
-                                       square_image, render_layers, compose, local_explanation)
+                                       square_image, render_layers, compose, feature_panels, image_style,
+                                       local_explanation)
 from .viz import (TABLE1_METRICS, paper_style, save_figure, published_table1, format_mean_std,
                                     summarise_runs, write_table)
 

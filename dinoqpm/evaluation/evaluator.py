@@ -10,10 +10,9 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from ..core import atomic_write_json, provenance
 from ..config import ConfigError
-from .metrics import (as_numpy, predicted_classes, relevant_features, accuracy, sid_at_k,
-                                        class_independence, contrastiveness, correlation, dependence,
-                                        structural_grounding, alignment, plausibility_scores, pooling_baseline,
-                                        part_faithfulness, PLAUSIBILITY_VARIANTS)
+from types import SimpleNamespace
+from .metrics import (as_numpy, predicted_classes, relevant_features, METRICS, REQUIREMENTS, MASKS,
+                                        PLAUSIBILITY_VARIANTS)
 from ..data import load_dataset
 from ..train import extract_features, load_model
 from ..features import get_backbone_spec
@@ -25,9 +24,8 @@ __all__ = ['log', 'METRIC_IDS', 'EXPENSIVE_METRICS', 'CUB_FORMAT_DATASETS', 'res
            'designed_pairs', 'dataset_annotations', 'evaluate']
 
 # %% ../../nbs/06b_evaluation_evaluator.ipynb #c006
-METRIC_IDS = ('accuracy', 'sid', 'class_independence', 'contrastiveness', 'correlation', 'structural_grounding',
-              'alignment', 'plausibility', 'pooling_baseline', 'dependence', 'part_faithfulness')
-EXPENSIVE_METRICS = ('contrastiveness', 'sid', 'plausibility')
+METRIC_IDS = tuple(m.id for m in METRICS)                          # from the registry, in its order
+EXPENSIVE_METRICS = tuple(m.id for m in METRICS if m.expensive)
 _ALIASES = {'diversity': 'sid', 'sid@5': 'sid', 'cub_segmentation_overlap': 'plausibility', 'cub_alignment': 'alignment'}
 
 def resolve_eval_mode(eval_mode: Union[str, Sequence[str]] = 'all') -> tuple:
@@ -74,50 +72,24 @@ def evaluate_arrays(*, train_features, train_labels, test_labels, test_maps, wei
     if len(f_train) != len(y_train): raise ValueError(f'{len(f_train)} train features but {len(y_train)} train labels')
     f_rel = f_train if every else f_train[:, rel]
     maps_rel = maps if every else maps[:, rel]
+    x = SimpleNamespace(preds=preds, y_test=y_test, y_train=y_train, W=W, W_full=W_full, f_train=f_train, f_rel=f_rel, maps=maps,
+                        maps_rel=maps_rel, test_masks=test_masks, test_masks_dilated=test_masks_dilated,
+                        class_attributes=class_attributes, train_attributes=train_attributes, train_certainty=train_certainty,
+                        head=head, bias=bias, train_logits=train_logits, part_maps=part_maps, part_pairs=part_pairs, seed=seed,
+                        progress=progress)
     res, skipped, details = {}, {}, {}
     for m in METRIC_IDS:
         if m not in wanted: skipped[m] = f'not requested (eval_mode={eval_mode!r})'
+    for metric in METRICS:
+        if metric.id not in wanted: continue
+        lacking = [r for r in metric.requires if not REQUIREMENTS[r][1](x)]
+        if lacking:
+            skipped[metric.id] = _reason_for(metric.id, REQUIREMENTS[lacking[0]][0])
+            continue
+        values, why, more = metric.compute(x)
+        res.update(values); details.update(more)
+        if why: skipped[metric.id] = why
 
-    if 'accuracy' in wanted: res['Accuracy'] = accuracy(preds, y_test)
-    if 'sid' in wanted:
-        res['SID@5'] = sid_at_k(maps_rel, W, preds, k=5)
-        if math.isnan(res['SID@5']): skipped['sid'] = "no test image's predicted class has >= 5 non-zero weights"
-    if 'class_independence' in wanted: res['Class-Independence'] = class_independence(f_rel, y_train, n_classes=W.shape[0])
-    if 'contrastiveness' in wanted: res['Contrastiveness'] = contrastiveness(f_rel, seed=seed, progress=progress)
-    if 'correlation' in wanted: res['Correlation'] = correlation(f_rel)
-    if 'structural_grounding' in wanted:
-        if class_attributes is None: skipped['structural_grounding'] = _reason_for('structural_grounding', 'class attributes')
-        else: res['Structural Grounding'] = structural_grounding(W, class_attributes)
-    if 'alignment' in wanted:
-        if train_attributes is None: skipped['alignment'] = _reason_for('alignment', 'image attribute labels')
-        else:
-            res['alignment'] = alignment(f_rel, train_attributes, train_certainty)
-            if math.isnan(res['alignment']): skipped['alignment'] = 'no attribute has both present and absent labels'
-    if 'plausibility' in wanted:
-        if test_masks is None: skipped['plausibility'] = _reason_for('plausibility', 'segmentation masks')
-        else:
-            sc = plausibility_scores(maps_rel, W, preds, test_masks, test_masks_dilated)
-            for v in PLAUSIBILITY_VARIANTS: res[f'CUBSegmentationOverlap_{v}'] = float(sc[v].mean())
-            res['Plausibility'] = res['CUBSegmentationOverlap_gradcam_dilated']
-    if 'pooling_baseline' in wanted:
-        if head is None: head_fn, b = W_full, bias
-        else: head_fn, b = head, None
-        res.update(pooling_baseline(maps, y_test, head_fn, preds=preds, bias=b))
-        if math.isnan(res['pooling_baseline_ratio']): skipped['pooling_baseline'] = 'test accuracy is 0: no ratio'
-    if 'dependence' in wanted:
-        if train_logits is not None: tp = predicted_classes(train_logits)
-        elif head is not None: tp = predicted_classes(as_numpy(head(f_train)))
-        else: tp = predicted_classes(f_train @ W_full.T + (0 if bias is None else as_numpy(bias)))
-        res['Dependence'] = dependence(f_rel, W, tp)
-    if 'part_faithfulness' in wanted:
-        if part_maps is None or not part_pairs: skipped['part_faithfulness'] = _reason_for('part_faithfulness', 'part-label maps with designed class pairs')
-        else:
-            v, rows = part_faithfulness(maps_rel, W, part_maps, part_pairs, y_test, preds, return_details=True)
-            res['PartFaithfulness'] = v
-            ch = [r['chance'] for r in rows if not math.isnan(r['chance'])]
-            res['PartFaithfulness_chance'] = float(np.mean(ch)) if ch else math.nan
-            details['PartFaithfulness'] = rows
-            if math.isnan(v): skipped['part_faithfulness'] = 'no test image of a designed pair (correctly classified)'
     res['NFfeatures'] = int(len(rel))
     res['PerClass'] = float(np.count_nonzero(W) / W.shape[0])
     res['skipped'], res['details'] = skipped, details
@@ -222,7 +194,7 @@ def evaluate(model, train_cache, test_cache, *, dataset: Optional[str] = None, d
             return model.head.logits(torch.as_tensor(np.asarray(x, np.float32), device=dev)).float().cpu().numpy()
 
     ann, skipped_ann = {}, {}
-    needs = {'alignment', 'structural_grounding', 'part_faithfulness'} & set(wanted)
+    needs = {m.id for m in METRICS if set(m.requires) - {MASKS}} & set(wanted)      # annotations read from the dataset
     if needs and not ({'class_attributes', 'train_attributes', 'part_maps'} <= set(annotations)):
         ann, skipped_ann = dataset_annotations(dataset, train_cache, test_cache, data_root)
     ann.update(annotations)

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'FEATURE_COLORS', 'hex_to_rgb', 'feature_colors', 'upsample_maps', 'normalise_maps', 'feature_heatmaps',
            'class_activation_map', 'probe_cam', 'grad_cam', 'to_rgb_array', 'grey_image', 'overlay_features',
-           'feature_panels', 'overlay_cam']
+           'overlay_cam']
 
 # %% ../../nbs/06a_evaluation_explain.ipynb #c006
 FEATURE_COLORS = ('#0072B2', '#009E73', '#D55E00', '#CC79A7', '#E69F00', '#56B4E9', '#F0E442', '#000000')
@@ -178,14 +178,6 @@ def overlay_features(image, maps, colors=None, grey_background: bool = True, gam
     opacity `alpha × value`. Returns `[H, W, 3]` uint8."""
     base, heat = _base_and_heat(image, maps, grey_background, gamma, joint, lighten)
     return _paint(base, heat, feature_colors(len(heat), colors), alpha)
-
-def feature_panels(image, maps, colors=None, grey_background: bool = True, gamma: Optional[float] = 3.0,
-                   joint: bool = True, alpha: float = 0.9, lighten: float = 0.45) -> list:
-    """One picture per map (cover figure d, class comparison): the maps are normalised together (`joint`), so a feature
-    that barely fires stays faint, then each is drawn in its own colour. Returns a list of `[H, W, 3]` uint8."""
-    base, heat = _base_and_heat(image, maps, grey_background, gamma, joint, lighten)
-    cols = feature_colors(len(heat), colors)
-    return [_paint(base, heat[k:k + 1], cols[k:k + 1], alpha) for k in range(len(heat))]
 
 def overlay_cam(image, cam, cmap: str = 'jet', image_weight: float = 0.5) -> np.ndarray:
     "A CAM `[h, w]` upsampled, min-max normalised, coloured with `cmap` and blended with the image (pytorch-grad-cam style)."

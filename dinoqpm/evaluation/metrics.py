@@ -8,16 +8,19 @@ import logging, math, statistics, warnings
 from typing import Optional
 import numpy as np
 from ..data import resize_mask_uint8        # the cache's own implementation of the cv2 rule (bit-exact)
-from ..data import dilate_mask as _dilate   # the cache's own dilation, so the two always agree
+from ..data import dilate_mask              # the one dilation (the cache's own), so masks always agree
 
+_all_ = ['dilate_mask']   # still `dinoqpm.evaluation.metrics.dilate_mask`
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PLAUSIBILITY_VARIANTS', 'HIGHER', 'LOWER', 'METRIC_DIRECTIONS', 'as_numpy', 'predicted_classes',
-           'relevant_features', 'accuracy', 'sid_per_image', 'sid_at_k', 'class_independence', 'gmm_overlap',
-           'contrastiveness', 'correlation', 'dependence', 'structural_grounding', 'alignment', 'resize_mask',
-           'dilate_mask', 'plausibility_scores', 'plausibility', 'pooling_baseline', 'part_cells', 'part_faithfulness',
-           'Metric', 'Plausibility', 'SIDAtK', 'ClassIndependence', 'Contrastiveness', 'Correlation']
+__all__ = ['log', 'PLAUSIBILITY_VARIANTS', 'HIGHER', 'LOWER', 'MASKS', 'CLASS_ATTRIBUTES', 'IMAGE_ATTRIBUTES', 'PART_MAPS',
+           'REQUIREMENTS', 'METRICS', 'METRIC_DIRECTIONS', 'as_numpy', 'predicted_classes', 'relevant_features',
+           'accuracy', 'sid_per_image', 'sid_at_k', 'class_independence', 'gmm_overlap', 'contrastiveness',
+           'correlation', 'dependence', 'structural_grounding', 'alignment', 'resize_mask', 'plausibility_scores',
+           'plausibility', 'pooling_baseline', 'part_cells', 'part_faithfulness', 'Metric', 'Accuracy', 'Plausibility',
+           'SIDAtK', 'ClassIndependence', 'Contrastiveness', 'Correlation', 'StructuralGrounding', 'Alignment',
+           'PoolingBaseline', 'Dependence', 'PartFaithfulness', 'dilate_mask']
 
 # %% ../../nbs/06_evaluation_metrics.ipynb #c006
 def as_numpy(x, dtype=None) -> np.ndarray:
@@ -190,10 +193,6 @@ def resize_mask(mask, size) -> np.ndarray:
     if m.shape == tuple(size): return m > 0
     return resize_mask_uint8(m, tuple(size)) > 0
 
-def dilate_mask(mask, iterations: int = 1) -> np.ndarray:
-    "Grow a boolean mask `[h, w]` or `[N, h, w]` by a 3×3 square `iterations` times (no growth from outside the border)."
-    return _dilate(as_numpy(mask).astype(bool), iterations)
-
 # %% ../../nbs/06_evaluation_metrics.ipynb #c039
 PLAUSIBILITY_VARIANTS = ('gradcam', 'gradcam_dilated', 'max', 'max_dilated', 'gradcam_max', 'gradcam_max_dilated')
 
@@ -328,49 +327,129 @@ def part_faithfulness(maps, weight, part_maps, pairs, labels, preds=None, *, cor
 # %% ../../nbs/06_evaluation_metrics.ipynb #c049
 HIGHER, LOWER = 'higher', 'lower'
 
+MASKS, CLASS_ATTRIBUTES, IMAGE_ATTRIBUTES, PART_MAPS = 'masks', 'class_attributes', 'image_attributes', 'part_maps'
+# what a metric may require: what it is called in a skip reason, and whether the evaluation inputs `x` hold it
+REQUIREMENTS = {MASKS: ('segmentation masks', lambda x: x.test_masks is not None),
+                CLASS_ATTRIBUTES: ('class attributes', lambda x: x.class_attributes is not None),
+                IMAGE_ATTRIBUTES: ('image attribute labels', lambda x: x.train_attributes is not None),
+                PART_MAPS: ('part-label maps with designed class pairs', lambda x: x.part_maps is not None and bool(x.part_pairs))}
+
 class Metric:
-    "Base of the metric classes: `name`, `score_direction`, `evaluation_category`; `aggregate(scores)` is the NaN-skipping mean."
+    """Base of the metric classes (Quantus' vocabulary): `name` (the metric's key in the results), `score_direction`,
+    `evaluation_category`; `aggregate(scores)` is the NaN-skipping mean. For the registry `METRICS` each also declares
+    its `id` (in `eval_mode`), what it `requires` (of `REQUIREMENTS`), whether it is `expensive` (left out by
+    `eval_mode='fast'`), its column of Table 1 (`table1`, from 1; `None`: not a column), the `directions` of the result
+    keys it writes, and `compute(x)` on the evaluation's inputs (see `dinoqpm.evaluation.evaluate_arrays`)."""
     name: str = ''
     score_direction: str = HIGHER
     evaluation_category: str = ''
+    id: str = ''
+    requires: tuple = ()
+    expensive: bool = False
+    table1: Optional[int] = None
     def aggregate(self, scores) -> float:
         s = as_numpy(scores, np.float64)
         return float(np.nanmean(s)) if np.isfinite(s).any() else math.nan
+    @property
+    def directions(self) -> dict:
+        "`{result key: 'higher' | 'lower'}` of the scores this metric writes."
+        return {self.name: self.score_direction}
+    def compute(self, x) -> tuple:
+        "`(values, skip_reason, details)`: the result keys, why the score is missing (`None`: it is not), per-item details."
+        raise NotImplementedError(f'{type(self).__name__} has no compute')
     def __repr__(self): return f'{type(self).__name__}(name={self.name!r}, score_direction={self.score_direction!r})'
+
+class Accuracy(Metric):
+    "Per-image top-1 correctness (1 or 0); its mean is the accuracy."
+    name, evaluation_category, id, table1 = 'Accuracy', 'performance', 'accuracy', 1
+    def __call__(self, preds, labels) -> np.ndarray:
+        return (predicted_classes(preds) == as_numpy(labels).astype(np.int64)).astype(np.float64)
+    def compute(self, x): return {self.name: accuracy(x.preds, x.y_test)}, None, {}
 
 class Plausibility(Metric):
     "Per-image CUB segmentation overlap of the predicted class's CAM (default variant `gradcam_dilated`)."
-    name, evaluation_category = 'Plausibility', 'localisation'
+    name, evaluation_category, id, requires, expensive, table1 = 'Plausibility', 'localisation', 'plausibility', (MASKS,), True, 2
     def __init__(self, variant: str = 'gradcam_dilated'):
         if variant not in PLAUSIBILITY_VARIANTS: raise ValueError(f'unknown plausibility variant {variant!r}')
         self.variant = variant
     def __call__(self, maps, weight, preds, masks, masks_dilated=None) -> np.ndarray:
         return plausibility_scores(maps, weight, preds, masks, masks_dilated, variants=(self.variant,))[self.variant]
+    @property
+    def directions(self): return {self.name: HIGHER, **{f'CUBSegmentationOverlap_{v}': HIGHER for v in PLAUSIBILITY_VARIANTS}}
+    def compute(self, x):
+        sc = plausibility_scores(x.maps_rel, x.W, x.preds, x.test_masks, x.test_masks_dilated)
+        out = {f'CUBSegmentationOverlap_{v}': float(sc[v].mean()) for v in PLAUSIBILITY_VARIANTS}
+        return {**out, self.name: out[f'CUBSegmentationOverlap_{self.variant}']}, None, {}
 
 class SIDAtK(Metric):
     "Per-image SID@k (NaN for images whose predicted class has fewer than k features)."
-    evaluation_category = 'complexity'
+    evaluation_category, id, expensive, table1 = 'complexity', 'sid', True, 3
     def __init__(self, k: int = 5): self.k, self.name = k, f'SID@{k}'
     def __call__(self, maps, weight, preds) -> np.ndarray: return sid_per_image(maps, weight, preds, self.k)
+    def compute(self, x):
+        v = sid_at_k(x.maps_rel, x.W, x.preds, k=self.k)
+        return {self.name: v}, (f"no test image's predicted class has >= {self.k} non-zero weights" if math.isnan(v) else None), {}
 
 class ClassIndependence(Metric):
     "Per-feature class independence (1 - largest class share of the min-shifted mass)."
-    name, evaluation_category = 'Class-Independence', 'global'
+    name, evaluation_category, id, table1 = 'Class-Independence', 'global', 'class_independence', 4
     def __call__(self, features, labels, n_classes=None) -> np.ndarray:
         return class_independence(features, labels, n_classes, return_per_feature=True)
+    def compute(self, x): return {self.name: class_independence(x.f_rel, x.y_train, n_classes=x.W.shape[0])}, None, {}
 
 class Contrastiveness(Metric):
     "Per-feature contrastiveness (1 - overlap of a seeded 2-component GMM)."
-    name, evaluation_category = 'Contrastiveness', 'global'
+    name, evaluation_category, id, expensive, table1 = 'Contrastiveness', 'global', 'contrastiveness', True, 5
     def __init__(self, seed: int = 0): self.seed = seed
     def __call__(self, features) -> np.ndarray: return contrastiveness(features, self.seed, return_per_feature=True)
+    def compute(self, x): return {self.name: contrastiveness(x.f_rel, seed=x.seed, progress=x.progress)}, None, {}   # the run's seed
 
 class Correlation(Metric):
     "Per-feature largest cosine similarity to another feature (lower is better)."
-    name, score_direction, evaluation_category = 'Correlation', LOWER, 'global'
+    name, score_direction, evaluation_category, id = 'Correlation', LOWER, 'global', 'correlation'
     def __call__(self, features) -> np.ndarray: return correlation(features, return_per_feature=True)
+    def compute(self, x): return {self.name: correlation(x.f_rel)}, None, {}
 
-METRIC_DIRECTIONS = {'Accuracy': HIGHER, 'SID@5': HIGHER, 'Class-Independence': HIGHER, 'Contrastiveness': HIGHER,
-                     'Correlation': LOWER, 'Structural Grounding': HIGHER, 'alignment': HIGHER, 'Plausibility': HIGHER,
-                     'Dependence': LOWER, 'PartFaithfulness': HIGHER, 'pooling_baseline_ratio': LOWER,
-                     **{f'CUBSegmentationOverlap_{v}': HIGHER for v in PLAUSIBILITY_VARIANTS}}
+class StructuralGrounding(Metric):
+    "How well the head's class similarities follow the classes' attribute similarities (needs class attributes)."
+    name, evaluation_category, id, requires = 'Structural Grounding', 'global', 'structural_grounding', (CLASS_ATTRIBUTES,)
+    def compute(self, x): return {self.name: structural_grounding(x.W, x.class_attributes)}, None, {}
+
+class Alignment(Metric):
+    "cub_Alignment of the train features with the image attribute labels."
+    name, evaluation_category, id, requires = 'alignment', 'global', 'alignment', (IMAGE_ATTRIBUTES,)
+    def compute(self, x):
+        v = alignment(x.f_rel, x.train_attributes, x.train_certainty)
+        return {self.name: v}, ('no attribute has both present and absent labels' if math.isnan(v) else None), {}
+
+class PoolingBaseline(Metric):
+    "Max-pooling over average-pooling accuracy of the head (`pooling_baseline_ratio`, lower is better)."
+    name, score_direction, evaluation_category, id = 'pooling_baseline_ratio', LOWER, 'localisation', 'pooling_baseline'
+    def compute(self, x):
+        head_fn, b = (x.W_full, x.bias) if x.head is None else (x.head, None)
+        out = pooling_baseline(x.maps, x.y_test, head_fn, preds=x.preds, bias=b)
+        return out, ('test accuracy is 0: no ratio' if math.isnan(out[self.name]) else None), {}
+
+class Dependence(Metric):
+    "How much the predicted class's logit rests on its single largest contribution (lower is better)."
+    name, score_direction, evaluation_category, id = 'Dependence', LOWER, 'global', 'dependence'
+    def compute(self, x):
+        if x.train_logits is not None: tp = predicted_classes(x.train_logits)
+        elif x.head is not None: tp = predicted_classes(as_numpy(x.head(x.f_train)))
+        else: tp = predicted_classes(x.f_train @ x.W_full.T + (0 if x.bias is None else as_numpy(x.bias)))
+        return {self.name: dependence(x.f_rel, x.W, tp)}, None, {}
+
+class PartFaithfulness(Metric):
+    "Whether the features telling a designed SynthBirds pair apart peak on the part that differs (needs part maps)."
+    name, evaluation_category, id, requires = 'PartFaithfulness', 'localisation', 'part_faithfulness', (PART_MAPS,)
+    def compute(self, x):
+        v, rows = part_faithfulness(x.maps_rel, x.W, x.part_maps, x.part_pairs, x.y_test, x.preds, return_details=True)
+        ch = [r['chance'] for r in rows if not math.isnan(r['chance'])]
+        out = {self.name: v, f'{self.name}_chance': float(np.mean(ch)) if ch else math.nan}
+        return out, ('no test image of a designed pair (correctly classified)' if math.isnan(v) else None), {self.name: rows}
+
+# THE list of metrics: the one-pass evaluation runs them in this order; eval_mode's ids, the expensive ones, the score
+# directions, Table 1's columns (`dinoqpm.evaluation.viz.TABLE1_METRICS`) and the exported card's metrics are read from it
+METRICS = (Accuracy(), SIDAtK(5), ClassIndependence(), Contrastiveness(), Correlation(), StructuralGrounding(), Alignment(),
+           Plausibility(), PoolingBaseline(), Dependence(), PartFaithfulness())
+METRIC_DIRECTIONS = {k: d for m in METRICS for k, d in m.directions.items()}

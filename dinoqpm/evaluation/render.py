@@ -10,13 +10,13 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 from .metrics import as_numpy
-from .explain import hex_to_rgb, upsample_maps, grey_image, to_rgb_array
+from .explain import FEATURE_COLORS, hex_to_rgb, upsample_maps, grey_image, to_rgb_array
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PALETTE', 'feature_palette', 'feature_levels', 'FeatureStyle', 'feature_style', 'square_image',
-           'render_layers', 'compose', 'feature_panels', 'local_explanation']
+           'render_layers', 'compose', 'feature_panels', 'image_style', 'local_explanation']
 
 # %% ../../nbs/06c_evaluation_render.ipynb #c006
 PALETTE = ('#1F5BFF', '#12A33C', '#E8110F', '#9124D6', '#FF7A00', '#00A3A3', '#E0139A', '#8B5A12', '#7CC400', '#D4A600')
@@ -137,9 +137,23 @@ def compose(base, layers) -> np.ndarray:
     return np.clip(np.round(b * (1 - a) + top[..., :3] * a), 0, 255).astype(np.uint8)
 
 def feature_panels(image, maps, style: FeatureStyle, features=None, size: Optional[int] = None) -> list:
-    "One paper-style panel per feature (its colour on the greyed image), `[S, S, 3]` uint8 each."
+    "One paper-style panel per feature (its colour on the greyed image), `[S, S, 3]` uint8 each: the package's only one."
     base, layers = render_layers(image, maps, style, features, size)
     return [compose(base, l[None]) for l in layers]
+
+def image_style(maps, colors=None, gamma: float = 3.0, opacity: float = 0.9, lighten: float = 0.45) -> FeatureStyle:
+    """The style of one image's maps `[k, h, w]` on their own, where no model's `FeatureStyle` is at hand (the predictions
+    of `dinoqpm.share`): colours `colors` (default `FEATURE_COLORS`, cycled, like `overlay_features`) and one scale for all
+    maps, from their joint minimum to their joint maximum, so a feature that barely fires stays faint."""
+    m = as_numpy(maps, np.float64)
+    if m.ndim != 3: raise ValueError(f'maps must be [k, h, w] (one image), got shape {m.shape}')
+    src = FEATURE_COLORS if colors is None else colors
+    if len(src) == 0: raise ValueError('empty colour list')
+    k = len(m)
+    lo = float(m.min()) if m.size else 0.0
+    hi = max(float(m.max()) if m.size else 1.0, lo + 1e-6)
+    return FeatureStyle(tuple(src[i % len(src)] for i in range(k)), (lo,) * k, (hi,) * k, gamma=gamma, opacity=opacity,
+                        lighten=lighten)
 
 def local_explanation(image, maps, style: FeatureStyle, features, size: Optional[int] = None) -> np.ndarray:
     "A class's features in one picture (cover figure c): each in its own colour on the greyed image, the strongest on top."

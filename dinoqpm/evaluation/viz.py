@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from ..core import atomic_path, atomic_write_text, atomic_write_json
+from .metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def save_figure(fig, name, out_dir, formats=('png', 'pdf'), close=True) -> list:
     return out
 
 # %% ../../nbs/06d_evaluation_viz.ipynb #c008
-TABLE1_METRICS = ('Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness')
+TABLE1_METRICS = tuple(m.name for m in sorted((m for m in METRICS if m.table1), key=lambda m: m.table1))   # the registry's columns
 
 _PUBLISHED = [  # method, acc cub, acc cars, plaus cub, sid cub, sid cars, ci cub, ci cars, contr cub, contr cars
     ('DINOv2 CLS linear probe', 87.9, 91.7, 42.6, 50.9, 51.5, 99.2, 99.1, 59.2, 60.9),

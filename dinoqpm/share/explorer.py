@@ -8,6 +8,7 @@ import html, json, logging, re
 from typing import Optional
 from pathlib import Path
 from ..core import atomic_write_text, json_safe, atomic_path
+from ..evaluation import TABLE1_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ function header() {
   if (card.demo) { const d = $('demo'); d.hidden = false;
     d.textContent = 'Demo model, not the paper\'s: ' + (card.dataset === 'SynthBirds' ? 'synthetic SynthBirds data' : card.dataset) +
       (card.is_paper_backbone ? '' : `, ${card.backbone} standing in for DINOv2`) + '. Its numbers say nothing about the method on real data.'; }
-  const T1 = ['Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness'], M = card.metrics;
+  const T1 = JSON.parse($('table1').textContent), M = card.metrics;   // Table 1's columns, from the metric registry
   const t1 = T1.filter(k => k in M), rest = Object.keys(M).filter(k => !T1.includes(k)).sort();
   const t = $('metrics');
   t.append(el('tr', {}, el('th', {}, 'Table 1'), t1.map(k => el('th', {title: `${M[k].direction} is better`}, `${k} ${arrow(M[k].direction)}`))));
@@ -264,6 +265,7 @@ and features by <select id="sort-features"><option value="id">id</option><option
 to its strong level over the training set (solid). Written by dinoqpm from <code>explanation.json</code>.</p>
 </main>
 <script id="card" type="application/json">{data}</script>
+<script id="table1" type="application/json">{table1}</script>
 <script>{js}</script>
 </body>
 </html>
@@ -276,7 +278,7 @@ def explorer_page(card: dict) -> str:
     data = json.dumps(json_safe(card), sort_keys=True, ensure_ascii=False, separators=(',', ':'), allow_nan=False)
     data = data.replace('<', '\\u003c')                  # no '</script>' or '<!--' can end the data early
     title = html.escape(f"DINO-QPM on {card['dataset']} ({card['backbone']} backbone)")
-    parts = {'{title}': title, '{css}': PAGE_CSS, '{js}': PAGE_JS, '{data}': data}
+    parts = {'{title}': title, '{css}': PAGE_CSS, '{js}': PAGE_JS, '{data}': data, '{table1}': json.dumps(list(TABLE1_METRICS))}
     return re.sub('|'.join(map(re.escape, parts)), lambda m: parts[m.group(0)], PAGE_TEMPLATE)
 
 def write_explorer(folder) -> Path:

@@ -19,10 +19,10 @@ from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FI
                                   ExportError, is_exported, read_export_json)
 from ..pipeline import find_run_config, load_caches
 from ..features import get_backbone_spec, weights_path, weights_fingerprint
-from ..evaluation import (class_independence, contrastiveness, correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
+from ..evaluation import (ClassIndependence, Contrastiveness, Correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
                                 feature_style, render_layers, compose, square_image, FeatureStyle, local_explanation)
 from ..data import load_dataset, dataset_kwargs, open_rgb
-from ..qp import QPResult
+from ..qp import QPResult, qp_record
 from ..train import extract_features, read_model_file, load_model, cache_fingerprint
 from ..model import model_spec
 from .explorer import explorer_page
@@ -117,10 +117,9 @@ def _crop_box(peak: dict, grid, frac: float = 1 / 3) -> tuple:
     return r0, r0 + k, c0, c0 + k
 
 def _per_feature_metrics(f: np.ndarray, labels: np.ndarray, n_classes: int, seed: int) -> dict:
-    "Class-Independence, Contrastiveness and Correlation of every selected feature on the training features `f` `[N, J']`."
-    return {'Class-Independence': class_independence(f, labels, n_classes, return_per_feature=True),
-            'Contrastiveness': contrastiveness(f, seed=seed, return_per_feature=True),
-            'Correlation': correlation(f, return_per_feature=True)}
+    "Class-Independence, Contrastiveness and Correlation (the metric objects) of every selected feature on the training features `f` `[N, J']`."
+    ci, co, cr = ClassIndependence(), Contrastiveness(seed), Correlation()
+    return {ci.name: ci(f, labels, n_classes), co.name: co(f), cr.name: cr(f)}
 
 def _model_metrics(results: dict) -> dict:
     "The run's metric scores with their direction (`higher` or `lower` is better) and whether they are Table 1 columns."
@@ -130,12 +129,6 @@ def _model_metrics(results: dict) -> dict:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[k] = {'value': float(v), 'direction': direction, 'table1': k in TABLE1_METRICS}
     return out
-
-def _qp_record(qp) -> dict:
-    return {'solver': qp.solver, 'status': qp.status, 'gap': qp.gap, 'mip_gap': qp.mip_gap, 'seconds': qp.seconds,
-            'certified': bool(qp.certified), 'certificate': qp.certificate(), 'objective': qp.objective, 'bound': qp.bound,
-            'tau': qp.tau, 'n_select': int(qp.n_select or len(qp.selection)), 'n_per_class': int(qp.n_per_class),
-            'formulation': qp.formulation}
 
 def _training_record(results: dict) -> dict:
     conv = results.get('convergence') or {}
@@ -247,7 +240,7 @@ def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n
             'n_classes': C, 'n_features': int(model.n_features), 'n_selected': J, 'n_per_class': int((W != 0).sum(1).max()),
             'selected_features': [int(s) for s in sel], 'style': style.to_dict(), 'features': features, 'classes': classes,
             'metrics': _model_metrics(results), 'skipped_metrics': results.get('skipped') or {},
-            'qp': _qp_record(qp), 'training': _training_record(results), 'designed_pairs': _designed_pairs(sets['test']),
+            'qp': qp_record(qp), 'training': _training_record(results), 'designed_pairs': _designed_pairs(sets['test']),
             'images': {'size': size, 'compare_size': compare_size, 'patch_size': patch_size, 'view': 224,
                        'examples_rule': f'the first {n_examples} test images of every class, in dataset order',
                        'compare_rule': "every class's most confident correctly classified test image (else its most confident one)",
@@ -288,7 +281,7 @@ def model_card(config: dict, card: dict) -> str:
               f"| adapter | {config['run_config']['adapter']['n_layers']} layers, {card['n_features']} features |",
               f"| head | binary, {card['n_selected']} selected features, {card['n_per_class']} per class |",
               f"| weights | `{MODEL_FILE}` (safetensors), SHA-256 `{config['model']['sha256']}` |", '']
-    t1 = [k for k in ('Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness') if k in m]
+    t1 = [k for k in TABLE1_METRICS if k in m]
     rest = [k for k in sorted(m) if k not in t1]
     lines += ['## Metrics', '', 'Table 1 of the paper, on the test split (in %):', '',
               '| ' + ' | '.join(t1) + ' |', '|' + '---|' * len(t1), '| ' + ' | '.join(_pct(m[k]['value']) for k in t1) + ' |', '',

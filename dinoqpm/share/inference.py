@@ -18,8 +18,7 @@ from ..pipeline import find_run_config
 from ..features import create_backbone
 from ..train import load_model
 from .format import is_exported, read_export
-from ..evaluation import class_activation_map, overlay_cam, overlay_features
-from ..evaluation.explain import feature_panels
+from ..evaluation import class_activation_map, overlay_cam, overlay_features, feature_panels, image_style
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,8 @@ def _save_png(arr: np.ndarray, path: Path):
 def save_explanations(image: Image.Image, maps: np.ndarray, weight_row: np.ndarray, out_dir, stem: str,
                       max_features: int = 8) -> dict:
     """Write `<stem>_cam.png` (the predicted class's activation map), `<stem>_features.png` (its features in one picture)
-    and `<stem>_feature_row.png` (one panel per feature); returns the paths and the features shown."""
+    and `<stem>_feature_row.png` (one panel per feature, drawn by the figures' `feature_panels` on the square view the
+    backbone sees, the image's maps on one scale); returns the paths and the features shown."""
     out_dir = Path(out_dir)
     w = np.asarray(weight_row, dtype=np.float64)
     feats = [int(j) for j in np.argsort(-np.abs(w), kind='stable') if w[j] != 0][:max_features]
@@ -112,7 +112,7 @@ def save_explanations(image: Image.Image, maps: np.ndarray, weight_row: np.ndarr
     paths = {'cam': str(_save_png(overlay_cam(img, class_activation_map(maps, w)), out_dir / f'{stem}_cam.png'))}
     if feats:
         paths['features'] = str(_save_png(overlay_features(img, maps[feats]), out_dir / f'{stem}_features.png'))
-        paths['feature_row'] = str(_save_png(np.concatenate(feature_panels(img, maps[feats]), 1), out_dir / f'{stem}_feature_row.png'))
+        paths['feature_row'] = str(_save_png(np.concatenate(feature_panels(img, maps[feats], image_style(maps[feats])), 1), out_dir / f'{stem}_feature_row.png'))
     return {'files': paths, 'features_shown': feats}
 
 # %% ../../nbs/09a_share_inference.ipynb #c011
