@@ -6,11 +6,11 @@
 from __future__ import annotations
 import logging, math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence, Union
 import numpy as np
 from ..core import atomic_write_json, provenance
 from ..config import ConfigError
-from types import SimpleNamespace
 from .metrics import (as_numpy, predicted_classes, relevant_features, METRICS, REQUIREMENTS, MASKS,
                                         PLAUSIBILITY_VARIANTS)
 from ..data import load_dataset
