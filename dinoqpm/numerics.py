@@ -4,19 +4,22 @@
 
 # %% ../nbs/00_numerics.ipynb #c003
 from __future__ import annotations
-import logging, os, platform, sys
+import contextlib, functools, logging, os, platform, sys
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'NUMERICS_ENV', 'THREADS_ENV', 'NUMERICS_MODES', 'DEFAULT_THREADS', 'ISA_PINS', 'THREAD_VARS', 'LIBRARY_OF',
-           'numerics_mode', 'pinned_threads', 'pin_numerics', 'numerics_record']
+__all__ = ['log', 'NUMERICS_ENV', 'THREADS_ENV', 'NUMERICS_MODES', 'DEFAULT_THREADS', 'NUMPY_AVX512', 'ISA_PINS', 'THREAD_VARS',
+           'LIBRARY_OF', 'VML_OPS', 'numerics_mode', 'pinned_threads', 'pin_numerics', 'numerics_record', 'exact_sqrt',
+           'pinned_vector_math']
 
 # %% ../nbs/00_numerics.ipynb #c004
 NUMERICS_ENV, THREADS_ENV = 'DINOQPM_NUMERICS', 'DINOQPM_THREADS'
 NUMERICS_MODES = ('reproducible', 'native')
 DEFAULT_THREADS = 2
-ISA_PINS = {'MKL_CBWR': 'COMPATIBLE', 'ONEDNN_MAX_CPU_ISA': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2', 'OPENBLAS_CORETYPE': 'Haswell'}
+NUMPY_AVX512 = 'X86_V4 AVX512_ICL AVX512_SPR AVX512F AVX512_SKX AVX512_CLX AVX512_CNL'   # numpy 2's names, then numpy 1's
+ISA_PINS = {'MKL_CBWR': 'COMPATIBLE', 'ONEDNN_MAX_CPU_ISA': 'AVX2', 'ATEN_CPU_CAPABILITY': 'avx2', 'OPENBLAS_CORETYPE': 'Haswell',
+            'NPY_DISABLE_CPU_FEATURES': NUMPY_AVX512}
 THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS')
 
 def numerics_mode() -> str:
@@ -34,7 +37,7 @@ def pinned_threads() -> int:
 # %% ../nbs/00_numerics.ipynb #c005
 _STATE: dict = {}
 LIBRARY_OF = {'MKL_CBWR': 'torch', 'ONEDNN_MAX_CPU_ISA': 'torch', 'ATEN_CPU_CAPABILITY': 'torch', 'OPENBLAS_CORETYPE': 'numpy',
-              'OMP_NUM_THREADS': 'torch', 'MKL_NUM_THREADS': 'torch', 'OPENBLAS_NUM_THREADS': 'numpy'}   # who reads each pin
+              'NPY_DISABLE_CPU_FEATURES': 'numpy', 'OMP_NUM_THREADS': 'torch', 'MKL_NUM_THREADS': 'torch', 'OPENBLAS_NUM_THREADS': 'numpy'}   # who reads each pin
 
 def _torch_loaded() -> bool: return 'torch' in sys.modules
 
@@ -94,3 +97,41 @@ def numerics_record() -> dict:
         rec.update(threads=torch.get_num_threads(), aten_cpu_capability=torch.backends.cpu.get_cpu_capability())
         if torch.cuda.is_available(): rec['cuda'] = 'CUDA kernels are not pinned (the pins reach the CPU only)'
     return rec
+
+# %% ../nbs/00_numerics.ipynb #c006b
+VML_OPS = ('sqrt', 'exp', 'log', 'log2', 'log10', 'tanh', 'erf', 'erfc', 'erfinv', 'tan', 'asin', 'acos', 'atan', 'pow',
+           'logsumexp')   # ATen operators whose CPU results follow MKL_CBWR (measured): MKL's vector math
+
+def exact_sqrt(t):
+    """The square root of tensor `t` without MKL's vector math: `1 / rsqrt(t)` in float64 (ATen's own IEEE square root
+    and division), rounded back to `t.dtype`; correctly rounded for float32 and float16, the same bits on every CPU."""
+    return t.double().rsqrt().reciprocal().to(t.dtype)
+
+@contextlib.contextmanager
+def pinned_vector_math():
+    """In the reproducible mode, every `sqrt`, `sqrt_`, `_foreach_sqrt` and `_foreach_sqrt_` on CPU tensors inside this
+    block is computed by `exact_sqrt` (wrap an optimiser's `step()` in it); in the native mode it changes nothing."""
+    if (_STATE.get('mode') or numerics_mode()) != 'reproducible':
+        yield
+        return
+    with _exact_sqrt_mode()():
+        yield
+
+@functools.cache
+def _exact_sqrt_mode():
+    "The dispatch mode behind `pinned_vector_math` (built on first use: this module is read before torch starts)."
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    aten = torch.ops.aten
+    on_cpu = lambda ts: all(t.device.type == 'cpu' for t in ts)
+    def sqrt_in_place(ts):
+        for t in ts: t.copy_(exact_sqrt(t))
+    routes = {aten.sqrt.default: lambda x: exact_sqrt(x), aten.sqrt_.default: lambda x: x.copy_(exact_sqrt(x)),
+              aten._foreach_sqrt.default: lambda ts: [exact_sqrt(t) for t in ts], aten._foreach_sqrt_.default: sqrt_in_place}
+    class ExactSqrt(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            x = args[0] if args else None
+            if func in routes and not kwargs and len(args) == 1 and on_cpu(x if isinstance(x, (list, tuple)) else [x]):
+                return routes[func](x)
+            return func(*args, **(kwargs or {}))
+    return ExactSqrt

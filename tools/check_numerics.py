@@ -8,8 +8,8 @@ import json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PIN_VARS = ('MKL_CBWR', 'ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'DINOQPM_NUMERICS',
-            'DINOQPM_THREADS')
+PIN_VARS = ('MKL_CBWR', 'ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY', 'NPY_DISABLE_CPU_FEATURES', 'OPENBLAS_CORETYPE',
+            'OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'DINOQPM_NUMERICS', 'DINOQPM_THREADS')
 
 
 def run(emulated: bool, mode: str) -> dict:
