@@ -4,6 +4,7 @@ import itertools, json, math
 import numpy as np
 import pytest
 import dinoqpm.qp as qp
+import dinoqpm.qp.solvers as qp_solvers
 from dinoqpm.config import ConfigError
 from dinoqpm.qp import (QPResult, choose_tau, penalised_pairs, qp_constants, scaled_similarity, solve_qp, solve_qp_exhaustive,
                         solve_qp_naive)
@@ -122,7 +123,7 @@ def test_time_limited_run_is_feasible_with_an_honest_gap(monkeypatch, caplog):
     real_offer_value = qp.qp_objective
     def spy(*a, **k):
         out = real_offer_value(*a, **k); inc_value[0] = max(inc_value[0] or -np.inf, out['objective']); return out
-    monkeypatch.setattr(qp, 'qp_objective', spy)
+    monkeypatch.setattr(qp_solvers, 'qp_objective', spy)
     monkeypatch.setattr(qp.TopKModel, 'solve_mip', stopped_by_limit)
     with caplog.at_level('WARNING', logger='dinoqpm.qp'): res = solve_qp(A, R, 5, 2, tau=tau, time_limit=5)
     assert calls and res.status == 'feasible' and not res.certified
@@ -159,7 +160,7 @@ def test_real_time_limit_reports_a_valid_certificate():
     (dict(tau_rule='twice'), "'reference' or 'intended'"),
 ])
 def test_bad_input_is_refused_before_solving(kw, message, monkeypatch):
-    monkeypatch.setattr(qp, 'TopKModel', None)                   # any attempt to build a model would fail differently
+    monkeypatch.setattr(qp_solvers, 'TopKModel', None)           # any attempt to build a model would fail differently
     A, R, tau = small_instance(0, C=kw.get('C', 4))
     if kw.get('nan') == 'A': A[0, 0] = np.nan
     if kw.get('nan') == 'R': R[0, 1] = np.inf
