@@ -145,6 +145,7 @@ def _data_parallel(model: DinoQPMModel, pooled: bool, pcfg: PhaseConfig, phase: 
         D.restore_dropout(model)
     return net, drops, undo
 
+# %% ../../nbs/05c_train_loop.ipynb #c010
 class _TrainingFeed:
     """A phase's training batches and the forward pass that fits them: through the tokens, or through the pooled vectors
     `f` computed once when only the head learns (`trains_head_only`); under torchrun every global batch is split over
@@ -184,7 +185,7 @@ class _TrainingFeed:
         logits, final = (self.net or self.model.head)(x)
         return ModelOutput(logits, x, None, final)
 
-# %% ../../nbs/05c_train_loop.ipynb #c010
+# %% ../../nbs/05c_train_loop.ipynb #c011
 def _step_losses(out: ModelOutput, labels, model: DinoQPMModel, pcfg: PhaseConfig) -> tuple:
     """A step's objective CE + L_div + sparsity (a term the phase switches off is zero) and its four values, detached,
     as float64 on the CPU: `(loss, values)`."""
@@ -210,7 +211,7 @@ def _history_row(epoch: int, steps: int, sums, correct: int, n: int) -> dict:
             'train_div': sums[2].item() / n, 'train_sparsity': sums[3].item() / n, 'train_acc': correct / n,
             'test_loss': None, 'test_acc': None}
 
-# %% ../../nbs/05c_train_loop.ipynb #c012
+# %% ../../nbs/05c_train_loop.ipynb #c013
 class _PhaseLoop:
     """The steps of one phase's training loop, which `train_phase` runs: resume from the checkpoint, train an epoch,
     evaluate, checkpoint, decide to stop, finish."""
