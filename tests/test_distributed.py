@@ -1,6 +1,6 @@
 """torchrun on the CPU (gloo, 2 processes) on the smoke configuration: sharded extraction gives the single-process
 cache byte for byte and survives a killed rank (resumed with another number of processes), data-parallel training
-matches one process within the tolerance stated in nbs/05_train.ipynb, and only rank 0 writes the run directory; an
+matches one process within the tolerance stated in nbs/05c_train_loop.ipynb, and only rank 0 writes the run directory; an
 error of rank 0 in `decide_on_rank0`, of any type, reaches every rank and no rank hangs."""
 import json, os, shutil, signal, subprocess, sys
 from pathlib import Path
