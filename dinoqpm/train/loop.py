@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from ..config import RunConfig, PhaseConfig, ConfigError
 from ..core import UserError
+from ..numerics import pinned_vector_math
 from ..model import DinoQPMModel, ModelOutput, TokenBatchNorm, feature_diversity_loss, sparsity_loss
 from .. import distributed as D
 from .tokens import TokenDataset, derive_seed, epoch_order, iter_batches
@@ -272,6 +273,10 @@ class _PhaseLoop:
         self.history.append(_history_row(epoch, self.steps, sums, correct, len(self.train_ds)))
         return order_gen
 
+    def optimizer_step(self):
+        "One optimiser step, its square roots on CPU computed without MKL's vector math (`numerics.pinned_vector_math`)."
+        with pinned_vector_math(): self.opt.step()
+
     def train_steps(self, epoch: int, order, bar) -> tuple:
         "The optimiser steps of one epoch in `order`: `(sums of loss, CE, L_div and sparsity over this rank's rows, correct)`."
         sums, correct = torch.zeros(4, dtype=torch.float64), 0
@@ -279,12 +284,12 @@ class _PhaseLoop:
             for g in self.feed.global_drops: g.global_rows, g.rows = n_global, D.rank_rows(n_global)
             out = self.feed.forward(x)
             if len(labels) == 0:                  # a rank without rows in a short last batch still takes part
-                self.opt.zero_grad(set_to_none=True); (out.logits.sum() * 0).backward(); self.opt.step(); bar.update(1); continue
+                self.opt.zero_grad(set_to_none=True); (out.logits.sum() * 0).backward(); self.optimizer_step(); bar.update(1); continue
             loss, vals = _step_losses(out, labels, self.model, self.pcfg)
             if not torch.isfinite(vals[0]): raise _non_finite_loss(vals[0].item(), self.phase, epoch, step, self.steps, self.ckpt_path)
             self.opt.zero_grad(set_to_none=True)
             (loss * (len(labels) * D.world_size() / n_global) if self.feed.ddp else loss).backward()   # DDP averages over ranks
-            self.opt.step()
+            self.optimizer_step()
             n = len(labels)
             sums += vals * n
             correct += (out.logits.detach().argmax(1) == labels).sum().item()

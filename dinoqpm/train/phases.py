@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from ..config import RunConfig, config_to_dict
 from ..core import seed_everything, provenance, crc32_of
+from ..numerics import exact_sqrt
 from ..model import DinoQPMModel, SparseBLDDHead
 from .. import distributed as D
 from .tokens import TokenDataset, check_feature_cache, derive_seed, iter_batches
@@ -84,7 +85,7 @@ def compute_feature_stats(model: DinoQPMModel, cache, batch_size: int = 256, dev
     model.train(was_training)
     n = len(ds)
     mean = s / n
-    std = (s2 / n - mean * mean).clamp_min(0).sqrt()
+    std = exact_sqrt((s2 / n - mean * mean).clamp_min(0))   # not torch's sqrt: MKL's vector math differs by CPU (numerics)
     return mean.float().cpu(), std.float().cpu()
 
 # %% ../../nbs/05d_train_phases.ipynb #c009
