@@ -481,11 +481,27 @@ def samples_fingerprint(dataset) -> str:
     if getattr(dataset, 'content_fingerprint', None): d['content'] = dataset.content_fingerprint
     return _json_hash(d)[:16]
 
-def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14_reg4', *, root=None, weights_dir=None,
-                        preprocessing: str = 'paper', img_size: Optional[int] = None, cache_root=None, batch_size: int = 16,
-                        chunk_size: int = 64, device='auto', progress: bool = True, num_workers: Optional[int] = None,
-                        verify: str = 'full', rebuild: bool = False, dataset_kw: Optional[dict] = None,
-                        on_chunk: Optional[Callable] = None, weights_file=None, precision: str = 'bf16') -> FeatureCache:
+def build_feature_cache(dataset: str,                         # a registered dataset name (`dinoqpm.data.list_datasets()`)
+                        split: str,                           # 'train' or 'test'
+                        backbone: str = 'dinov2_vitb14_reg4', # a registered backbone (`BACKBONES`)
+                        *,
+                        root=None,                            # the data root (for 'folder': your image folder)
+                        weights_dir=None,                     # the weights folder (default `$DINOQPM_WEIGHTS`, else ~/tmp/model_weights)
+                        preprocessing: str = 'paper',         # the image preprocessing (`make_transform`): 'paper' or 'imagenet'
+                        img_size: Optional[int] = None,       # input side in pixels (default: the backbone's)
+                        cache_root=None,                      # the cache folder (default `<data root>/dinoqpm_cache`, never inside your images)
+                        batch_size: int = 16,                 # images per forward pass
+                        chunk_size: int = 64,                 # images per durable chunk (`extract_tokens`)
+                        device='auto',                        # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
+                        progress: bool = True,                # a progress bar
+                        num_workers: Optional[int] = None,    # loader processes (None: `default_loader_workers()`)
+                        verify: str = 'full',                 # how an existing cache is checked: 'full' (SHA-256) or 'quick' (sizes)
+                        rebuild: bool = False,                # recompute even a valid cache, and discard an interrupted run
+                        dataset_kw: Optional[dict] = None,    # the dataset's own settings (`dinoqpm.data.dataset_kwargs(cfg)`)
+                        on_chunk: Optional[Callable] = None,  # called as `on_chunk(rows done, total)` after each durable chunk
+                        weights_file=None,                    # the weight file itself, instead of the spec's file in `weights_dir`
+                        precision: str = 'bf16'               # 'bf16' autocast on CUDA, or 'fp32' (the CPU always computes in fp32)
+                       ) -> FeatureCache:
     """The cached tokens of `dataset`/`split` under `backbone`, computed (or resumed) if there is no valid cache for this key.
     Under torchrun every rank takes part in the extraction (see `extract_tokens`)."""
     spec = get_backbone_spec(backbone)
@@ -508,7 +524,12 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
                             num_workers=num_workers, progress=progress, overwrite=rebuild, verify=verify, on_chunk=on_chunk,
                             precision=precision)
 
-def get_feature_cache(cfg, split: str, cache_root=None, progress: bool = True, **kw) -> FeatureCache:
+def get_feature_cache(cfg,                    # a `dinoqpm.config.RunConfig`: its data, backbone, device and precision
+                      split: str,             # 'train' or 'test'
+                      cache_root=None,        # the cache folder (default `<data root>/dinoqpm_cache`)
+                      progress: bool = True,  # a progress bar
+                      **kw                    # further settings of `build_feature_cache` (`batch_size`, `rebuild`, ...)
+                     ) -> FeatureCache:
     "`build_feature_cache` for the data and backbone of a `dinoqpm.config.RunConfig` (with its dataset settings)."
     kw.setdefault('dataset_kw', dataset_kwargs(cfg))
     return build_feature_cache(cfg.data.dataset, split, cfg.backbone.name, root=cfg.data.root, weights_dir=cfg.backbone.weights_dir,

@@ -405,8 +405,15 @@ def write_folder(out, files: dict, previous: set) -> Path:
             d.rmdir()
     return out
 
-def export_model(model_path, out, *, cache_root=None, n_prototypes: int = 5, n_examples: int = 3, explorer: bool = True,
-                 progress: bool = True) -> Path:
+def export_model(model_path,              # a finished DINO-QPM run directory (or a file in it)
+                 out,                     # the folder to write: new, empty, or an earlier export
+                 *,
+                 cache_root=None,         # the run's feature cache folder (default `<data root>/dinoqpm_cache`)
+                 n_prototypes: int = 5,   # prototype images per feature
+                 n_examples: int = 3,     # test images per class on the explorer page
+                 explorer: bool = True,   # write the explorer page `index.html`
+                 progress: bool = True    # progress bars
+                ) -> Path:
     """Write the finished DINO-QPM run at `model_path` as a self-contained, shareable folder `out`: `model.safetensors`,
     `config.json`, `class_names.json`, `explanation.json` (the global explanation card), `README.md` (the model card),
     the pictures and `index.html` (the explorer). The same run gives the same bytes. `out` must be new, empty or an earlier
@@ -448,7 +455,11 @@ def export_model(model_path, out, *, cache_root=None, n_prototypes: int = 5, n_e
 # %% ../../nbs/09c_share_export.ipynb #c021
 class PretrainedModel(Predictor):
     "An exported DINO-QPM model with its frozen backbone and explanation card, ready to predict and explain image files."
-    def __init__(self, path, device='auto', weights_dir=None):
+    def __init__(self,
+                 path,              # a folder written by `export_model` (or `dinoqpm export`)
+                 device='auto',     # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
+                 weights_dir=None   # the backbone weights folder (default `$DINOQPM_WEIGHTS`, else ~/tmp/model_weights)
+                ):
         p = Path(path)
         if not is_exported(p):
             raise FileNotFoundError(f'{p} is not an exported dinoqpm model (no {MODEL_FILE} and {CONFIG_FILE} in it); '
@@ -458,7 +469,10 @@ class PretrainedModel(Predictor):
         self.style = FeatureStyle.from_dict(self.card['style']) if self.card else None
 
     @torch.inference_mode()
-    def explain(self, image, size: int = 224) -> dict:
+    def explain(self,
+                image,            # a PIL image or an image file
+                size: int = 224   # side in pixels of the picture
+               ) -> dict:
         """Predict one image (a PIL image or a file) and explain it: the predicted class, its confidence, its features
         (ids and colours) and `picture`, those features drawn on the greyed image as in the explorer (`[S, S, 3]` uint8)."""
         if not isinstance(image, Image.Image): image = open_rgb(image)
@@ -472,7 +486,10 @@ class PretrainedModel(Predictor):
         return {'class': c, 'class_name': self.class_name(c), 'confidence': float(prob[c]), 'features': [int(sel[j]) for j in feats],
                 'colors': [self.style.colors[j] for j in feats] if self.style else None, 'picture': pic}
 
-def load_pretrained(path, device='auto', weights_dir=None) -> PretrainedModel:
+def load_pretrained(path,              # a folder written by `export_model` (or `dinoqpm export`)
+                    device='auto',     # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
+                    weights_dir=None   # the backbone weights folder (default `$DINOQPM_WEIGHTS`, else ~/tmp/model_weights)
+                   ) -> PretrainedModel:
     """A model exported by `export_model` (or `dinoqpm export`), ready to predict and explain new images; the backbone
     weights come from the user's weights folder and must have the recorded SHA-256. Available as `dinoqpm.load_pretrained`."""
     return PretrainedModel(path, device=device, weights_dir=weights_dir)
