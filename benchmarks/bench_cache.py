@@ -34,7 +34,7 @@ def _weights_for(name, wdir):
     if spec.family == 'efficientnet': return None, True
     path = Path(wdir) / spec.weights_file
     if not path.exists():
-        model = B.randomize_(B._build_timm(spec, 224, on_meta=False), 0, scale=0.02)
+        model = B.randomize_(B.build_timm_model(spec, 224, on_meta=False), 0, scale=0.02)
         B.save_meta_checkpoint(model, path, layout='dino' if spec.family == 'dino' else 'dinov2')
     return wdir, False
 

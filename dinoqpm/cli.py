@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, demo_config, load_config, parse_overrides, update_config
 from .core import setup_logging, UserError, describe_os_error
 # Each command imports the rooms it uses when it runs, so that `dinoqpm --help` answers without importing torch or any
-# without importing torch (tests/test_layers.py allows imports inside functions here and in the package's top only).
+# room (tests/test_layers.py allows imports inside functions here and in the package's top only).
 
 log = logging.getLogger(__name__)
 
@@ -29,33 +29,31 @@ def positive_int(s: str) -> int:
 
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='dinoqpm', description='DINO-QPM: globally interpretable classifiers on a frozen backbone.')
-    p.add_argument('--log-level', default='INFO', type=str.upper, choices=LOG_LEVELS,
-                   help='logging level; DEBUG also prints the traceback of an error (as does $DINOQPM_DEBUG=1)')
-    sub = p.add_subparsers(dest='command', required=True)
+def _add_config_args(t: argparse.ArgumentParser):
+    "The arguments that make a run configuration (`train_config`), shared by `train` and `extract`."
+    t.add_argument('--config', help='YAML or JSON file with configuration overrides (default: the paper configuration)')
+    t.add_argument('--demo', action='store_true', help='start from the quick embedded demo (SynthBirds + EfficientNet-Lite0)')
+    t.add_argument('--data', metavar='FOLDER', help='train on your own images: a folder with one sub-folder per class '
+                   '(sets data.dataset=folder and data.root=FOLDER; see the folder dataset in the docs)')
+    t.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
+                   help='override one setting, e.g. --set dense.epochs=5 (repeatable)')
+    t.add_argument('--seed', type=int, help='random seed (overrides the configuration)')
+    t.add_argument('--cache-root', help='feature cache folder (default: <data root>/dinoqpm_cache)')
+    t.add_argument('--no-progress', action='store_true', help='hide progress bars')
 
-    def config_args(t):
-        t.add_argument('--config', help='YAML or JSON file with configuration overrides (default: the paper configuration)')
-        t.add_argument('--demo', action='store_true', help='start from the quick embedded demo (SynthBirds + EfficientNet-Lite0)')
-        t.add_argument('--data', metavar='FOLDER', help='train on your own images: a folder with one sub-folder per class '
-                       '(sets data.dataset=folder and data.root=FOLDER; see the folder dataset in the docs)')
-        t.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
-                       help='override one setting, e.g. --set dense.epochs=5 (repeatable)')
-        t.add_argument('--seed', type=int, help='random seed (overrides the configuration)')
-        t.add_argument('--cache-root', help='feature cache folder (default: <data root>/dinoqpm_cache)')
-        t.add_argument('--no-progress', action='store_true', help='hide progress bars')
-
+def _add_train(sub):
     t = sub.add_parser('train', help='cache features, dense training, QP, finetuning and evaluation in one run directory '
                        '(under torchrun: sharded extraction, data-parallel training)')
-    config_args(t)
+    _add_config_args(t)
     t.add_argument('--run-dir', help='run directory (default: $DINOQPM_RUNS/<dataset>/<backbone>/qpm/<seed>)')
     t.add_argument('--eval-mode', default='all', help="metrics to compute: all | fast | comma list of metric ids")
 
+def _add_extract(sub):
     x = sub.add_parser('extract', help='build (or resume) the train and test feature caches of a configuration and stop '
                        '(under torchrun every process extracts its share)')
-    config_args(x)
+    _add_config_args(x)
 
+def _add_table1(sub):
     tb = sub.add_parser('table1', help="Table 1's runs (method x seed), spread over the processes of a torchrun job, then the table")
     tb.add_argument('--set', dest='params', action='append', default=[], metavar='NAME=VALUE',
                     help='a parameter of nbs/paper/run_table1.ipynb: dataset, backbone, data_root, weights_dir, runs_root, '
@@ -65,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument('--merge', action='store_true', help='write the table from the finished cells; trains nothing')
     tb.add_argument('--no-progress', action='store_true')
 
+def _add_inference(sub):
     i = sub.add_parser('inference', help='predict image files with a trained model and explain each prediction')
     i.add_argument('--model-path', required=True, help='a run directory, a model file (.pt) or an exported folder (dinoqpm export)')
     i.add_argument('--image-path', required=True, help='an image file or a folder searched recursively')
@@ -79,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument('--weights-dir', help='backbone weight folder (default: the one of the run)')
     i.add_argument('--no-progress', action='store_true')
 
+def _add_evaluate(sub):
     e = sub.add_parser('evaluate', help="compute the metrics of a trained model on its dataset's cached features")
     e.add_argument('--model-path', required=True, help='a run directory or a model file (.pt)')
     e.add_argument('--mode', default='finetune', choices=['finetune', 'dense'])
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument('--cache-root', help='feature cache folder (default: <data root>/dinoqpm_cache)')
     e.add_argument('--no-progress', action='store_true')
 
+def _add_export(sub):
     x = sub.add_parser('export', help='write a finished run as a shareable folder: model.safetensors, config.json, the explanation card, a model card and index.html')
     x.add_argument('--model-path', required=True, help='a finished DINO-QPM run directory')
     x.add_argument('--out', required=True, help='the folder to write: new, empty, or an earlier export (never a folder of other files)')
@@ -94,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('--prototypes', type=int, default=5, help='prototype images per feature')
     x.add_argument('--examples', type=int, default=3, help='test images per class on the explorer page')
     x.add_argument('--no-progress', action='store_true')
+
+def build_parser() -> argparse.ArgumentParser:
+    "The parser of the `dinoqpm` command line: `--log-level`, then one sub-command and its arguments."
+    p = argparse.ArgumentParser(prog='dinoqpm', description='DINO-QPM: globally interpretable classifiers on a frozen backbone.')
+    p.add_argument('--log-level', default='INFO', type=str.upper, choices=LOG_LEVELS,
+                   help='logging level; DEBUG also prints the traceback of an error (as does $DINOQPM_DEBUG=1)')
+    sub = p.add_subparsers(dest='command', required=True)
+    for add in (_add_train, _add_extract, _add_table1, _add_inference, _add_evaluate, _add_export): add(sub)
     return p
 
 # %% ../nbs/11_cli.ipynb #c008

@@ -255,8 +255,15 @@ def qp_info(qp) -> dict:
     "The QP certificate fields of a result JSON: `qp_record`'s `QP_INFO_FIELDS`, each named `qp_<field>`."
     return qp_record(qp, QP_INFO_FIELDS, 'qp_')
 
-def run_qpm(cfg: RunConfig, run_dir=None, *, runs_root=None, cache_root=None, eval_mode='all', progress=True,
-            stop_after: Optional[str] = None) -> dict:
+def run_qpm(cfg: RunConfig,                    # the run configuration (`RunConfig()`, `demo_config()`, `load_config(...)`)
+            run_dir=None,                      # the run directory (default `default_run_dir(cfg)`)
+            *,
+            runs_root=None,                    # the root of the default run directory (`$DINOQPM_RUNS`, else ~/tmp/dinoqpm_runs)
+            cache_root=None,                   # the feature cache folder (default `<data root>/dinoqpm_cache`)
+            eval_mode='all',                   # the metrics of both evaluations: 'all', 'fast' or a list of metric ids
+            progress=True,                     # progress bars (on rank 0)
+            stop_after: Optional[str] = None   # 'dense' or 'qp': stop after that stage; None: run every stage
+           ) -> dict:
     """Train DINO-QPM end to end in `run_dir` (default `default_run_dir(cfg)`); every finished stage is skipped on rerun.
     Returns the paths and results: `run_dir`, `dense_model`, `results_dense`, `qp`, `model`, `results`."""
     _validate_on_every_rank(cfg, eval_mode)                         # before anything is written

@@ -21,7 +21,7 @@ def tmp_specs():
 
 
 def _roundtrip(tmp_path, spec, img_size, load_size=None, layout='dinov2', seed=0):
-    model = B.randomize_(B._build_timm(spec, img_size, on_meta=False), seed).eval()
+    model = B.randomize_(B.build_timm_model(spec, img_size, on_meta=False), seed).eval()
     B.save_meta_checkpoint(model, tmp_path / spec.weights_file, layout=layout)
     bb = B.create_backbone(spec.name, weights_dir=tmp_path, img_size=load_size or img_size)
     x = torch.randn(2, 3, bb.img_size, bb.img_size, generator=torch.Generator().manual_seed(seed))

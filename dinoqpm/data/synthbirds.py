@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01a_data_synthbirds.ipynb #c003
 from __future__ import annotations
-import fcntl, io, json, logging, math, os, shutil, tempfile, time
+import contextlib, fcntl, io, json, logging, math, os, shutil, tempfile, time
 from functools import cached_property, lru_cache
 from pathlib import Path
 import numpy as np
@@ -187,21 +187,18 @@ def _secondary(rgb):
     lum = rgb @ (0.299, 0.587, 0.114)
     return rgb * 0.35 if lum > 95 else rgb + (255 - rgb) * 0.55
 
-def bird_geometry(spec: dict, u, v, pose: dict):
-    "Part-label map (0 = background, k+1 = `PART_NAMES[k]`) on frame coordinates `u, v`, plus the local frames used for patterns."
-    lab = np.zeros(np.shape(u), np.uint8)
-    P = {n: i + 1 for i, n in enumerate(PART_NAMES)}
-    frames = {}
-    # legs (behind the body), unless the bird sits on them
-    if not pose['sitting']:
-        ll = 0.3 * _SIZE[spec['legs']['size']]
-        legs = np.zeros_like(lab, bool)
-        for lu in (0.1, -0.07):
-            top, foot = (lu, 0.16), (lu - 0.03, 0.18 + ll)
-            legs |= _seg_d2(u, v, top, foot) < 0.022 ** 2
-            legs |= _seg_d2(u, v, foot, (foot[0] + 0.11, foot[1] + 0.005)) < 0.016 ** 2
-        lab[legs] = P['legs']
-    # tail
+def _legs(spec: dict, u, v):
+    "Two legs with their feet below the body, longer for large legs."
+    ll = 0.3 * _SIZE[spec['legs']['size']]
+    legs = np.zeros(np.shape(u), bool)
+    for lu in (0.1, -0.07):
+        top, foot = (lu, 0.16), (lu - 0.03, 0.18 + ll)
+        legs |= _seg_d2(u, v, top, foot) < 0.022 ** 2
+        legs |= _seg_d2(u, v, foot, (foot[0] + 0.11, foot[1] + 0.005)) < 0.016 ** 2
+    return legs
+
+def _tail(spec: dict, u, v, pose: dict) -> tuple:
+    "`(mask, frame)`: the tail in its own frame, from the rump at the pose's tail angle: square, rounded, pointed or forked."
     ta = math.pi - 0.2 + pose['tail_angle']
     tp, tq = _local(u, v, (-0.36, -0.05), ta)
     L, w0 = 0.42 * _SIZE[spec['tail']['size']], 0.075
@@ -216,16 +213,16 @@ def bird_geometry(spec: dict, u, v, pose: dict):
     else:  # forked: widening, with a V notch at the end
         we = w0 + 0.07
         tail = inlen & (np.abs(tq) < w0 + 0.07 * tp / L) & (tp < L - 0.2 * L * (1 - np.abs(tq) / we))
-    lab[tail] = P['tail']
-    frames['tail'] = (tp, tq)
-    # body: back above a slanted line, breast in front below it, belly behind
+    return tail, (tp, tq)
+
+def _body(u, v) -> tuple:
+    "`(back, breast, belly)`: the body ellipse, the back above a slanted line, the breast in front below it, the belly behind."
     body = (u / 0.48) ** 2 + (v / 0.28) ** 2 < 1
     upper = v < -0.03 + 0.12 * u
-    lab[body & upper] = P['back']
-    lab[body & ~upper & (u > -0.04)] = P['breast']
-    lab[body & ~upper & (u <= -0.04)] = P['belly']
-    frames['body'] = (u, v)
-    # wing
+    return body & upper, body & ~upper & (u > -0.04), body & ~upper & (u <= -0.04)
+
+def _wing(spec: dict, u, v, pose: dict) -> tuple:
+    "`(mask, frame)`: the wing over the body in its own frame, at the pose's wing angle: rounded, or pointed (tapering)."
     wa = math.pi + 0.17 + pose['wing_angle']
     wp, wq = _local(u, v, (0.24, -0.1), wa)
     if spec['wing']['shape'] == 'rounded':
@@ -234,29 +231,38 @@ def bird_geometry(spec: dict, u, v, pose: dict):
         front = ((wp - 0.3) / 0.32) ** 2 + (wq / 0.15) ** 2 < 1
         taper = (wp >= 0.3) & (wp < 0.82) & (np.abs(wq - 0.03 * (wp - 0.3) / 0.52) < 0.15 * (1 - (wp - 0.3) / 0.52))
         wing = (front & (wp < 0.3)) | taper
-    lab[wing] = P['wing']
-    frames['wing'] = (wp, wq)
-    # head, rotated about the neck
+    return wing, (wp, wq)
+
+_HEAD_CENTRE, _HEAD_RADIUS = (0.47, -0.31), 0.2      # in the head's frame
+
+def _head_frame(u, v, pose: dict) -> tuple:
+    "The head's coordinates `hu, hv`: the bird's frame rotated about the neck by the pose's head angle."
     hu, hv = _local(u, v, (0.3, -0.18), pose['head_angle'])
-    hu, hv = hu + 0.3, hv - 0.18
-    hc, hr = (0.47, -0.31), 0.2
+    return hu + 0.3, hv - 0.18
+
+def _head(spec: dict, hu, hv) -> tuple:
+    "`(throat, crown)`: the head's disc below and above the cap line; the crown with its crest if it is crested."
+    hc, hr = _HEAD_CENTRE, _HEAD_RADIUS
     head = (hu - hc[0]) ** 2 + (hv - hc[1]) ** 2 < hr ** 2
     cap = hv < hc[1] - 0.02 + 0.15 * (hu - hc[0])
     if spec['crown']['shape'] == 'crested':
         head_crest = _in_polygon(hu, hv, [(hc[0] + 0.06, hc[1] - 0.16), (hc[0] - 0.14, hc[1] - 0.12),
                                           (hc[0] - 0.27, hc[1] - 0.36), (hc[0] - 0.05, hc[1] - 0.26)])
     else: head_crest = np.zeros_like(head)
-    lab[head & ~cap] = P['throat']
-    lab[(head & cap) | head_crest] = P['crown']
-    frames['head'] = (hu, hv)
-    # eye (optionally with a pale ring)
+    return head & ~cap, (head & cap) | head_crest
+
+def _eye(spec: dict, hu, hv) -> tuple:
+    "`(mask, (squared distance to its centre, radius))`: the eye on the head, larger for large eyes, with a pale ring if ringed."
+    hc = _HEAD_CENTRE
     ec = (hc[0] + 0.07, hc[1] - 0.03)
     er = 0.05 * (1.3 if spec['eye']['size'] == 'large' else 1.0)
     ed2 = (hu - ec[0]) ** 2 + (hv - ec[1]) ** 2
     ring = er + (0.025 if spec['eye']['pattern'] == 'ringed' else 0)
-    lab[ed2 < ring ** 2] = P['eye']
-    frames['eye'] = (ed2, er)
-    # beak, attached to the front of the head
+    return ed2 < ring ** 2, (ed2, er)
+
+def _beak(spec: dict, hu, hv):
+    "The beak, attached to the front of the head: a polygon of its shape (cone, needle, dagger, hooked), scaled by its size."
+    hc = _HEAD_CENTRE
     bo = (hc[0] + 0.17, hc[1] + 0.04)
     bp, bq = _local(hu, hv, bo, 0.12)
     s = _SIZE[spec['beak']['size']]
@@ -266,8 +272,26 @@ def bird_geometry(spec: dict, u, v, pose: dict):
     else:
         Lb, hb = {'cone': (0.17, 0.075), 'needle': (0.34, 0.026), 'dagger': (0.27, 0.048)}[shp]
         poly = [(-0.03, -hb), (Lb * s, 0.0), (-0.03, hb)]
-    lab[_in_polygon(bp, bq, poly)] = P['beak']
-    return lab, frames
+    return _in_polygon(bp, bq, poly)
+
+def bird_geometry(spec: dict, u, v, pose: dict):
+    "Part-label map (0 = background, k+1 = `PART_NAMES[k]`) on frame coordinates `u, v`, plus the local frames used for patterns."
+    lab = np.zeros(np.shape(u), np.uint8)
+    P = {n: i + 1 for i, n in enumerate(PART_NAMES)}
+    if not pose['sitting']: lab[_legs(spec, u, v)] = P['legs']     # behind the body, unless the bird sits on them
+    tail, tail_frame = _tail(spec, u, v, pose)
+    lab[tail] = P['tail']
+    back, breast, belly = _body(u, v)
+    lab[back] = P['back']; lab[breast] = P['breast']; lab[belly] = P['belly']
+    wing, wing_frame = _wing(spec, u, v, pose)
+    lab[wing] = P['wing']
+    hu, hv = _head_frame(u, v, pose)
+    throat, crown = _head(spec, hu, hv)
+    lab[throat] = P['throat']; lab[crown] = P['crown']
+    eye, eye_frame = _eye(spec, hu, hv)
+    lab[eye] = P['eye']
+    lab[_beak(spec, hu, hv)] = P['beak']
+    return lab, {'tail': tail_frame, 'body': (u, v), 'wing': wing_frame, 'head': (hu, hv), 'eye': eye_frame}
 
 # %% ../../nbs/01a_data_synthbirds.ipynb #c013
 def sample_pose(rng, W: int, H: int) -> dict:
@@ -387,36 +411,31 @@ def _key_rngs(key):
     ss = np.random.SeedSequence(key)
     return [np.random.default_rng(s) for s in ss.spawn(4)]   # size/pose, background, bird appearance, annotation
 
-def render_sample(spec: dict, key, img_size: int = 256) -> dict:
-    "Render one image of class `spec`; `key` (ints) seeds everything, independently of the class."
-    r_pose, r_bg, r_bird, r_ann = _key_rngs(key)
-    a = float(r_pose.uniform(0.68, 1.0))
-    W, H = (img_size, int(round(img_size * a))) if r_pose.random() < 0.8 else (int(round(img_size * a)), img_size)
-    pose = sample_pose(r_pose, W, H)
-    bg = make_background(r_bg, W, H)
-    # perch under the feet (or under the body when sitting), drawn sharp over the blurred background
-    perch = r_pose.random() < 0.8
+def _draw_perch(bg: Image.Image, spec: dict, pose: dict, rng):
+    """The perch under the feet (or under the body when sitting), on about 4 of 5 images, drawn sharp over the blurred
+    background `bg` (in place); its draws are taken whether it is drawn or not."""
+    perch = rng.random() < 0.8
     pv = 0.19 + (0.3 * _SIZE[spec['legs']['size']] if not pose['sitting'] else 0.06)
-    pang, plen, pw = float(r_pose.uniform(-0.15, 0.15)), float(r_pose.uniform(1.2, 2.5)), float(r_pose.uniform(0.05, 0.09))
-    pcol = tuple(int(c) for c in r_pose.integers((55, 38, 22), (120, 90, 60)))
+    pang, plen, pw = float(rng.uniform(-0.15, 0.15)), float(rng.uniform(1.2, 2.5)), float(rng.uniform(0.05, 0.09))
+    pcol = tuple(int(c) for c in rng.integers((55, 38, 22), (120, 90, 60)))
     if perch:
         ends = [_to_pixels(pose, t * plen, pv + pw / 2 + t * plen * pang) for t in (-1, 1)]
         ImageDraw.Draw(bg).line([tuple(map(float, e)) for e in ends], fill=pcol, width=max(2, int(pw * pose['scale'])))
-    img = np.asarray(bg, np.float32)
-    # appearance draws (fixed count, independent of the class)
-    part_gain = r_bird.uniform(0.9, 1.1, len(PART_NAMES))
-    gain, tint = float(r_bird.uniform(0.85, 1.12)), r_bird.uniform(0.95, 1.05, 3)
-    table = r_bird.uniform(0.25, 0.75, (256, 2))
-    feather = _smooth_noise(r_bird, H, W, 3)
-    light = float(r_bird.uniform(0.15, 0.35))
-    noise = r_bird.normal(0, 2.5, (H, W, 3)).astype(np.float32)
-    # bird, evaluated on its bounding square only
-    R = 1.25 * pose['scale']
-    x0, x1 = max(0, int(pose['cx'] - R)), min(W, int(pose['cx'] + R) + 1)
-    y0, y1 = max(0, int(pose['cy'] - R)), min(H, int(pose['cy'] + R) + 1)
-    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5
-    u, v = _frame_coords(pose, xs, ys)
-    lab, fr = bird_geometry(spec, u, v, pose)
+
+def _appearance(rng, H: int, W: int) -> dict:
+    """An image's appearance draws (a fixed number, independent of the class): per-part colour gain, overall gain and
+    tint, the spot table of the patterns, feather texture, light and pixel noise."""
+    part_gain = rng.uniform(0.9, 1.1, len(PART_NAMES))
+    gain, tint = float(rng.uniform(0.85, 1.12)), rng.uniform(0.95, 1.05, 3)
+    table = rng.uniform(0.25, 0.75, (256, 2))
+    feather = _smooth_noise(rng, H, W, 3)
+    light = float(rng.uniform(0.15, 0.35))
+    noise = rng.normal(0, 2.5, (H, W, 3)).astype(np.float32)
+    return dict(part_gain=part_gain, gain=gain, tint=tint, table=table, feather=feather, light=light, noise=noise)
+
+def _part_colours(spec: dict, lab: np.ndarray, fr: dict, part_gain, table) -> np.ndarray:
+    """The plumage colour (float RGB) of every cell of the part-label map `lab`: each part's colour, its pattern in the
+    part's own frame `fr`, and the eye's ring and pupil."""
     col = np.zeros(lab.shape + (3,), np.float32)
     for k, part in enumerate(PART_NAMES):
         m = lab == k + 1
@@ -437,20 +456,53 @@ def render_sample(spec: dict, key, img_size: int = 256) -> dict:
             sec = _pattern(pat, pa, pb, table)
             c[sec] = _secondary(base)
         col[m] = c[m]
+    return col
+
+def _shaded(col: np.ndarray, lab: np.ndarray, v, light: float, feather: np.ndarray) -> np.ndarray:
+    "The colours `col` shaded: light from above (`v` points down), feather texture, darker part borders."
     bird = lab > 0
-    # shading: light from above, feather texture, darker part borders
-    shade = np.clip(1.05 - light * v, 0.75, 1.3) * (1 + 0.07 * feather[y0:y1, x0:x1])
+    shade = np.clip(1.05 - light * v, 0.75, 1.3) * (1 + 0.07 * feather)
     edge = np.zeros_like(bird)
     edge[1:] |= lab[1:] != lab[:-1]; edge[:-1] |= lab[1:] != lab[:-1]
     edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]; edge[:, :-1] |= lab[:, 1:] != lab[:, :-1]
     shade = shade * np.where(edge & bird, 0.82, 1.0)
     col *= shade[..., None]
-    alpha = bird.astype(np.float32)                           # 1-pixel soft silhouette
+    return col
+
+def _soft_alpha(bird: np.ndarray) -> np.ndarray:
+    "The opacity of the silhouette `bird`, with a 1-pixel soft edge."
+    alpha = bird.astype(np.float32)
     p = np.pad(alpha, 1, mode='edge')
-    alpha = np.maximum(alpha * 0.75, sum(p[i:i + alpha.shape[0], j:j + alpha.shape[1]] for i in range(3) for j in range(3)) / 9)
+    return np.maximum(alpha * 0.75, sum(p[i:i + alpha.shape[0], j:j + alpha.shape[1]] for i in range(3) for j in range(3)) / 9)
+
+def _draw_bird(img: np.ndarray, spec: dict, pose: dict, look: dict) -> tuple:
+    """Draw the bird of class `spec` in `pose` with the appearance draws `look` onto `img` (float, in place), evaluated on
+    its bounding square only: returns that square `(y0, y1, x0, x1)`, its part-label map and its pixel centres."""
+    H, W = img.shape[:2]
+    R = 1.25 * pose['scale']
+    x0, x1 = max(0, int(pose['cx'] - R)), min(W, int(pose['cx'] + R) + 1)
+    y0, y1 = max(0, int(pose['cy'] - R)), min(H, int(pose['cy'] + R) + 1)
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64) + 0.5
+    u, v = _frame_coords(pose, xs, ys)
+    lab, fr = bird_geometry(spec, u, v, pose)
+    col = _shaded(_part_colours(spec, lab, fr, look['part_gain'], look['table']), lab, v, look['light'], look['feather'][y0:y1, x0:x1])
+    alpha = _soft_alpha(lab > 0)
     sub = img[y0:y1, x0:x1]
     img[y0:y1, x0:x1] = sub * (1 - alpha[..., None]) + col * alpha[..., None]
-    img = np.clip((img * tint * gain) + noise, 0, 255).astype(np.uint8)
+    return (y0, y1, x0, x1), lab, xs, ys
+
+def render_sample(spec: dict, key, img_size: int = 256) -> dict:
+    "Render one image of class `spec`; `key` (ints) seeds everything, independently of the class."
+    r_pose, r_bg, r_bird, r_ann = _key_rngs(key)
+    a = float(r_pose.uniform(0.68, 1.0))
+    W, H = (img_size, int(round(img_size * a))) if r_pose.random() < 0.8 else (int(round(img_size * a)), img_size)
+    pose = sample_pose(r_pose, W, H)
+    bg = make_background(r_bg, W, H)
+    _draw_perch(bg, spec, pose, r_pose)
+    img = np.asarray(bg, np.float32)
+    look = _appearance(r_bird, H, W)
+    (y0, y1, x0, x1), lab, xs, ys = _draw_bird(img, spec, pose, look)
+    img = np.clip((img * look['tint'] * look['gain']) + look['noise'], 0, 255).astype(np.uint8)
     part_map = np.zeros((H, W), np.uint8)
     part_map[y0:y1, x0:x1] = lab
     locs = part_locations(lab, xs - 0.5, ys - 0.5)                # annotations from the rendered part map
@@ -496,6 +548,101 @@ def _annotate(spec, locs, rng):
                 i += 1
     return out
 
+def _train_split(rng, n: int) -> np.ndarray:
+    "Which of a class's `n` images are for training: about half (45-55%), at least one in each split."
+    n_train = min(n - 1, max(1, int(round(n * float(rng.uniform(0.45, 0.55))))))
+    is_train = np.zeros(n, bool); is_train[rng.permutation(n)[:n_train]] = True
+    return is_train
+
+def _write_pngs(out: Path, rel: str, r: dict):
+    "A rendered sample's image, segmentation mask and part-label map, as `rel` under `images/`, `segmentations/`, `parts_seg/`."
+    (out / 'images' / rel).write_bytes(_png_bytes(r['image'], level=1))   # level 1: 2.5x faster, 12% larger
+    (out / 'segmentations' / rel).write_bytes(_png_bytes(r['seg']))
+    (out / 'parts_seg' / rel).write_bytes(_png_bytes(r['part_map']))
+
+def _add_sample_lines(lines: dict, tally: dict, iid: int, rel: str, c: int, train: bool, r: dict, spec: dict):
+    """The CUB text lines of image `iid` (class `c`, file `rel`) added to `lines`; its attribute labels of certainty > 1
+    are counted into the class tallies (`present`, `visible`)."""
+    lines['images'].append(f'{iid} {rel}'); lines['labels'].append(f'{iid} {c + 1}'); lines['split'].append(f'{iid} {int(train)}')
+    lines['bboxes'].append(f'{iid} ' + ' '.join(f'{b:.1f}' for b in r['bbox']))
+    for p, (x, y, vis) in enumerate(r['part_locs']):
+        lines['plocs'].append(f'{iid} {p + 1} {x:.1f} {y:.1f} {int(vis)}' if vis else f'{iid} {p + 1} 0.0 0.0 0')
+    for a, pres, cert, t in _annotate(spec, r['part_locs'], r['annotation_rng']):
+        lines['alines'].append(f'{iid} {a + 1} {pres} {cert} {t:.3f}')
+        if cert > 1: tally['present'][c, a] += pres; tally['visible'][c, a] += 1
+
+def _write_images(out: Path, specs: list, names: list, seed: int, images_per_class: int, img_size: int, progress: bool) -> tuple:
+    """Render every class's images into the archive folder `out` (image ids run class by class); returns the lines of
+    the per-image text files and the continuous class attributes (the % of visible labels that say present)."""
+    for d in ('images', 'segmentations', 'parts_seg', 'parts', 'attributes'): (out / d).mkdir(parents=True)
+    lines = {k: [] for k in ('images', 'labels', 'split', 'bboxes', 'plocs', 'alines')}
+    n_attrs = len(attribute_list())
+    tally = {'present': np.zeros((len(specs), n_attrs)), 'visible': np.zeros((len(specs), n_attrs))}
+    srng = np.random.default_rng([seed, 2002])
+    bar = tqdm(total=len(specs) * images_per_class, desc='SynthBirds', disable=not progress)
+    for c, (spec, cname) in enumerate(zip(specs, names)):
+        folder, stem = cname, cname.split('.', 1)[1]
+        for d in ('images', 'segmentations', 'parts_seg'): (out / d / folder).mkdir()
+        is_train = _train_split(srng, images_per_class)
+        for k in range(images_per_class):
+            iid = len(lines['images']) + 1
+            r = render_sample(spec, [seed, c, k], img_size)
+            rel = f'{folder}/{stem}_{k + 1:04d}.png'
+            _write_pngs(out, rel, r)
+            _add_sample_lines(lines, tally, iid, rel, c, is_train[k], r, spec)
+            bar.update()
+    bar.close()
+    return lines, 100 * tally['present'] / np.maximum(tally['visible'], 1)
+
+def _truth(specs: list, names: list, pairs: list, params: dict) -> dict:
+    "The generator's ground truth (`TRUTH_FILE`): its settings, part names and attributes, colours, classes and designed pairs."
+    return dict(format='synthbirds-1', params=params,
+                part_names=list(PART_NAMES), part_map=dict(folder='parts_seg', values='0 background, k+1 for part_names[k]'),
+                part_attributes={p: {k: list(v) for k, v in PART_ATTRIBUTES[p].items()} for p in PART_NAMES},
+                colours={k: list(v) for k, v in COLOURS.items()},
+                classes=[dict(label=c, class_id=c + 1, name=n, parts=s) for c, (n, s) in enumerate(zip(names, specs))],
+                pairs=pairs, attributes=[attribute_name(*a) for a in attribute_list()])
+
+def _write_text_files(out: Path, lines: dict, cont: np.ndarray, names: list, truth: dict):
+    "The archive's text files in CUB's formats (one malformed line among the image attribute labels, as in the real file) and the ground truth."
+    attrs = attribute_list()
+    lines['alines'][1] += ' 0'                                # one malformed line (an extra field), as in the real file
+    w = lambda f, lines: (out / f).write_text('\n'.join(lines) + '\n', encoding='utf-8')
+    w('images.txt', lines['images']); w('image_class_labels.txt', lines['labels']); w('train_test_split.txt', lines['split'])
+    w('classes.txt', [f'{c + 1} {n}' for c, n in enumerate(names)]); w('bounding_boxes.txt', lines['bboxes'])
+    w('parts/parts.txt', [f'{i + 1} {p}' for i, p in enumerate(PART_NAMES)]); w('parts/part_locs.txt', lines['plocs'])
+    w('attributes/attributes.txt', [f'{i + 1} {attribute_name(*a)}' for i, a in enumerate(attrs)])
+    w('attributes/image_attribute_labels.txt', lines['alines'])
+    w('attributes/class_attribute_labels_continuous.txt', [' '.join(f'{x:.10f}' for x in row) for row in cont])
+    w('attributes/certainties.txt', ['1 not visible', '2 guessing', '3 probably', '4 definitely'])
+    w(TRUTH_FILE, [json.dumps(truth, indent=1)])
+
+def _move_into_place(out: Path, final: Path, overwrite: bool) -> bool:
+    """Rename the finished archive folder `out` to `final` (an existing one is moved aside into the temporary folder
+    beside `out`, unless not `overwrite`: then False and nothing moves), and put `attributes.txt` beside it, as in the CUB
+    tarball; an archive that another process put there meanwhile is kept."""
+    tmp, base = out.parent, final.parent
+    (tmp / 'attributes.txt').write_bytes((out / 'attributes' / 'attributes.txt').read_bytes())
+    if final.exists():
+        if not overwrite: return False
+        old = tmp / 'old'
+        os.rename(final, old)
+    try: os.rename(out, final)
+    except OSError:
+        if not final.is_dir(): raise
+        log.info('%s appeared while generating; keeping it', final)
+    os.replace(tmp / 'attributes.txt', base / 'attributes.txt')
+    return True
+
+@contextlib.contextmanager
+def _generation_lock(base: Path):
+    "One generator per folder `base`: a second one waits here for the first to finish (and then finds its archive)."
+    lock = open(base / '.synthbirds.lock', 'a+')
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try: yield
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN); lock.close()
+
 def make_synthbirds(root,                       # the data root: writes <root>/SynthBirds/CUB_200_2011/
                     seed: int = 0,              # the seed of the class design and of every image
                     n_classes: int = 20,        # classes (designed pairs that differ in one part among them)
@@ -509,14 +656,11 @@ def make_synthbirds(root,                       # the data root: writes <root>/S
     if img_size < 64: raise ValueError(f'img_size must be >= 64, got {img_size}')
     t0 = time.perf_counter()
     specs, names, pairs = design_classes(n_classes, seed)
-    attrs = attribute_list()
     base = Path(root) / 'SynthBirds'
     final = base / 'CUB_200_2011'
     if final.exists() and not overwrite: return final
     base.mkdir(parents=True, exist_ok=True)
-    lock = open(base / '.synthbirds.lock', 'a+')
-    fcntl.flock(lock, fcntl.LOCK_EX)                       # one generator per folder; a second one waits, then finds it
-    try:
+    with _generation_lock(base):
         if final.exists() and not overwrite: return final
         for left in base.glob('.CUB_200_2011-*'):          # what a killed generation left behind
             log.info('removing %s, left by an interrupted generation', left)
@@ -524,64 +668,12 @@ def make_synthbirds(root,                       # the data root: writes <root>/S
         tmp = Path(tempfile.mkdtemp(prefix='.CUB_200_2011-', dir=base))
         try:
             out = tmp / 'CUB_200_2011'
-            for d in ('images', 'segmentations', 'parts_seg', 'parts', 'attributes'): (out / d).mkdir(parents=True)
-            images, labels, split, bboxes, plocs, alines = [], [], [], [], [], []
-            present_sum = np.zeros((n_classes, len(attrs))); visible_n = np.zeros((n_classes, len(attrs)))
-            srng = np.random.default_rng([seed, 2002])
-            bar = tqdm(total=n_classes * images_per_class, desc='SynthBirds', disable=not progress)
-            for c, (spec, cname) in enumerate(zip(specs, names)):
-                folder, stem = cname, cname.split('.', 1)[1]
-                for d in ('images', 'segmentations', 'parts_seg'): (out / d / folder).mkdir()
-                n_train = min(images_per_class - 1, max(1, int(round(images_per_class * float(srng.uniform(0.45, 0.55))))))
-                is_train = np.zeros(images_per_class, bool); is_train[srng.permutation(images_per_class)[:n_train]] = True
-                for k in range(images_per_class):
-                    iid = len(images) + 1
-                    r = render_sample(spec, [seed, c, k], img_size)
-                    rel = f'{folder}/{stem}_{k + 1:04d}.png'
-                    (out / 'images' / rel).write_bytes(_png_bytes(r['image'], level=1))   # level 1: 2.5x faster, 12% larger
-                    (out / 'segmentations' / rel).write_bytes(_png_bytes(r['seg']))
-                    (out / 'parts_seg' / rel).write_bytes(_png_bytes(r['part_map']))
-                    images.append(f'{iid} {rel}'); labels.append(f'{iid} {c + 1}'); split.append(f'{iid} {int(is_train[k])}')
-                    bboxes.append(f'{iid} ' + ' '.join(f'{b:.1f}' for b in r['bbox']))
-                    for p, (x, y, vis) in enumerate(r['part_locs']):
-                        plocs.append(f'{iid} {p + 1} {x:.1f} {y:.1f} {int(vis)}' if vis else f'{iid} {p + 1} 0.0 0.0 0')
-                    for a, pres, cert, t in _annotate(spec, r['part_locs'], r['annotation_rng']):
-                        alines.append(f'{iid} {a + 1} {pres} {cert} {t:.3f}')
-                        if cert > 1: present_sum[c, a] += pres; visible_n[c, a] += 1
-                    bar.update()
-            bar.close()
-            alines[1] += ' 0'                                     # one malformed line (an extra field), as in the real file
-            cont = 100 * present_sum / np.maximum(visible_n, 1)
-            w = lambda f, lines: (out / f).write_text('\n'.join(lines) + '\n', encoding='utf-8')
-            w('images.txt', images); w('image_class_labels.txt', labels); w('train_test_split.txt', split)
-            w('classes.txt', [f'{c + 1} {n}' for c, n in enumerate(names)]); w('bounding_boxes.txt', bboxes)
-            w('parts/parts.txt', [f'{i + 1} {p}' for i, p in enumerate(PART_NAMES)]); w('parts/part_locs.txt', plocs)
-            w('attributes/attributes.txt', [f'{i + 1} {attribute_name(*a)}' for i, a in enumerate(attrs)])
-            (tmp / 'attributes.txt').write_bytes((out / 'attributes' / 'attributes.txt').read_bytes())
-            w('attributes/image_attribute_labels.txt', alines)
-            w('attributes/class_attribute_labels_continuous.txt', [' '.join(f'{x:.10f}' for x in row) for row in cont])
-            w('attributes/certainties.txt', ['1 not visible', '2 guessing', '3 probably', '4 definitely'])
-            truth = dict(format='synthbirds-1', params=dict(seed=seed, n_classes=n_classes, images_per_class=images_per_class, img_size=img_size),
-                         part_names=list(PART_NAMES), part_map=dict(folder='parts_seg', values='0 background, k+1 for part_names[k]'),
-                         part_attributes={p: {k: list(v) for k, v in PART_ATTRIBUTES[p].items()} for p in PART_NAMES},
-                         colours={k: list(v) for k, v in COLOURS.items()},
-                         classes=[dict(label=c, class_id=c + 1, name=n, parts=s) for c, (n, s) in enumerate(zip(names, specs))],
-                         pairs=pairs, attributes=[attribute_name(*a) for a in attrs])
-            w(TRUTH_FILE, [json.dumps(truth, indent=1)])
-            # move into place: the archive folder, and attributes.txt beside it as in the CUB tarball
-            if final.exists():
-                if not overwrite: return final
-                old = tmp / 'old'
-                os.rename(final, old)
-            try: os.rename(out, final)
-            except OSError:
-                if not final.is_dir(): raise
-                log.info('%s appeared while generating; keeping it', final)
-            os.replace(tmp / 'attributes.txt', base / 'attributes.txt')
+            lines, cont = _write_images(out, specs, names, seed, images_per_class, img_size, progress)
+            params = dict(seed=seed, n_classes=n_classes, images_per_class=images_per_class, img_size=img_size)
+            _write_text_files(out, lines, cont, names, _truth(specs, names, pairs, params))
+            if not _move_into_place(out, final, overwrite): return final
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_UN); lock.close()
     log.info('SynthBirds: %d classes x %d images at %d px in %.1f s -> %s', n_classes, images_per_class, img_size,
              time.perf_counter() - t0, final)
     return final

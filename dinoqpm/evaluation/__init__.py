@@ -4,7 +4,7 @@
 
 # %% ../../nbs/06e_evaluation.ipynb #c003
 from __future__ import annotations
-from .evaluator import (METRIC_IDS, EXPENSIVE_METRICS, CUB_FORMAT_DATASETS, resolve_eval_mode,
+from .evaluator import (METRIC_IDS, EXPENSIVE_METRICS, CUB_FORMAT_DATASETS, ANNOTATION_KEYS, resolve_eval_mode,
                                           evaluate_arrays, designed_pairs, dataset_annotations, evaluate)
 from .explain import (FEATURE_COLORS, hex_to_rgb, feature_colors, upsample_maps, normalise_maps,
                                         feature_heatmaps, class_activation_map, probe_cam, grad_cam, to_rgb_array,

@@ -20,8 +20,8 @@ from ..features import get_backbone_spec
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'METRIC_IDS', 'EXPENSIVE_METRICS', 'CUB_FORMAT_DATASETS', 'resolve_eval_mode', 'evaluate_arrays',
-           'designed_pairs', 'dataset_annotations', 'evaluate']
+__all__ = ['log', 'METRIC_IDS', 'EXPENSIVE_METRICS', 'CUB_FORMAT_DATASETS', 'ANNOTATION_KEYS', 'resolve_eval_mode',
+           'evaluate_arrays', 'designed_pairs', 'dataset_annotations', 'evaluate']
 
 # %% ../../nbs/06b_evaluation_evaluator.ipynb #c006
 METRIC_IDS = tuple(m.id for m in METRICS)                          # from the registry, in its order
@@ -159,45 +159,44 @@ def dataset_annotations(dataset: str, train_cache, test_cache, data_root=None) -
     return ann, skipped
 
 # %% ../../nbs/06b_evaluation_evaluator.ipynb #c017
-def evaluate(model, train_cache, test_cache, *, dataset: Optional[str] = None, data_root=None, run_info: Optional[dict] = None,
-             output_json=None, eval_mode='all', seed: int = 0, batch_size: int = 256, device=None, progress: bool = False,
-             max_map_bytes: float = 4e9, **annotations) -> dict:
-    """Evaluate `model` (a `DinoQPMModel` or the path of a saved one) on its train and test feature caches; returns the
-    flat result dict and, with `output_json`, writes it atomically. `annotations` may give `class_attributes`,
-    `train_attributes`, `train_certainty`, `test_masks`, `test_masks_dilated`, `part_maps`, `part_pairs` explicitly."""
-    import torch
-    allowed = {'class_attributes', 'train_attributes', 'train_certainty', 'test_masks', 'test_masks_dilated', 'part_maps', 'part_pairs'}
-    bad = set(annotations) - allowed
-    if bad: raise TypeError(f'evaluate got unexpected keyword(s) {sorted(bad)}; annotations are {sorted(allowed)}')
-    model_path = None
-    if isinstance(model, (str, Path)): model_path, model = str(model), load_model(model, device or 'cpu')
-    key = dict(getattr(train_cache, 'manifest', {}) or {}).get('key', {})
-    dataset = dataset or key.get('dataset')
+ANNOTATION_KEYS = ('class_attributes', 'train_attributes', 'train_certainty', 'test_masks', 'test_masks_dilated', 'part_maps',
+                   'part_pairs')                                     # what `evaluate` takes explicitly
+
+def _backbone_of(train_cache, key: dict) -> tuple:
+    "`(name, whether it is one of the paper's backbones)` of the backbone behind the training cache (`None` where unknown)."
     backbone = getattr(train_cache, 'backbone', None) or key.get('backbone')
     paper_backbone = None
     if backbone:
         try:
             paper_backbone = bool(get_backbone_spec(backbone).is_paper_backbone)
         except (ImportError, KeyError, ValueError): pass      # an unknown backbone name: not ours to judge here
-    wanted = resolve_eval_mode(eval_mode)
-    log.info('evaluating on %s (train %d, test %d images), metrics %s', dataset, len(train_cache.labels), len(test_cache.labels), wanted)
+    return backbone, paper_backbone
+
+def _maps_in_float32(model, test_cache, max_map_bytes: float) -> bool:
+    "Whether the test maps fit into `max_map_bytes` in float32; if not they are kept in float16 (with a warning)."
     J = model.head_weight().shape[1]
     h, w = test_cache.grid
     f32 = 4.0 * len(test_cache.labels) * J * h * w <= max_map_bytes
-    maps_dtype = torch.float32 if f32 else torch.float16
     if not f32: log.warning('test maps kept in float16 (%.1f GB in float32 > max_map_bytes)', 4.0 * len(test_cache.labels) * J * h * w / 1e9)
-    tr = extract_features(model, train_cache, batch_size=batch_size, with_maps=False, device=device, progress=progress)
-    te = extract_features(model, test_cache, batch_size=batch_size, with_maps=True, device=device, maps_dtype=maps_dtype, progress=progress)
+    return f32
+
+def _head_logits(model):
+    "The model's own head as a function of pooled features (arrays in, arrays out), for the pooling baseline."
+    import torch
     dev = next(model.parameters()).device if next(model.parameters(), None) is not None else torch.device('cpu')
     def head(x):
         with torch.no_grad():
             return model.head.logits(torch.as_tensor(np.asarray(x, np.float32), device=dev)).float().cpu().numpy()
+    return head
 
+def _annotations(dataset: Optional[str], train_cache, test_cache, data_root, key: dict, wanted, given: dict) -> tuple:
+    """`(annotations, skipped)`: those `given`, the rest read from the dataset on disk where a wanted metric needs them,
+    and the caches' test masks; `skipped` gives the reason of an annotation that is missing."""
     ann, skipped_ann = {}, {}
     needs = {m.id for m in METRICS if set(m.requires) - {MASKS}} & set(wanted)      # annotations read from the dataset
-    if needs and not ({'class_attributes', 'train_attributes', 'part_maps'} <= set(annotations)):
+    if needs and not ({'class_attributes', 'train_attributes', 'part_maps'} <= set(given)):
         ann, skipped_ann = dataset_annotations(dataset, train_cache, test_cache, data_root)
-    ann.update(annotations)
+    ann.update(given)
     ann.setdefault('test_masks', getattr(test_cache, 'masks', None))
     if ann['test_masks'] is None and dataset in CUB_FORMAT_DATASETS and key.get('masks') is False:
         skipped_ann.setdefault('plausibility', f'no segmentation masks were cached: the {dataset} folder has no segmentations/ '
@@ -206,9 +205,45 @@ def evaluate(model, train_cache, test_cache, *, dataset: Optional[str] = None, d
         skipped_ann.setdefault('plausibility', 'no segmentation masks: the image folder has no masks/ folder '
                                                '(masks/<image path>, any non-zero pixel = object)')
     ann.setdefault('test_masks_dilated', getattr(test_cache, 'masks_dilated', None))
+    return ann, skipped_ann
+
+def evaluate(model,                            # a `DinoQPMModel`, or the path of a saved one (loaded on `device`, else the CPU)
+             train_cache,                      # the training `FeatureCache`: pooled features for the feature metrics
+             test_cache,                       # the test `FeatureCache`: predictions and maps
+             *,
+             dataset: Optional[str] = None,    # the dataset's name (default: the one in the cache's key)
+             data_root=None,                   # the data root that holds the dataset's annotations
+             run_info: Optional[dict] = None,  # recorded in the provenance (e.g. the run directory and model)
+             output_json=None,                 # where to write the results (strict JSON, atomically); None: nowhere
+             eval_mode='all',                  # 'all', 'fast' or a list of metric ids (`METRIC_IDS`)
+             seed: int = 0,                    # the seed of the metrics that draw (Contrastiveness's GMM)
+             batch_size: int = 256,            # cache rows per forward pass
+             device=None,                      # where the model runs (default: where it is)
+             progress: bool = False,           # progress bars
+             max_map_bytes: float = 4e9,       # above this the test maps are kept in float16
+             **annotations                     # annotations given explicitly (`ANNOTATION_KEYS`): they win over the dataset's
+            ) -> dict:
+    """Evaluate `model` (a `DinoQPMModel` or the path of a saved one) on its train and test feature caches; returns the
+    flat result dict and, with `output_json`, writes it atomically. `annotations` may give `class_attributes`,
+    `train_attributes`, `train_certainty`, `test_masks`, `test_masks_dilated`, `part_maps`, `part_pairs` explicitly."""
+    import torch
+    bad = set(annotations) - set(ANNOTATION_KEYS)
+    if bad: raise TypeError(f'evaluate got unexpected keyword(s) {sorted(bad)}; annotations are {sorted(ANNOTATION_KEYS)}')
+    model_path = None
+    if isinstance(model, (str, Path)): model_path, model = str(model), load_model(model, device or 'cpu')
+    key = dict(getattr(train_cache, 'manifest', {}) or {}).get('key', {})
+    dataset = dataset or key.get('dataset')
+    backbone, paper_backbone = _backbone_of(train_cache, key)
+    wanted = resolve_eval_mode(eval_mode)
+    log.info('evaluating on %s (train %d, test %d images), metrics %s', dataset, len(train_cache.labels), len(test_cache.labels), wanted)
+    f32 = _maps_in_float32(model, test_cache, max_map_bytes)
+    tr = extract_features(model, train_cache, batch_size=batch_size, with_maps=False, device=device, progress=progress)
+    te = extract_features(model, test_cache, batch_size=batch_size, with_maps=True, device=device,
+                          maps_dtype=torch.float32 if f32 else torch.float16, progress=progress)
+    ann, skipped_ann = _annotations(dataset, train_cache, test_cache, data_root, key, wanted, annotations)
     res = evaluate_arrays(train_features=tr['features'].numpy(), train_labels=tr['labels'].numpy(),
                           train_logits=tr['logits'].numpy(), test_logits=te['logits'].numpy(), test_labels=te['labels'].numpy(),
-                          test_maps=te['maps'].numpy(), weight=model.head_weight().detach().cpu().numpy(), head=head,
+                          test_maps=te['maps'].numpy(), weight=model.head_weight().detach().cpu().numpy(), head=_head_logits(model),
                           dataset=dataset, seed=seed, eval_mode=eval_mode, progress=progress, skip_reasons=skipped_ann, **ann)
     info = dict(run_info or {})
     res.update(dataset=dataset, backbone=backbone, paper_backbone=paper_backbone,

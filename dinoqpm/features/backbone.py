@@ -21,7 +21,8 @@ __all__ = ['log', 'PAPER_DEFAULT_BACKBONE', 'DINOV2_URL', 'DINO_URL', 'DINOV3_UR
            'TIMM_PREFIX', 'BackboneSpec', 'register_backbone', 'list_backbones', 'get_backbone_spec',
            'timm_backbone_spec', 'TokenOutput', 'FrozenBackbone', 'meta_state_dict', 'save_meta_checkpoint',
            'resample_pos_embed_reference', 'WeightsError', 'load_efficientnet_weights', 'weights_path',
-           'missing_weights_error', 'check_weights', 'create_backbone', 'randomize_', 'make_test_checkpoint']
+           'missing_weights_error', 'build_timm_model', 'check_weights', 'create_backbone', 'randomize_',
+           'make_test_checkpoint']
 
 # %% ../../nbs/02_features_backbone.ipynb #c005
 PAPER_DEFAULT_BACKBONE = 'dinov2_vitb14_reg4'
@@ -390,7 +391,9 @@ def missing_weights_error(spec: BackboneSpec, path: Path) -> MissingFileError:
     return MissingFileError(f"weights for backbone '{spec.name}' not found: expected {path}; the file is published at "
                              f'{spec.published_at}; {how}')
 
-def _build_timm(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> nn.Module:
+def build_timm_model(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> nn.Module:
+    """The timm model of backbone `spec` at input size `img_size`, without its weights: on the meta device (`on_meta`, to
+    load weights into) or randomly initialised; `kw` goes to `timm.create_model`."""
     import timm                                   # imported here: `import dinoqpm.features.backbone` stays cheap (timm takes ~2 s)
     kwargs = dict(spec.timm_kwargs)
     if spec.is_vit: kwargs.update(img_size=img_size, num_classes=0)
@@ -414,7 +417,7 @@ def check_weights(name: str, weights_dir=None, img_size: Optional[int] = None, p
     img_size = int(img_size or spec.default_img_size)
     path = weights_path(name, weights_dir, weights_file)
     if not path.is_file(): raise missing_weights_error(spec, path)
-    _state_dict_for(_build_timm(spec, img_size, on_meta=True), path, spec, pos_embed_resample, mmap=True)
+    _state_dict_for(build_timm_model(spec, img_size, on_meta=True), path, spec, pos_embed_resample, mmap=True)
     return path
 
 def _fill_computed_buffers(model: nn.Module, names: list, spec: BackboneSpec, img_size: int, kw: dict) -> list:
@@ -422,15 +425,21 @@ def _fill_computed_buffers(model: nn.Module, names: list, spec: BackboneSpec, im
     take them from a model built on the CPU. Returns the names still unset (parameters: a real error)."""
     params = {n for n, _ in model.named_parameters()}
     if any(n in params for n in names): return [n for n in names if n in params]
-    ref = dict(_build_timm(spec, img_size, on_meta=False, **kw).named_buffers())
+    ref = dict(build_timm_model(spec, img_size, on_meta=False, **kw).named_buffers())
     for n in names:
         mod_name, _, attr = n.rpartition('.')
         mod = model.get_submodule(mod_name) if mod_name else model
         mod._buffers[attr] = ref[n].clone()
     return []
 
-def create_backbone(name: str = PAPER_DEFAULT_BACKBONE, weights_dir=None, img_size: Optional[int] = None, pretrained: bool = True,
-                    pos_embed_resample: str = 'reference', weights_file=None, **kw) -> FrozenBackbone:
+def create_backbone(name: str = PAPER_DEFAULT_BACKBONE,     # a registered backbone (`BACKBONES`), e.g. 'dinov2_vitb14_reg4'
+                    weights_dir=None,                       # the weights folder (default `$DINOQPM_WEIGHTS`, else ~/tmp/model_weights)
+                    img_size: Optional[int] = None,         # input side in pixels, a multiple of the patch size (default: the spec's)
+                    pretrained: bool = True,                # load the published weights; False: random weights
+                    pos_embed_resample: str = 'reference',  # how a ViT's position embeddings are resized: 'reference' (as Meta's code) or 'timm'
+                    weights_file=None,                      # the weight file itself, instead of the spec's file in `weights_dir`
+                    **kw                                    # passed on to `timm.create_model`
+                   ) -> FrozenBackbone:
     "A frozen backbone `name` at input size `img_size` (default: the spec's, 224 for ViTs and 448 for EfficientNet) with Meta's weights."
     spec = get_backbone_spec(name)
     img_size = int(img_size or spec.default_img_size)
@@ -439,7 +448,7 @@ def create_backbone(name: str = PAPER_DEFAULT_BACKBONE, weights_dir=None, img_si
     if pretrained:
         path = weights_path(name, weights_dir, weights_file)
         if not path.is_file(): raise missing_weights_error(spec, path)
-        model = _build_timm(spec, img_size, on_meta=True, **kw)
+        model = build_timm_model(spec, img_size, on_meta=True, **kw)
         sd, want = _state_dict_for(model, path, spec, pos_embed_resample), model.state_dict()
         if spec.family == 'efficientnet': sd = dict(zip(want, sd.values()))       # mapped by position
         model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
@@ -448,7 +457,7 @@ def create_backbone(name: str = PAPER_DEFAULT_BACKBONE, weights_dir=None, img_si
         if leftover: raise RuntimeError(f'{name}: tensors not set by {path}: {leftover[:5]}')
         log.info('loaded %s (%s) from %s', name, spec.timm_arch, path)
     else:
-        model = _build_timm(spec, img_size, on_meta=False, **kw)
+        model = build_timm_model(spec, img_size, on_meta=False, **kw)
         log.info('built %s (%s) with RANDOM weights', name, spec.timm_arch)
     if not spec.is_vit and not spec.cnn_head: model.conv_head, model.bn2 = nn.Identity(), nn.Identity()
     bb = FrozenBackbone(model, spec, img_size, path)
@@ -471,7 +480,7 @@ def randomize_(model: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module
 def make_test_checkpoint(weights_dir, name: str = 'dinov2_test_tiny', img_size: int = 224, seed: int = 0):
     "Write a random `name` model in Meta's layout as `weights_dir/<its weight file>`; return (path, the timm model)."
     spec = get_backbone_spec(name)
-    model = randomize_(_build_timm(spec, img_size, on_meta=False), seed).eval()
+    model = randomize_(build_timm_model(spec, img_size, on_meta=False), seed).eval()
     path = Path(weights_dir) / spec.weights_file
     save_meta_checkpoint(model, path, layout=spec.family if spec.family in ('dino', 'dinov3') else 'dinov2')
     return path, model

@@ -274,30 +274,6 @@ def _reserve(path: Path):
                                  f'free some space or put the cache elsewhere (--cache-root)') from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS): raise     # a file system that cannot preallocate
 
-@contextlib.contextmanager
-def _worker_errors_named():
-    """A `DatasetError` raised in a DataLoader worker arrives as "Caught DatasetError in DataLoader worker process 0" with
-    the original message buried in a traceback text; raise the original message (the file it names) instead."""
-    try: yield
-    except DatasetError as e:
-        text = str(e)
-        marker = 'DatasetError: '
-        if 'DataLoader worker' in text.split('\n', 1)[0] and marker in text:
-            raise DatasetError(text[text.rindex(marker) + len(marker):].strip()) from None
-        raise
-
-def default_loader_workers() -> int:
-    """Loader processes per rank: `min(8, cores per rank)` on a GPU; on the CPU one fewer than the rank's cores (one
-    decodes while the backbone computes even on 2 cores: 0.69x -> 0.93x of the bare forward there), none on one core."""
-    n = max(1, (os.cpu_count() or 1) // D.local_world_size())
-    if torch.cuda.is_available(): return min(8, n)
-    return 0 if n < 2 else min(8, n - 1)
-
-def effective_precision(precision: str, device) -> str:
-    "The arithmetic of extraction: `precision` ('bf16' autocast or 'fp32') on CUDA; the CPU always computes in fp32."
-    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} (backbone.precision)")
-    return precision if torch.device(device).type == 'cuda' else 'fp32'
-
 def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify):
     """Rank 0 (or the one process): the space check, the lock, an existing cache, or the partial folder to fill.
     Returns `(verdict, lock context)` with verdict `('ready', None)` or `('extract', state)`."""
@@ -329,16 +305,127 @@ def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, ver
     except BaseException:
         stack.close(); raise
 
-def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict] = None, *, batch_size: int = 16,
-                     chunk_size: int = 64, device='auto', num_workers: Optional[int] = None, progress: bool = True,
-                     overwrite: bool = False, verify: str = 'full', on_chunk: Optional[Callable] = None,
-                     precision: str = 'bf16') -> FeatureCache:
+# %% ../../nbs/02a_features_cache.ipynb #c016c
+@contextlib.contextmanager
+def _worker_errors_named():
+    """A `DatasetError` raised in a DataLoader worker arrives as "Caught DatasetError in DataLoader worker process 0" with
+    the original message buried in a traceback text; raise the original message (the file it names) instead."""
+    try: yield
+    except DatasetError as e:
+        text = str(e)
+        marker = 'DatasetError: '
+        if 'DataLoader worker' in text.split('\n', 1)[0] and marker in text:
+            raise DatasetError(text[text.rindex(marker) + len(marker):].strip()) from None
+        raise
+
+def default_loader_workers() -> int:
+    """Loader processes per rank: `min(8, cores per rank)` on a GPU; on the CPU one fewer than the rank's cores (one
+    decodes while the backbone computes even on 2 cores: 0.69x -> 0.93x of the bare forward there), none on one core."""
+    n = max(1, (os.cpu_count() or 1) // D.local_world_size())
+    if torch.cuda.is_available(): return min(8, n)
+    return 0 if n < 2 else min(8, n - 1)
+
+def effective_precision(precision: str, device) -> str:
+    "The arithmetic of extraction: `precision` ('bf16' autocast or 'fp32') on CUDA; the CPU always computes in fp32."
+    if precision not in PRECISIONS: raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} (backbone.precision)")
+    return precision if torch.device(device).type == 'cuda' else 'fp32'
+
+def _my_chunks(folder: Path, partial: Path, n: int, cs: int) -> tuple:
+    """`(mine, start)`: the chunks of `cs` rows without a marker that this rank computes (every `world_size`-th one), and
+    the rows the chunks with a marker hold (those of an interrupted run, logged)."""
+    done = _done_chunks(partial)
+    mine = [k for k in range(-(-n // cs)) if k % D.world_size() == D.rank() and k not in done]
+    start = sum(min(cs, n - k * cs) for k in done)
+    if done: log.info('resuming %s with %d of %d images done', folder, start, n)
+    return mine, start
+
+def _chunk_loader(dataset, rows: list, batch_size: int, dev: torch.device, num_workers: Optional[int]) -> tuple:
+    "`(loader, workers)`: the items `rows` of `dataset` in order, in batches (no loader process for a single batch)."
+    from torch.utils.data import DataLoader, Subset
+    workers = default_loader_workers() if num_workers is None else num_workers
+    workers = min(workers, max(0, -(-len(rows) // batch_size) - 1))   # no loader process for a single batch
+    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == 'cuda', persistent_workers=workers > 0)
+    return loader, workers
+
+def _write_batch(files: dict, pos: int, out, batch: dict, name: str) -> int:
+    """Write one batch's tokens (in float16: a value beyond its range raises), labels and image ids into `files` from
+    row `pos` on; returns the batch's size."""
+    patch, cls = out.patch.to(torch.float16), out.cls.to(torch.float16)
+    if not (torch.isfinite(patch).all() and torch.isfinite(cls).all()):
+        raise OverflowError(f'{name} gave values beyond float16 range at images {pos}..{pos + len(patch) - 1}')
+    files['patch'].write(pos, patch.cpu().numpy()); files['cls'].write(pos, cls.cpu().numpy())
+    files['labels'].write(pos, np.asarray(batch['label'], dtype=np.int64))
+    files['image_ids'].write(pos, np.asarray(batch['image_id'], dtype=np.int64))
+    return len(patch)
+
+def _compute_chunks(loader, backbone: FrozenBackbone, partial: Path, layout: dict, mine: list, n: int, cs: int,
+                    dev: torch.device, prec: str, progress: bool, on_chunk: Optional[Callable]):
+    """Run `backbone` over the loader's batches (the rows of chunks `mine`, in order) and write them in place into the
+    arrays of `partial`; a finished chunk is synced, then marked, then told to `on_chunk(rows done, n)`."""
+    from tqdm.auto import tqdm
+    files = {name: _RowFile(partial / f'{name}.npy') for name in layout}
+    k_i, in_chunk = 0, 0
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if prec == 'bf16' else contextlib.nullcontext()
+    try:
+        with tqdm(total=len(loader.dataset), unit='img', disable=not (progress and D.is_main()), desc=f'tokens {backbone.name}') as bar, \
+                torch.inference_mode(), _worker_errors_named():
+            for batch in loader:
+                with autocast: out = backbone(batch['image'].to(dev, non_blocking=True))
+                k = mine[k_i]
+                b = _write_batch(files, k * cs + in_chunk, out, batch, backbone.name)
+                in_chunk += b
+                bar.update(b)
+                if in_chunk == min(cs, n - k * cs):                # chunk k is final: make it durable, then mark it
+                    for f in files.values(): f.sync()
+                    atomic_write_bytes(partial / CHUNKS_DIR / str(k), b'')
+                    if on_chunk is not None: on_chunk(min(n, (k + 1) * cs), n)
+                    k_i, in_chunk = k_i + 1, 0
+    finally:
+        for f in files.values(): f.close()
+    if k_i != len(mine): raise RuntimeError(f'the loader gave {k_i} of the {len(mine)} chunks of this process')
+
+def _finish_cache(dataset, folder: Path, partial: Path, key: Optional[dict], grid: tuple, n_chunks: int, extra: dict):
+    """Rank 0, once every rank's chunks are final: check that none is missing, add the masks at the token grid, write
+    the manifest and move the folder into place (an older folder there is moved aside first, then deleted)."""
+    n = len(dataset)
+    missing = sorted(set(range(n_chunks)) - _done_chunks(partial))
+    if missing: raise RuntimeError(f'{partial}: chunks {missing[:10]} were not computed by any rank')
+    if getattr(dataset, 'has_masks', False):
+        for name, dilate in (('masks', False), ('masks_dilated', True)):
+            m = np.asarray(dataset.token_masks(grid=grid, dilate=dilate)).astype(bool)
+            if m.shape != (n, *grid): raise ValueError(f'token_masks gave {m.shape}, expected {(n, *grid)}')
+            with atomic_path(partial / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, m)
+    _write_manifest(partial, key, grid, dataset.n_classes, getattr(dataset, 'class_names', None) or
+                    [str(i) for i in range(dataset.n_classes)], extra)
+    (partial / PROGRESS_FILE).unlink()
+    shutil.rmtree(partial / CHUNKS_DIR)
+    trash = None
+    if folder.exists():
+        trash = folder.with_name(f'.{folder.name}.old-{os.getpid()}-{time.time_ns()}')
+        os.rename(folder, trash)
+    os.rename(partial, folder)
+    if trash is not None: shutil.rmtree(trash, ignore_errors=True)
+
+def extract_tokens(dataset,                              # items `dict(image, label, image_id, index)`, as `dinoqpm.data.ImageDataset`
+                   backbone: FrozenBackbone,             # the frozen backbone (`create_backbone`)
+                   folder,                               # the cache folder of the split (`cache_dir(key)`)
+                   key: Optional[dict] = None,           # the cache key (`feature_cache_key`); a folder for another key is replaced
+                   *,
+                   batch_size: int = 16,                 # images per forward pass
+                   chunk_size: int = 64,                 # images per durable chunk (rounded up to a multiple of `batch_size`)
+                   device='auto',                        # 'auto' (this rank's GPU if there is one), 'cpu' or 'cuda'
+                   num_workers: Optional[int] = None,    # loader processes (None: `default_loader_workers()`)
+                   progress: bool = True,                # a progress bar (on rank 0)
+                   overwrite: bool = False,              # replace a valid folder too, and discard an interrupted run
+                   verify: str = 'full',                 # how an existing folder is checked: 'full' (SHA-256) or 'quick' (sizes)
+                   on_chunk: Optional[Callable] = None,  # called as `on_chunk(rows done, total)` after each durable chunk
+                   precision: str = 'bf16'               # 'bf16' autocast on CUDA, or 'fp32' (the CPU always computes in fp32)
+                  ) -> FeatureCache:
     """Compute `backbone` tokens for every item of `dataset` into the cache folder `folder`, resuming an interrupted run.
     An existing `folder` is returned as is if it matches `key` (and `overwrite` is False); otherwise it is replaced.
     `overwrite` also discards an interrupted run instead of resuming it. Under torchrun every rank computes its share of
     the chunks into the same files and rank 0 finishes the folder. `precision`: autocast on CUDA (`'bf16'`) or not."""
-    from torch.utils.data import DataLoader, Subset
-    from tqdm.auto import tqdm
     folder = Path(folder)
     partial = folder.with_name(folder.name + '.partial')
     n, grid, dim = len(dataset), tuple(backbone.grid), backbone.embed_dim
@@ -360,71 +447,20 @@ def extract_tokens(dataset, backbone: FrozenBackbone, folder, key: Optional[dict
         lock.close()
         return open_feature_cache(folder, key, 'quick')
     with lock:
-        state = verdict[1]
-        bs, cs = state['batch_size'], state['chunk_size']
-        done = _done_chunks(partial)
-        n_chunks = -(-n // cs)
-        mine = [k for k in range(n_chunks) if k % D.world_size() == D.rank() and k not in done]
-        start = sum(min(cs, n - k * cs) for k in done)
-        if done: log.info('resuming %s with %d of %d images done', folder, start, n)
-        rows = [i for k in mine for i in range(k * cs, min(n, (k + 1) * cs))]
-        files = {name: _RowFile(partial / f'{name}.npy') for name in layout}
+        bs, cs = verdict[1]['batch_size'], verdict[1]['chunk_size']
+        mine, start = _my_chunks(folder, partial, n, cs)
         backbone.to(dev)
-        workers = default_loader_workers() if num_workers is None else num_workers
-        workers = min(workers, max(0, -(-len(rows) // bs) - 1))   # no loader process for a single batch
-        loader = DataLoader(Subset(dataset, rows), batch_size=bs, shuffle=False, num_workers=workers,
-                            pin_memory=dev.type == 'cuda', persistent_workers=workers > 0)
-        t0, k_i, in_chunk = time.perf_counter(), 0, 0
-        autocast = torch.autocast('cuda', dtype=torch.bfloat16) if prec == 'bf16' else contextlib.nullcontext()
-        try:
-            with tqdm(total=len(rows), unit='img', disable=not (progress and D.is_main()), desc=f'tokens {backbone.name}') as bar, \
-                    torch.inference_mode(), _worker_errors_named():
-                for batch in loader:
-                    with autocast: out = backbone(batch['image'].to(dev, non_blocking=True))
-                    patch, cls = out.patch.to(torch.float16), out.cls.to(torch.float16)
-                    k = mine[k_i]
-                    pos = k * cs + in_chunk
-                    if not (torch.isfinite(patch).all() and torch.isfinite(cls).all()):
-                        raise OverflowError(f'{backbone.name} gave values beyond float16 range at images {pos}..{pos + len(patch) - 1}')
-                    b = len(patch)
-                    files['patch'].write(pos, patch.cpu().numpy()); files['cls'].write(pos, cls.cpu().numpy())
-                    files['labels'].write(pos, np.asarray(batch['label'], dtype=np.int64))
-                    files['image_ids'].write(pos, np.asarray(batch['image_id'], dtype=np.int64))
-                    in_chunk += b
-                    bar.update(b)
-                    if in_chunk == min(cs, n - k * cs):                # chunk k is final: make it durable, then mark it
-                        for f in files.values(): f.sync()
-                        atomic_write_bytes(partial / CHUNKS_DIR / str(k), b'')
-                        if on_chunk is not None: on_chunk(min(n, (k + 1) * cs), n)
-                        k_i, in_chunk = k_i + 1, 0
-        finally:
-            for f in files.values(): f.close()
-        if k_i != len(mine): raise RuntimeError(f'the loader gave {k_i} of the {len(mine)} chunks of this process')
+        loader, workers = _chunk_loader(dataset, [i for k in mine for i in range(k * cs, min(n, (k + 1) * cs))], bs, dev, num_workers)
+        t0 = time.perf_counter()
+        _compute_chunks(loader, backbone, partial, layout, mine, n, cs, dev, prec, progress, on_chunk)
         D.barrier()                                                   # every rank's chunks are final
         seconds = time.perf_counter() - t0
         if D.is_main():
-            missing = sorted(set(range(n_chunks)) - _done_chunks(partial))
-            if missing: raise RuntimeError(f'{partial}: chunks {missing[:10]} were not computed by any rank')
-            if getattr(dataset, 'has_masks', False):
-                for name, dilate in (('masks', False), ('masks_dilated', True)):
-                    m = np.asarray(dataset.token_masks(grid=grid, dilate=dilate)).astype(bool)
-                    if m.shape != (n, *grid): raise ValueError(f'token_masks gave {m.shape}, expected {(n, *grid)}')
-                    with atomic_path(partial / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, m)
             extra = dict(backbone=backbone.info(), provenance=provenance(),
                          extraction=dict(device=str(dev), precision=prec, processes=D.world_size(), threads=torch.get_num_threads(),
-                                         workers=workers, batch_size=bs,
-                                         chunk_size=cs, resumed_at=start, seconds=round(seconds, 3),
+                                         workers=workers, batch_size=bs, chunk_size=cs, resumed_at=start, seconds=round(seconds, 3),
                                          images_per_s=round((n - start) / max(seconds, 1e-9), 3)))
-            _write_manifest(partial, key, grid, dataset.n_classes, getattr(dataset, 'class_names', None) or
-                            [str(i) for i in range(dataset.n_classes)], extra)
-            (partial / PROGRESS_FILE).unlink()
-            shutil.rmtree(partial / CHUNKS_DIR)
-            trash = None
-            if folder.exists():
-                trash = folder.with_name(f'.{folder.name}.old-{os.getpid()}-{time.time_ns()}')
-                os.rename(folder, trash)
-            os.rename(partial, folder)
-            if trash is not None: shutil.rmtree(trash, ignore_errors=True)
+            _finish_cache(dataset, folder, partial, key, grid, -(-n // cs), extra)
             log.info('cached %d images of %s in %s (%.1f images/s)', n, backbone.name, folder, extra['extraction']['images_per_s'])
         D.barrier()                                                   # the folder is in place for every rank
     return open_feature_cache(folder, key, verify='quick')
@@ -445,11 +481,27 @@ def samples_fingerprint(dataset) -> str:
     if getattr(dataset, 'content_fingerprint', None): d['content'] = dataset.content_fingerprint
     return _json_hash(d)[:16]
 
-def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14_reg4', *, root=None, weights_dir=None,
-                        preprocessing: str = 'paper', img_size: Optional[int] = None, cache_root=None, batch_size: int = 16,
-                        chunk_size: int = 64, device='auto', progress: bool = True, num_workers: Optional[int] = None,
-                        verify: str = 'full', rebuild: bool = False, dataset_kw: Optional[dict] = None,
-                        on_chunk: Optional[Callable] = None, weights_file=None, precision: str = 'bf16') -> FeatureCache:
+def build_feature_cache(dataset: str,                         # a registered dataset name (`dinoqpm.data.list_datasets()`)
+                        split: str,                           # 'train' or 'test'
+                        backbone: str = 'dinov2_vitb14_reg4', # a registered backbone (`BACKBONES`)
+                        *,
+                        root=None,                            # the data root (for 'folder': your image folder)
+                        weights_dir=None,                     # the weights folder (default `$DINOQPM_WEIGHTS`, else ~/tmp/model_weights)
+                        preprocessing: str = 'paper',         # the image preprocessing (`make_transform`): 'paper' or 'imagenet'
+                        img_size: Optional[int] = None,       # input side in pixels (default: the backbone's)
+                        cache_root=None,                      # the cache folder (default `<data root>/dinoqpm_cache`, never inside your images)
+                        batch_size: int = 16,                 # images per forward pass
+                        chunk_size: int = 64,                 # images per durable chunk (`extract_tokens`)
+                        device='auto',                        # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
+                        progress: bool = True,                # a progress bar
+                        num_workers: Optional[int] = None,    # loader processes (None: `default_loader_workers()`)
+                        verify: str = 'full',                 # how an existing cache is checked: 'full' (SHA-256) or 'quick' (sizes)
+                        rebuild: bool = False,                # recompute even a valid cache, and discard an interrupted run
+                        dataset_kw: Optional[dict] = None,    # the dataset's own settings (`dinoqpm.data.dataset_kwargs(cfg)`)
+                        on_chunk: Optional[Callable] = None,  # called as `on_chunk(rows done, total)` after each durable chunk
+                        weights_file=None,                    # the weight file itself, instead of the spec's file in `weights_dir`
+                        precision: str = 'bf16'               # 'bf16' autocast on CUDA, or 'fp32' (the CPU always computes in fp32)
+                       ) -> FeatureCache:
     """The cached tokens of `dataset`/`split` under `backbone`, computed (or resumed) if there is no valid cache for this key.
     Under torchrun every rank takes part in the extraction (see `extract_tokens`)."""
     spec = get_backbone_spec(backbone)
@@ -472,7 +524,12 @@ def build_feature_cache(dataset: str, split: str, backbone: str = 'dinov2_vitb14
                             num_workers=num_workers, progress=progress, overwrite=rebuild, verify=verify, on_chunk=on_chunk,
                             precision=precision)
 
-def get_feature_cache(cfg, split: str, cache_root=None, progress: bool = True, **kw) -> FeatureCache:
+def get_feature_cache(cfg,                    # a `dinoqpm.config.RunConfig`: its data, backbone, device and precision
+                      split: str,             # 'train' or 'test'
+                      cache_root=None,        # the cache folder (default `<data root>/dinoqpm_cache`)
+                      progress: bool = True,  # a progress bar
+                      **kw                    # further settings of `build_feature_cache` (`batch_size`, `rebuild`, ...)
+                     ) -> FeatureCache:
     "`build_feature_cache` for the data and backbone of a `dinoqpm.config.RunConfig` (with its dataset settings)."
     kw.setdefault('dataset_kw', dataset_kwargs(cfg))
     return build_feature_cache(cfg.data.dataset, split, cfg.backbone.name, root=cfg.data.root, weights_dir=cfg.backbone.weights_dir,

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import io, json, logging, math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 import numpy as np
 import torch
@@ -141,115 +142,172 @@ def _designed_pairs(dataset) -> list:
     truth = getattr(dataset, 'truth', None) or {}
     return [{'classes': [int(c) for c in p['classes']], 'part': p.get('part')} for p in truth.get('pairs', [])]
 
-def build_card(files: dict, model, cfg: RunConfig, train_cache, test_cache, *, n_prototypes: int = 5, n_examples: int = 3,
-               size: int = 160, compare_size: int = 128, patch_size: int = 96, progress: bool = True) -> tuple:
-    """The explanation card of a finished run and the pictures it names: `(card, {relative path: bytes})`. Prototypes are
-    each feature's top-activating training images; the examples are the first `n_examples` test images of every class
-    (dataset order, not picked), explained by the predicted class's features; every class has one test image (its most
-    confident correct one) with every feature's layer, for the class comparison."""
+# %% ../../nbs/09c_share_export.ipynb #c014a
+class _CacheImages:
+    "The dataset images behind the rows of the train and test caches: `image(split, k)` loads row `k`'s image, `relfile` names its file."
+    def __init__(self, cfg: RunConfig, train_cache, test_cache):
+        kw = dataset_kwargs(cfg)
+        self.dataset = cfg.data.dataset
+        self.sets = {split: load_dataset(cfg.data.dataset, split, root=cfg.data.root, **kw) for split in ('train', 'test')}
+        self.pos = {split: {int(s.image_id): i for i, s in enumerate(ds.samples)} for split, ds in self.sets.items()}
+        self.caches = {'train': train_cache, 'test': test_cache}
+
+    def image_id(self, split: str, k: int) -> int: return int(self.caches[split].image_ids[k])
+
+    def image(self, split: str, k: int):
+        "The image of row `k` of the `split` cache; an image id that the split lacks raises `ExportError`."
+        i = self.pos[split].get(self.image_id(split, k))
+        if i is None: raise ExportError(f'image id {self.image_id(split, k)} of the {split} cache is not in the {split} split of {self.dataset}')
+        return self.sets[split].load_image(i)
+
+    def relfile(self, split: str, k: int) -> str:
+        "The file of row `k` of the `split` cache, relative to the dataset folder (its bare name if it lies elsewhere)."
+        ds = self.sets[split]
+        p = Path(ds.samples[self.pos[split][self.image_id(split, k)]].path)
+        try: return p.relative_to(ds.root).as_posix()
+        except ValueError: return p.name
+
+def _card_inputs(files: dict, model, cfg: RunConfig, train_cache, test_cache, progress: bool) -> SimpleNamespace:
+    """What the card is drawn from: the head `W` `[C, J]`, the selected features `sel`, the class names, the train and
+    test features and maps (`tr`, `te`), the features' style, the test predictions and their probabilities, the images
+    behind the caches' rows and the token grid."""
     W = model.head_weight().detach().cpu().numpy()
-    C, J = W.shape
     sel = model.selection.cpu().numpy()
     names = read_export_json(files['names'], 'the class names') if files['names'].is_file() else list(test_cache.class_names)
-    if len(names) != C: raise ExportError(f'{files["names"]} names {len(names)} classes, the model has {C}')
+    if len(names) != W.shape[0]: raise ExportError(f'{files["names"]} names {len(names)} classes, the model has {W.shape[0]}')
     tr = extract_features(model, train_cache, with_maps=True, progress=progress)
     te = extract_features(model, test_cache, with_maps=True, progress=progress)
     style = feature_style(W, tr['maps'])
-    kw = dataset_kwargs(cfg)
-    sets = {split: load_dataset(cfg.data.dataset, split, root=cfg.data.root, **kw) for split in ('train', 'test')}
-    pos = {split: {int(s.image_id): i for i, s in enumerate(ds.samples)} for split, ds in sets.items()}
-    caches = {'train': train_cache, 'test': test_cache}
-    def image(split, k):
-        ds = sets[split]
-        i = pos[split].get(int(caches[split].image_ids[k]))
-        if i is None: raise ExportError(f'image id {int(caches[split].image_ids[k])} of the {split} cache is not in the {split} split of {cfg.data.dataset}')
-        return ds.load_image(i)
-    def relfile(split, k):
-        ds = sets[split]
-        p = Path(ds.samples[pos[split][int(caches[split].image_ids[k])]].path)
-        try: return p.relative_to(ds.root).as_posix()
-        except ValueError: return p.name
-    assets = {}
-    f_tr, grid = tr['features'].numpy(), tuple(train_cache.grid)
-    per_feature = _per_feature_metrics(f_tr, tr['labels'].numpy(), C, cfg.seed)
+    return SimpleNamespace(W=W, sel=sel, names=names, tr=tr, te=te, style=style, images=_CacheImages(cfg, train_cache, test_cache),
+                           f_tr=tr['features'].numpy(), grid=tuple(train_cache.grid), y_te=te['labels'].numpy(),
+                           p_te=te['preds'].numpy(), prob=torch.softmax(te['logits'], 1).numpy())
+
+def _prototype(x: SimpleNamespace, j: int, r: int, k: int, patch_size: int, assets: dict) -> dict:
+    """Feature `j`'s prototype of rank `r`, the training image of row `k`: its record; its patch around the peak and the
+    feature's overlay on the whole image go into `assets`."""
+    img = square_image(x.images.image('train', k), 224)
+    peak = _peak(x.tr['maps'][k, j].numpy())
+    r0, r1, c0, c1 = _crop_box(peak, x.grid)
+    S, grid = img.shape[0], x.grid
+    crop = img[round(r0 * S / grid[0]):round(r1 * S / grid[0]), round(c0 * S / grid[1]):round(c1 * S / grid[1])]
+    patch = np.asarray(Image.fromarray(crop).resize((patch_size, patch_size), Image.BICUBIC))
+    base, layers = render_layers(img, x.tr['maps'][k].numpy(), x.style, [j], patch_size)
+    stem = f'prototypes/feature_{int(x.sel[j])}_{r}'
+    assets[f'{stem}.jpg'] = _jpg(patch)
+    assets[f'{stem}_map.jpg'] = _jpg(compose(base, layers))
+    lab = int(x.tr['labels'][k])
+    return {'rank': r, 'image_id': x.images.image_id('train', k), 'file': x.images.relfile('train', k), 'label': lab,
+            'class_name': x.names[lab], 'activation': float(x.f_tr[k, j]),
+            'peak': {**peak, 'grid': list(grid)}, 'box': {'row0': r0, 'row1': r1, 'col0': c0, 'col1': c1},
+            'patch': f'{stem}.jpg', 'overlay': f'{stem}_map.jpg'}
+
+def _card_features(x: SimpleNamespace, n_prototypes: int, patch_size: int, seed: int, assets: dict, progress: bool) -> list:
+    """Every selected feature's record: id, position, colour, map levels, the classes that use it, its per-feature
+    metrics and its `n_prototypes` prototypes (the training images with the largest pooled activation, whose pictures
+    go into `assets`)."""
+    per_feature = _per_feature_metrics(x.f_tr, x.tr['labels'].numpy(), x.W.shape[0], seed)
     features = []
-    for j in tqdm(range(J), desc='prototypes', disable=not progress):
-        top = np.argsort(-f_tr[:, j], kind='stable')[:n_prototypes]
-        protos = []
-        for r, k in enumerate(top):
-            k = int(k)
-            img = square_image(image('train', k), 224)
-            peak = _peak(tr['maps'][k, j].numpy())
-            r0, r1, c0, c1 = _crop_box(peak, grid)
-            S = img.shape[0]
-            crop = img[round(r0 * S / grid[0]):round(r1 * S / grid[0]), round(c0 * S / grid[1]):round(c1 * S / grid[1])]
-            patch = np.asarray(Image.fromarray(crop).resize((patch_size, patch_size), Image.BICUBIC))
-            base, layers = render_layers(img, tr['maps'][k].numpy(), style, [j], patch_size)
-            stem = f'prototypes/feature_{int(sel[j])}_{r}'
-            assets[f'{stem}.jpg'] = _jpg(patch)
-            assets[f'{stem}_map.jpg'] = _jpg(compose(base, layers))
-            lab = int(tr['labels'][k])
-            protos.append({'rank': r, 'image_id': int(train_cache.image_ids[k]), 'file': relfile('train', k), 'label': lab,
-                           'class_name': names[lab], 'activation': float(f_tr[k, j]),
-                           'peak': {**peak, 'grid': list(grid)}, 'box': {'row0': r0, 'row1': r1, 'col0': c0, 'col1': c1},
-                           'patch': f'{stem}.jpg', 'overlay': f'{stem}_map.jpg'})
-        features.append({'id': int(sel[j]), 'position': j, 'color': style.colors[j],
-                         'classes': [int(c) for c in np.flatnonzero(W[:, j])],
-                         'levels': {'lo': style.lo[j], 'hi': style.hi[j]},
+    for j in tqdm(range(x.W.shape[1]), desc='prototypes', disable=not progress):
+        top = np.argsort(-x.f_tr[:, j], kind='stable')[:n_prototypes]
+        protos = [_prototype(x, j, r, int(k), patch_size, assets) for r, k in enumerate(top)]
+        features.append({'id': int(x.sel[j]), 'position': j, 'color': x.style.colors[j],
+                         'classes': [int(c) for c in np.flatnonzero(x.W[:, j])],
+                         'levels': {'lo': x.style.lo[j], 'hi': x.style.hi[j]},
                          'metrics': {m: {'value': float(v[j]), 'direction': METRIC_DIRECTIONS[m]} for m, v in per_feature.items()},
                          'prototypes': protos})
-    y_te, p_te = te['labels'].numpy(), te['preds'].numpy()
-    prob = torch.softmax(te['logits'], 1).numpy()
+    return features
+
+# %% ../../nbs/09c_share_export.ipynb #c014c
+def _class_examples(x: SimpleNamespace, c: int, rows, size: int, assets: dict) -> list:
+    "The test images `rows` of class `c`, each with its prediction and the predicted class's features drawn on it (into `assets`)."
+    examples = []
+    for i, k in enumerate(rows):
+        k = int(k); pc = int(x.p_te[k])
+        pf = [int(j) for j in np.flatnonzero(x.W[pc])]
+        path = f'examples/class_{c}_{i}.jpg'
+        base, layers = render_layers(x.images.image('test', k), x.te['maps'][k].numpy(), x.style, pf, size)
+        assets[path] = _jpg(compose(base, layers))
+        examples.append({'image_id': x.images.image_id('test', k), 'file': x.images.relfile('test', k), 'label': c, 'pred': pc,
+                         'confidence': float(x.prob[k, pc]), 'correct': pc == c, 'features': [int(x.sel[j]) for j in pf],
+                         'image': path})
+    return examples
+
+def _class_compare(x: SimpleNamespace, c: int, mine, compare_size: int, assets: dict) -> Optional[dict]:
+    """Class `c`'s test image for the class comparison (its most confident correct one, else its most confident one),
+    with a layer per feature (into `assets`); `None` for a class without test images (`mine` empty)."""
+    if not len(mine): return None
+    ok = mine[x.p_te[mine] == c]
+    pool = ok if len(ok) else mine
+    k = int(pool[np.argsort(-x.prob[pool, c], kind='stable')[0]])
+    img = x.images.image('test', k)
+    base, layers = render_layers(img, x.te['maps'][k].numpy(), x.style, None, compare_size)
+    stem = f'compare/class_{c}'
+    assets[f'{stem}.jpg'] = _jpg(square_image(img, compare_size))
+    assets[f'{stem}_grey.jpg'] = _jpg(base)
+    assets[f'{stem}_layers.png'] = _png(np.concatenate(list(layers), 1))
+    return {'image_id': x.images.image_id('test', k), 'file': x.images.relfile('test', k), 'pred': int(x.p_te[k]),
+            'correct': bool(x.p_te[k] == c), 'image': f'{stem}.jpg', 'base': f'{stem}_grey.jpg', 'layers': f'{stem}_layers.png'}
+
+def _card_classes(x: SimpleNamespace, n_examples: int, size: int, compare_size: int, assets: dict, progress: bool) -> list:
+    "Every class's record: name, features, test accuracy, its first `n_examples` test images and its comparison image."
     classes = []
-    for c in tqdm(range(C), desc='classes', disable=not progress):
-        mine = np.flatnonzero(y_te == c)
-        feats = [int(j) for j in np.flatnonzero(W[c])]
-        examples = []
-        for i, k in enumerate(mine[:n_examples]):
-            k = int(k); pc = int(p_te[k])
-            pf = [int(j) for j in np.flatnonzero(W[pc])]
-            path = f'examples/class_{c}_{i}.jpg'
-            base, layers = render_layers(image('test', k), te['maps'][k].numpy(), style, pf, size)
-            assets[path] = _jpg(compose(base, layers))
-            examples.append({'image_id': int(test_cache.image_ids[k]), 'file': relfile('test', k), 'label': c, 'pred': pc,
-                             'confidence': float(prob[k, pc]), 'correct': pc == c, 'features': [int(sel[j]) for j in pf],
-                             'image': path})
-        rep = None
-        if len(mine):
-            ok = mine[p_te[mine] == c]
-            pool = ok if len(ok) else mine
-            k = int(pool[np.argsort(-prob[pool, c], kind='stable')[0]])
-            img = image('test', k)
-            base, layers = render_layers(img, te['maps'][k].numpy(), style, None, compare_size)
-            stem = f'compare/class_{c}'
-            assets[f'{stem}.jpg'] = _jpg(square_image(img, compare_size))
-            assets[f'{stem}_grey.jpg'] = _jpg(base)
-            assets[f'{stem}_layers.png'] = _png(np.concatenate(list(layers), 1))
-            rep = {'image_id': int(test_cache.image_ids[k]), 'file': relfile('test', k), 'pred': int(p_te[k]),
-                   'correct': bool(p_te[k] == c), 'image': f'{stem}.jpg', 'base': f'{stem}_grey.jpg', 'layers': f'{stem}_layers.png'}
-        classes.append({'index': c, 'name': names[c], 'label': class_label(names[c]), 'features': [int(sel[j]) for j in feats],
-                        'n_test': int(len(mine)), 'test_accuracy': float((p_te[mine] == c).mean()) if len(mine) else None,
+    for c in tqdm(range(x.W.shape[0]), desc='classes', disable=not progress):
+        mine = np.flatnonzero(x.y_te == c)
+        examples = _class_examples(x, c, mine[:n_examples], size, assets)
+        rep = _class_compare(x, c, mine, compare_size, assets)
+        classes.append({'index': c, 'name': x.names[c], 'label': class_label(x.names[c]),
+                        'features': [int(x.sel[j]) for j in np.flatnonzero(x.W[c])],
+                        'n_test': int(len(mine)), 'test_accuracy': float((x.p_te[mine] == c).mean()) if len(mine) else None,
                         'examples': examples, 'compare': rep})
+    return classes
+
+def _card_record(files: dict, model, cfg: RunConfig, x: SimpleNamespace, features: list, classes: list, images: dict) -> dict:
+    """The card around the features and classes: the model's sizes and style, its scores, the QP certificate, the
+    training verdict, the designed pairs, how the pictures were chosen (`images`) and the provenance of the run's files."""
     results = read_export_json(files['results'], 'the run results')
     qp = QPResult.load(files['qp'])
     spec = get_backbone_spec(cfg.backbone.name)
     ck = read_model_file(files['model'], 'model file')
     demo = cfg.data.dataset == 'SynthBirds' or not spec.is_paper_backbone
-    card = {'format': EXPORT_FORMAT, 'method': 'DINO-QPM', 'dataset': cfg.data.dataset, 'backbone': cfg.backbone.name,
+    C, J = x.W.shape
+    return {'format': EXPORT_FORMAT, 'method': 'DINO-QPM', 'dataset': cfg.data.dataset, 'backbone': cfg.backbone.name,
             'is_paper_backbone': bool(spec.is_paper_backbone), 'demo': bool(demo),
-            'n_classes': C, 'n_features': int(model.n_features), 'n_selected': J, 'n_per_class': int((W != 0).sum(1).max()),
-            'selected_features': [int(s) for s in sel], 'style': style.to_dict(), 'features': features, 'classes': classes,
+            'n_classes': C, 'n_features': int(model.n_features), 'n_selected': J, 'n_per_class': int((x.W != 0).sum(1).max()),
+            'selected_features': [int(s) for s in x.sel], 'style': x.style.to_dict(), 'features': features, 'classes': classes,
             'metrics': _model_metrics(results), 'skipped_metrics': results.get('skipped') or {},
-            'qp': qp_record(qp), 'training': _training_record(results), 'designed_pairs': _designed_pairs(sets['test']),
-            'images': {'size': size, 'compare_size': compare_size, 'patch_size': patch_size, 'view': 224,
-                       'examples_rule': f'the first {n_examples} test images of every class, in dataset order',
-                       'compare_rule': "every class's most confident correctly classified test image (else its most confident one)",
-                       'prototypes_rule': f"each feature's {n_prototypes} training images with the largest pooled activation"},
+            'qp': qp_record(qp), 'training': _training_record(results), 'designed_pairs': _designed_pairs(x.images.sets['test']),
+            'images': images,
             'provenance': {'training': ck.get('provenance'), 'seed': cfg.seed,
                            'finetune_model_sha256': sha256_file(files['model']),
                            'dense_model_sha256': sha256_file(files['dense']) if files['dense'].is_file() else None,
                            'results_sha256': sha256_file(files['results'])}}
-    return card, assets
+
+def build_card(files: dict,              # the files of the finished run, as `export_model` finds them
+               model,                    # its finetuned `DinoQPMModel` (binary sparse head)
+               cfg: RunConfig,           # its configuration (dataset, data root, backbone, seed)
+               train_cache,              # the training `FeatureCache`: prototypes and per-feature metrics
+               test_cache,               # the test `FeatureCache`: examples and the class comparison
+               *,
+               n_prototypes: int = 5,    # prototypes per feature
+               n_examples: int = 3,      # test images per class on the explorer page
+               size: int = 160,          # side in pixels of an example's picture
+               compare_size: int = 128,  # side in pixels of a class-comparison picture
+               patch_size: int = 96,     # side in pixels of a prototype's patch and overlay
+               progress: bool = True     # progress bars
+              ) -> tuple:
+    """The explanation card of a finished run and the pictures it names: `(card, {relative path: bytes})`. Prototypes are
+    each feature's top-activating training images; the examples are the first `n_examples` test images of every class
+    (dataset order, not picked), explained by the predicted class's features; every class has one test image (its most
+    confident correct one) with every feature's layer, for the class comparison."""
+    x = _card_inputs(files, model, cfg, train_cache, test_cache, progress)
+    assets = {}
+    features = _card_features(x, n_prototypes, patch_size, cfg.seed, assets, progress)
+    classes = _card_classes(x, n_examples, size, compare_size, assets, progress)
+    images = {'size': size, 'compare_size': compare_size, 'patch_size': patch_size, 'view': 224,
+              'examples_rule': f'the first {n_examples} test images of every class, in dataset order',
+              'compare_rule': "every class's most confident correctly classified test image (else its most confident one)",
+              'prototypes_rule': f"each feature's {n_prototypes} training images with the largest pooled activation"}
+    return _card_record(files, model, cfg, x, features, classes, images), assets
 
 # %% ../../nbs/09c_share_export.ipynb #c016
 def _pct(v) -> str: return f'{100 * v:.1f}'
@@ -347,8 +405,15 @@ def write_folder(out, files: dict, previous: set) -> Path:
             d.rmdir()
     return out
 
-def export_model(model_path, out, *, cache_root=None, n_prototypes: int = 5, n_examples: int = 3, explorer: bool = True,
-                 progress: bool = True) -> Path:
+def export_model(model_path,              # a finished DINO-QPM run directory (or a file in it)
+                 out,                     # the folder to write: new, empty, or an earlier export
+                 *,
+                 cache_root=None,         # the run's feature cache folder (default `<data root>/dinoqpm_cache`)
+                 n_prototypes: int = 5,   # prototype images per feature
+                 n_examples: int = 3,     # test images per class on the explorer page
+                 explorer: bool = True,   # write the explorer page `index.html`
+                 progress: bool = True    # progress bars
+                ) -> Path:
     """Write the finished DINO-QPM run at `model_path` as a self-contained, shareable folder `out`: `model.safetensors`,
     `config.json`, `class_names.json`, `explanation.json` (the global explanation card), `README.md` (the model card),
     the pictures and `index.html` (the explorer). The same run gives the same bytes. `out` must be new, empty or an earlier
@@ -390,7 +455,11 @@ def export_model(model_path, out, *, cache_root=None, n_prototypes: int = 5, n_e
 # %% ../../nbs/09c_share_export.ipynb #c021
 class PretrainedModel(Predictor):
     "An exported DINO-QPM model with its frozen backbone and explanation card, ready to predict and explain image files."
-    def __init__(self, path, device='auto', weights_dir=None):
+    def __init__(self,
+                 path,              # a folder written by `export_model` (or `dinoqpm export`)
+                 device='auto',     # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
+                 weights_dir=None   # the backbone weights folder (default `$DINOQPM_WEIGHTS`, else ~/tmp/model_weights)
+                ):
         p = Path(path)
         if not is_exported(p):
             raise FileNotFoundError(f'{p} is not an exported dinoqpm model (no {MODEL_FILE} and {CONFIG_FILE} in it); '
@@ -400,7 +469,10 @@ class PretrainedModel(Predictor):
         self.style = FeatureStyle.from_dict(self.card['style']) if self.card else None
 
     @torch.inference_mode()
-    def explain(self, image, size: int = 224) -> dict:
+    def explain(self,
+                image,            # a PIL image or an image file
+                size: int = 224   # side in pixels of the picture
+               ) -> dict:
         """Predict one image (a PIL image or a file) and explain it: the predicted class, its confidence, its features
         (ids and colours) and `picture`, those features drawn on the greyed image as in the explorer (`[S, S, 3]` uint8)."""
         if not isinstance(image, Image.Image): image = open_rgb(image)
@@ -414,7 +486,10 @@ class PretrainedModel(Predictor):
         return {'class': c, 'class_name': self.class_name(c), 'confidence': float(prob[c]), 'features': [int(sel[j]) for j in feats],
                 'colors': [self.style.colors[j] for j in feats] if self.style else None, 'picture': pic}
 
-def load_pretrained(path, device='auto', weights_dir=None) -> PretrainedModel:
+def load_pretrained(path,              # a folder written by `export_model` (or `dinoqpm export`)
+                    device='auto',     # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
+                    weights_dir=None   # the backbone weights folder (default `$DINOQPM_WEIGHTS`, else ~/tmp/model_weights)
+                   ) -> PretrainedModel:
     """A model exported by `export_model` (or `dinoqpm export`), ready to predict and explain new images; the backbone
     weights come from the user's weights folder and must have the recorded SHA-256. Available as `dinoqpm.load_pretrained`."""
     return PretrainedModel(path, device=device, weights_dir=weights_dir)

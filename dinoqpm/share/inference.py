@@ -56,7 +56,12 @@ def find_images(image_path) -> list:
 # %% ../../nbs/09a_share_inference.ipynb #c008
 class Predictor:
     "A trained model (a run directory, a model file or an exported folder) with its backbone, preprocessing and class names, ready for image files."
-    def __init__(self, model_path, mode: str = 'finetune', device='auto', weights_dir=None):
+    def __init__(self,
+                 model_path,               # a run directory, a model file (.pt) or an exported folder (`dinoqpm export`)
+                 mode: str = 'finetune',   # which model of a run directory: 'finetune' or 'dense'
+                 device='auto',            # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
+                 weights_dir=None          # the backbone weights folder (default: the run's; for an export `$DINOQPM_WEIGHTS`)
+                ):
         if is_exported(model_path):                 # a folder written by `dinoqpm export` (model.safetensors + config.json)
             self.device = get_device(device)
             ex = self.export = read_export(model_path, self.device, weights_dir, mode)
@@ -116,9 +121,20 @@ def save_explanations(image: Image.Image, maps: np.ndarray, weight_row: np.ndarr
     return {'files': paths, 'features_shown': feats}
 
 # %% ../../nbs/09a_share_inference.ipynb #c011
-def run_inference(model_path, image_path, output_json=None, *, mode: str = 'finetune', top_k: int = 5, batch_size: int = 32,
-                  visualize: bool = True, viz_dir=None, max_features: int = 8, device='auto', weights_dir=None,
-                  progress: bool = True) -> dict:
+def run_inference(model_path,              # a run directory, a model file (.pt) or an exported folder (`dinoqpm export`)
+                  image_path,              # an image file, or a folder searched recursively
+                  output_json=None,        # where to write the predictions (None: they are only returned)
+                  *,
+                  mode: str = 'finetune',  # which model of a run directory: 'finetune' or 'dense'
+                  top_k: int = 5,          # classes listed per image
+                  batch_size: int = 32,    # images per forward pass
+                  visualize: bool = True,  # draw each image's class activation map and features
+                  viz_dir=None,            # the folder of those pictures (default: `inference_viz/` beside `output_json`)
+                  max_features: int = 8,   # features drawn per image
+                  device='auto',           # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
+                  weights_dir=None,        # the backbone weights folder (default: the run's; for an export `$DINOQPM_WEIGHTS`)
+                  progress: bool = True    # a progress bar
+                 ) -> dict:
     """Predict every image at `image_path`; with `visualize`, write per-image explanations to `viz_dir` (default: beside
     `output_json`). Unreadable images get an `error` entry; the others still get results."""
     pred = Predictor(model_path, mode=mode, device=device, weights_dir=weights_dir)
