@@ -4,10 +4,12 @@
 
 # %% ../../nbs/08c_baselines.ipynb #c003
 from __future__ import annotations
-from .methods import (QSENN_SCHEDULES, TABLE1_METHODS, ROW_LABELS, PROBE_PROTOCOLS,
+from .methods import (QSENN_SCHEDULES, Baseline, BASELINE_REGISTRY, RUN_CONTEXT, register_baseline,
+                                       list_baselines, get_baseline, TABLE1_METHODS, ROW_LABELS, PROBE_PROTOCOLS,
                                        DINOV2_PROBE_LABEL, STAGE_FORMAT, BASELINES, linear_probe_config,
                                        dense_frozen_config, sldd_config, qsenn_schedule, BaselineResult, evaluate_row,
-                                       train_linear_probe, train_dense_frozen, evaluate_dense_qpm, dense_readings,
+                                       train_linear_probe, train_dense_frozen, evaluate_dense_qpm, evaluate_qpm_run_dense,
+                                       dense_readings,
                                        logistic_regression_check, train_features, feature_selection,
                                        regularisation_path, path_convergence, train_sldd, train_qsenn, run_baseline)
 from .glm import (PROX_RULES, LAM_MAX_RULES, SAGA_N_RULES, GLM_CHECKPOINT_FORMAT, GLMConfig,

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/08b_baselines_methods.ipynb #c002
 from __future__ import annotations
-import dataclasses, json, logging
+import dataclasses, inspect, json, logging
 import numpy as np
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,22 +25,24 @@ from ..pipeline import (saved_results, results_for_model, find_run_config, defau
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'QSENN_SCHEDULES', 'TABLE1_METHODS', 'ROW_LABELS', 'PROBE_PROTOCOLS', 'DINOV2_PROBE_LABEL', 'STAGE_FORMAT',
-           'BASELINES', 'linear_probe_config', 'dense_frozen_config', 'sldd_config', 'qsenn_schedule', 'BaselineResult',
-           'evaluate_row', 'train_linear_probe', 'train_dense_frozen', 'evaluate_dense_qpm', 'dense_readings',
-           'logistic_regression_check', 'train_features', 'feature_selection', 'regularisation_path',
+__all__ = ['log', 'QSENN_SCHEDULES', 'BASELINE_REGISTRY', 'RUN_CONTEXT', 'PROBE_PROTOCOLS', 'DINOV2_PROBE_LABEL', 'STAGE_FORMAT',
+           'BASELINES', 'TABLE1_METHODS', 'ROW_LABELS', 'linear_probe_config', 'dense_frozen_config', 'sldd_config',
+           'qsenn_schedule', 'Baseline', 'register_baseline', 'list_baselines', 'get_baseline', 'BaselineResult',
+           'evaluate_row', 'train_linear_probe', 'train_dense_frozen', 'evaluate_dense_qpm', 'evaluate_qpm_run_dense',
+           'dense_readings', 'logistic_regression_check', 'train_features', 'feature_selection', 'regularisation_path',
            'path_convergence', 'train_sldd', 'train_qsenn', 'run_baseline']
 
 # %% ../../nbs/08b_baselines_methods.ipynb #c006
-def _set(cfg: RunConfig, **dotted) -> RunConfig:
-    "`update_config` with `None` values dropped and `__` standing for `.` in keys."
+def _replace_fields(cfg: RunConfig, **dotted) -> RunConfig:
+    "`cfg` with the dotted fields given as keywords replaced (`__` stands for `.`; `None` keeps the field as it is)."
     ov = {k.replace('__', '.'): v for k, v in dotted.items() if v is not None}
     return update_config(cfg, ov) if ov else cfg
 
 def linear_probe_config(cfg: RunConfig, epochs: Optional[int] = 40, head_dropout: Optional[float] = 0.2) -> RunConfig:
     "The CLS linear probe (`dinov2_no_mlp.yaml`): no MLP, `f` = CLS token, dense head only, no L_div."
-    return _set(cfg, adapter__n_layers=0, adapter__feat_vec_type='normal', adapter__arch_type='normal', dense__epochs=epochs,
-                dense__beta_div=0.0, dense__lambda_fm=0.0, dense__lambda_fv=0.0, dense__head_dropout=head_dropout)
+    return _replace_fields(cfg, adapter__n_layers=0, adapter__feat_vec_type='normal', adapter__arch_type='normal',
+                           dense__epochs=epochs, dense__beta_div=0.0, dense__lambda_fm=0.0, dense__lambda_fv=0.0,
+                           dense__head_dropout=head_dropout)
 
 def dense_frozen_config(cfg: RunConfig, epochs: Optional[int] = 40, head_dropout: Optional[float] = 0.2) -> RunConfig:
     "Reading 1 of 'Dense F^froz': the probe's recipe on average-pooled frozen patch tokens."
@@ -49,9 +51,9 @@ def dense_frozen_config(cfg: RunConfig, epochs: Optional[int] = 40, head_dropout
 def sldd_config(cfg: RunConfig, dense_epochs: Optional[int] = 40, finetune_epochs: Optional[int] = 50,
                 beta: Optional[float] = 0.196, head_dropout: Optional[float] = 0.1) -> RunConfig:
     "DINO-SLDD and DINO-QSENN (`sldd/dinov2.yaml`, `qsenn/dinov2.yaml`): L_div β in both phases, no sparsity loss."
-    return _set(cfg, dense__epochs=dense_epochs, dense__beta_div=beta, dense__lambda_fm=0.0, dense__lambda_fv=0.0,
-                finetune__epochs=finetune_epochs, finetune__beta_div=beta, finetune__lambda_fm=0.0, finetune__lambda_fv=0.0,
-                finetune__head_dropout=head_dropout)
+    return _replace_fields(cfg, dense__epochs=dense_epochs, dense__beta_div=beta, dense__lambda_fm=0.0, dense__lambda_fv=0.0,
+                           finetune__epochs=finetune_epochs, finetune__beta_div=beta, finetune__lambda_fm=0.0,
+                           finetune__lambda_fv=0.0, finetune__head_dropout=head_dropout)
 
 # %% ../../nbs/08b_baselines_methods.ipynb #c009
 QSENN_SCHEDULES = ('qsenn', 'reference')
@@ -64,27 +66,51 @@ def qsenn_schedule(iterations: int = 4, epochs: int = 25, lr: float = 5e-3, sche
     return [(epochs if k == 0 else later_epochs, lr * lr_decay ** k) for k in range(iterations)]
 
 # %% ../../nbs/08b_baselines_methods.ipynb #c012
-TABLE1_METHODS = {'linear_probe': 'DINOv2 CLS linear probe', 'dense_frozen': 'Dense F^froz', 'dense_qpm': 'Dense F^froz',
-                  'sldd': 'DINO-SLDD', 'qsenn': 'DINO-QSENN'}
-ROW_LABELS = {
-    'linear_probe': 'linear head (dropout 0.2) on the frozen CLS token; CAM = probe weights on the frozen patch tokens',
-    'dense_frozen': 'Dense F^froz, reading 1: linear head on average-pooled frozen patch tokens',
-    'dense_qpm': 'Dense F^froz, reading 2: the DINO-QPM dense phase (MLP adapter + dense head, L_div) evaluated on its own',
-    'sldd': 'DINO-SLDD: glm-saga selection, "take 5" real-valued head (frozen W, b; trainable mu, sigma), finetuned',
-    'qsenn': 'DINO-QSENN: glm-saga selection, ternary head with the Q-SENN bias, iterated feature refit and finetune'}
+@dataclass(frozen=True)
+class Baseline:
+    "A registered baseline: its `name`, its row in the paper's Table 1 (`method`), what it is (`label`) and the function that runs it."
+    name: str
+    method: str        # its row in the paper's Table 1
+    label: str         # what exactly is trained and evaluated (its metrics JSON carries it)
+    run: Callable      # run(cfg, train_cache, test_cache, run_dir, *, progress, evaluate_kwargs, **recipe) -> BaselineResult
+
+BASELINE_REGISTRY: dict = {}
+RUN_CONTEXT = ('runs_root', 'dense_model')    # arguments of `run_baseline` that a baseline's function gets if it names them
+
+def register_baseline(name: str, method: str, label: str) -> Callable:
+    """Decorator: the function becomes baseline `name` (`run_baseline(cfg, name)`, `list_baselines()`). `run_baseline` calls
+    it as `fn(cfg, train_cache, test_cache, run_dir, progress=..., evaluate_kwargs=..., **recipe)`, plus those of
+    `RUN_CONTEXT` it names, and it returns a `BaselineResult`."""
+    def register(fn: Callable) -> Callable:
+        missing = sorted({'progress', 'evaluate_kwargs'} - set(inspect.signature(fn).parameters))
+        if missing: raise TypeError(f'baseline {name!r}: {fn.__name__} lacks the argument(s) {missing} every baseline takes')
+        old = BASELINE_REGISTRY.get(name)
+        if old is not None and old.run is not fn: raise ValueError(f'baseline {name!r} is registered twice')
+        BASELINE_REGISTRY[name] = Baseline(name, method, label, fn)
+        return fn
+    return register
+
+def list_baselines() -> list:
+    "Every registered baseline's name, built-in or registered later."
+    return list(BASELINE_REGISTRY)
+
+def get_baseline(name: str) -> Baseline:
+    "The registered baseline `name`; an unknown name is a `ConfigError` listing the known ones."
+    if name not in BASELINE_REGISTRY: raise ConfigError(f"unknown baseline {name!r}; expected one of {tuple(BASELINE_REGISTRY)}")
+    return BASELINE_REGISTRY[name]
 
 @dataclass
 class BaselineResult:
-    "One Table 1 row: `name` (key of `ROW_LABELS`), its Table 1 `method`, a `label` saying what it is, model and metrics."
+    "One Table 1 row: `name` (a registered baseline), its Table 1 `method`, a `label` saying what it is, model and metrics."
     name: str
     model: DinoQPMModel
     metrics: dict
     run_dir: Optional[Path] = None
     info: dict = field(default_factory=dict)
     @property
-    def method(self) -> str: return TABLE1_METHODS[self.name]
+    def method(self) -> str: return get_baseline(self.name).method
     @property
-    def label(self) -> str: return ROW_LABELS[self.name]
+    def label(self) -> str: return get_baseline(self.name).label
     def record(self) -> dict:
         "A flat row for tables: `method`, `name`, `label`, and every scalar metric."
         return {'method': self.method, 'name': self.name, 'label': self.label,
@@ -92,9 +118,10 @@ class BaselineResult:
 
 def _row_info(name: str, model: DinoQPMModel, cfg: Optional[RunConfig], evaluate_kwargs: dict, label: Optional[str] = None) -> dict:
     "The `run_info` of row `name`'s metrics: what the row is, the model's checksum, the evaluation settings and the config."
-    if name not in ROW_LABELS: raise ValueError(f"unknown row {name!r}; expected one of {tuple(ROW_LABELS)}")
+    if name not in BASELINE_REGISTRY: raise ValueError(f"unknown row {name!r}; expected one of {tuple(BASELINE_REGISTRY)}")
     settings = {k: v for k, v in evaluate_kwargs.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
-    return {'row': name, 'method': TABLE1_METHODS[name], 'label': label or ROW_LABELS[name], 'model_crc': state_fingerprint(model),
+    baseline = BASELINE_REGISTRY[name]
+    return {'row': name, 'method': baseline.method, 'label': label or baseline.label, 'model_crc': state_fingerprint(model),
             'evaluate_settings': settings, 'config': config_to_dict(cfg) if cfg is not None else None}
 
 def evaluate_row(name: str, model: DinoQPMModel, train_cache, test_cache, run_dir=None, cfg: Optional[RunConfig] = None,
@@ -128,6 +155,8 @@ PROBE_PROTOCOLS = ('authors', 'dinov2')
 DINOV2_PROBE_LABEL = ("DINOv2 linear evaluation protocol on the frozen CLS token (optionally ⊕ mean patch token): lr grid x "
                       "avgpool, SGD + cosine, chosen on a held-out 10% of the training split")
 
+@register_baseline('linear_probe', method='DINOv2 CLS linear probe',
+                   label='linear head (dropout 0.2) on the frozen CLS token; CAM = probe weights on the frozen patch tokens')
 def train_linear_probe(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, epochs: Optional[int] = 40,
                        head_dropout: Optional[float] = 0.2, protocol: str = 'authors', linear_eval=None, progress: bool = True,
                        on_epoch_end: Sequence[Callable] = (), evaluate_kwargs: Optional[dict] = None) -> BaselineResult:
@@ -151,6 +180,8 @@ def train_linear_probe(cfg: RunConfig, train_cache, test_cache, run_dir=None, *,
                            extra={'probe_protocol': {'protocol': 'authors'}}, **(evaluate_kwargs or {}))
     return BaselineResult('linear_probe', model, metrics, Path(run_dir) if run_dir else None, {'config': pcfg, 'history': history})
 
+@register_baseline('dense_frozen', method='Dense F^froz',
+                   label='Dense F^froz, reading 1: linear head on average-pooled frozen patch tokens')
 def train_dense_frozen(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, epochs: Optional[int] = 40,
                        head_dropout: Optional[float] = 0.2, progress: bool = True, on_epoch_end: Sequence[Callable] = (),
                        evaluate_kwargs: Optional[dict] = None) -> BaselineResult:
@@ -194,6 +225,17 @@ def evaluate_dense_qpm(dense_model, train_cache, test_cache, run_dir=None, cfg: 
         if run_dir is not None: atomic_write_json(Path(run_dir) / 'metrics.json', metrics)
         log.info("%s already holds the evaluation of %s: metrics reused", src, dense_model)
     return BaselineResult('dense_qpm', model, metrics, Path(run_dir) if run_dir else None, {'source': str(dense_model) if isinstance(dense_model, (str, Path)) else None})
+
+@register_baseline('dense_qpm', method='Dense F^froz',
+                   label='Dense F^froz, reading 2: the DINO-QPM dense phase (MLP adapter + dense head, L_div) evaluated on its own')
+def evaluate_qpm_run_dense(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, dense_model=None, runs_root=None,
+                           progress: bool = True, evaluate_kwargs: Optional[dict] = None) -> BaselineResult:
+    """Reading 2 as a baseline (`run_baseline(cfg, 'dense_qpm')`): `evaluate_dense_qpm` of a DINO-QPM run's dense model,
+    `dense_model` or else `dense_model.pt` of the default DINO-QPM run directory under `runs_root`; it takes no recipe."""
+    dense_model = dense_model or default_run_dir(cfg, 'qpm', runs_root) / 'dense_model.pt'
+    if not Path(dense_model).exists():
+        raise MissingFileError(f"{dense_model} does not exist: train DINO-QPM first (its dense phase is this row)")
+    return evaluate_dense_qpm(dense_model, train_cache, test_cache, run_dir, cfg, evaluate_kwargs=evaluate_kwargs)
 
 def dense_readings(cfg: RunConfig, train_cache, test_cache, run_dir=None, qpm_dense_model=None, *, epochs: Optional[int] = 40,
                    progress: bool = True, evaluate_kwargs: Optional[dict] = None) -> dict:
@@ -284,6 +326,8 @@ def _sparse_head(selection, weight, bias, path: GLMPath, dropout: float) -> Spar
     return SparseHead(selection, weight, bias, path.mean, path.std, trainable_norm=True, dropout=dropout)
 
 # %% ../../nbs/08b_baselines_methods.ipynb #c022
+@register_baseline('sldd', method='DINO-SLDD',
+                   label='DINO-SLDD: glm-saga selection, "take 5" real-valued head (frozen W, b; trainable mu, sigma), finetuned')
 def train_sldd(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, dense_epochs: Optional[int] = 40,
                finetune_epochs: Optional[int] = 50, beta: Optional[float] = 0.196, head_dropout: Optional[float] = 0.1,
                glm: GLMConfig = GLMConfig(), progress: bool = True, on_epoch_end: Sequence[Callable] = (),
@@ -312,6 +356,8 @@ def train_sldd(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, dense_e
     return BaselineResult('sldd', model, metrics, Path(run_dir) if run_dir else None, info)
 
 # %% ../../nbs/08b_baselines_methods.ipynb #c027
+@register_baseline('qsenn', method='DINO-QSENN',
+                   label='DINO-QSENN: glm-saga selection, ternary head with the Q-SENN bias, iterated feature refit and finetune')
 def train_qsenn(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, iterations: int = 4, schedule: str = 'reference',
                 later_epochs: int = 10, lr_decay: float = 0.9, dense_epochs: Optional[int] = 40,
                 finetune_epochs: Optional[int] = 25, beta: Optional[float] = 0.196, head_dropout: Optional[float] = 0.1,
@@ -350,27 +396,22 @@ def train_qsenn(cfg: RunConfig, train_cache, test_cache, run_dir=None, *, iterat
     return BaselineResult('qsenn', model, metrics, Path(run_dir) if run_dir else None, info)
 
 # %% ../../nbs/08b_baselines_methods.ipynb #c033
-BASELINES = ('linear_probe', 'dense_frozen', 'dense_qpm', 'sldd', 'qsenn')
+BASELINES = tuple(BASELINE_REGISTRY)                                   # the built-in baselines, in Table 1's order
+TABLE1_METHODS = {n: b.method for n, b in BASELINE_REGISTRY.items()}   # ... their rows in the paper's Table 1
+ROW_LABELS = {n: b.label for n, b in BASELINE_REGISTRY.items()}        # ... and what each is
 
 def run_baseline(cfg: RunConfig, name: str, run_dir=None, *, runs_root=None, cache_root=None, eval_mode='all',
                  progress: bool = True, caches: Optional[tuple] = None, dense_model=None, **recipe) -> BaselineResult:
-    """Train (if needed) and evaluate the Table 1 row `name` (one of `BASELINES`) on the cached features of `cfg`;
-    `recipe` goes to the row's function (epochs, `glm`, `schedule`, ...). Returns its `BaselineResult`."""
-    if name not in BASELINES: raise ConfigError(f"unknown baseline {name!r}; expected one of {BASELINES}")
+    """Train (if needed) and evaluate the baseline `name` (`list_baselines()`) on the cached features of `cfg`; `recipe`
+    goes to its function (epochs, `glm`, `schedule`, ...), and `runs_root`, `dense_model` if it names them
+    (`RUN_CONTEXT`). Returns its `BaselineResult`."""
+    baseline = get_baseline(name)
     if caches is None: validate_run_config(cfg, eval_mode)             # before anything is written
     run_dir = Path(run_dir or default_run_dir(cfg, name, runs_root))
+    given = {'runs_root': runs_root, 'dense_model': dense_model}
+    context = {k: given[k] for k in RUN_CONTEXT if k in inspect.signature(baseline.run).parameters}
     with run_dir_lock(run_dir):
         init_run_dir(cfg, run_dir)
-        return _run_baseline(cfg, name, run_dir, runs_root, cache_root, eval_mode, progress, caches, dense_model, recipe)
-
-def _run_baseline(cfg, name, run_dir, runs_root, cache_root, eval_mode, progress, caches, dense_model, recipe):
-    fns = {'linear_probe': train_linear_probe, 'dense_frozen': train_dense_frozen, 'sldd': train_sldd, 'qsenn': train_qsenn}
-    train_c, test_c = caches if caches is not None else load_caches(cfg, cache_root, progress)
-    ev = {'eval_mode': eval_mode, 'data_root': cfg.data.root}
-    if name == 'dense_qpm':
-        if recipe: raise TypeError(f"dense_qpm takes no recipe arguments, got {sorted(recipe)}")
-        dense_model = dense_model or default_run_dir(cfg, 'qpm', runs_root) / 'dense_model.pt'
-        if not Path(dense_model).exists():
-            raise MissingFileError(f"{dense_model} does not exist: train DINO-QPM first (its dense phase is this row)")
-        return evaluate_dense_qpm(dense_model, train_c, test_c, run_dir, cfg, evaluate_kwargs=ev)
-    return fns[name](cfg, train_c, test_c, run_dir, progress=progress, evaluate_kwargs=ev, **recipe)
+        train_c, test_c = caches if caches is not None else load_caches(cfg, cache_root, progress)
+        ev = {'eval_mode': eval_mode, 'data_root': cfg.data.root}
+        return baseline.run(cfg, train_c, test_c, run_dir, progress=progress, evaluate_kwargs=ev, **context, **recipe)
