@@ -4,17 +4,18 @@
 
 # %% ../nbs/00a_core.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, errno, fcntl, importlib.metadata, json, logging, os, platform, random, socket, subprocess, sys, tempfile
+import contextlib, datetime, errno, fcntl, importlib.metadata, io, json, logging, os, platform, random, shutil, socket, subprocess, sys, tempfile
 from pathlib import Path
 from typing import Optional
 import numpy as np
 from .numerics import numerics_record
 
 # %% auto #0
-__all__ = ['ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGHTS', 'DEFAULT_RUNS', 'CHECKSUM_KEY',
-           'JOB_OUTPUTS', 'UserError', 'CorruptFileError', 'MissingFileError', 'DiskSpaceError', 'RunLockedError',
-           'describe_os_error', 'data_root', 'weights_dir', 'runs_dir', 'repo_root', 'atomic_path',
-           'atomic_write_bytes', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_torch_save',
+__all__ = ['DISK_FULL_ERRNOS', 'WRITE_ELSEWHERE', 'ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGHTS',
+           'DEFAULT_RUNS', 'CHECKSUM_KEY', 'JOB_OUTPUTS', 'UserError', 'CorruptFileError', 'MissingFileError',
+           'DiskSpaceError', 'RunLockedError', 'describe_os_error', 'free_bytes', 'byte_count', 'disk_full_error',
+           'disk_full_named', 'data_root', 'weights_dir', 'runs_dir', 'repo_root', 'atomic_path', 'atomic_write_bytes',
+           'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_torch_save', 'npy_bytes', 'atomic_save_npy',
            'content_digest', 'save_checked', 'load_checked', 'sha256_file', 'sha256_bytes', 'crc32_of', 'file_lock',
            'seed_everything', 'get_device', 'setup_logging', 'git_state', 'git_commit', 'dinoqpm_version',
            'package_versions', 'provenance']
@@ -39,12 +40,50 @@ def describe_os_error(e: OSError) -> str:
     "A one-line explanation of a failed write or read, with the file and what to do."
     import errno
     what = f"{e.strerror or e}" + (f": {e.filename}" if e.filename else '')
+    if e.errno in DISK_FULL_ERRNOS and e.filename: what += f' ({byte_count(free_bytes(e.filename))} free there)'
     hint = {errno.ENOSPC: 'free some disk space or write elsewhere (--run-dir, --cache-root, $DINOQPM_RUNS)',
             errno.EDQUOT: 'the disk quota is exhausted; free some space or write elsewhere',
             errno.EROFS: 'the file system is read-only; write elsewhere (--run-dir, --cache-root, $DINOQPM_RUNS)',
             errno.EACCES: 'no permission; check the folder\'s owner and mode, or write elsewhere',
             errno.EPERM: 'no permission; check the folder\'s owner and mode, or write elsewhere'}.get(e.errno)
     return what + (f' ({hint})' if hint else '')
+
+# %% ../nbs/00a_core.ipynb #c009b
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+WRITE_ELSEWHERE = 'free some space, or write elsewhere (--run-dir, --cache-root, --out, $DINOQPM_RUNS, $DINOQPM_DATA)'
+
+def free_bytes(path) -> int:
+    "Bytes free (to this user) on the file system that holds `path`, or would hold it (its nearest existing folder)."
+    p = Path(path).absolute()
+    return shutil.disk_usage(next((q for q in (p, *p.parents) if q.exists()), Path(p.anchor))).free
+
+def byte_count(n: int) -> str:
+    "`n` bytes for a message: exact, with the size in kB/MB/GB/TB beside it from 10,000 on ('67,108,864 bytes = 67.1 MB')."
+    n = int(n)
+    big = next(((u, k) for u, k in (('TB', 1e12), ('GB', 1e9), ('MB', 1e6), ('kB', 1e3)) if n >= max(k, 10_000)), None)
+    return f'{n:,} bytes' + (f' = {n / big[1]:.1f} {big[0]}' if big else '')
+
+def disk_full_error(path, needed: Optional[int], code: int = errno.ENOSPC, at_least: bool = False) -> DiskSpaceError:
+    """The one-line error for a write of `needed` bytes (`at_least`: more than that) to `path` that its disk refused
+    (`code`: ENOSPC, or EDQUOT for a quota), with the bytes free there now."""
+    free = free_bytes(path)
+    need = 'an unknown number of bytes' if needed is None else ('more than ' if at_least else '') + byte_count(needed)
+    msg = f'cannot write {path}: {os.strerror(code)} (it needs {need}; {byte_count(free)} are free there)'
+    if needed is not None and not at_least and free >= needed:
+        msg += ', yet the file system reports itself full (its inodes, a quota or its reserved blocks are used up)'
+    e = DiskSpaceError(f'{msg}; {WRITE_ELSEWHERE}')
+    e.errno = code
+    return e
+
+@contextlib.contextmanager
+def disk_full_named(path, needed: Optional[int] = None):
+    """A full disk (`OSError` ENOSPC or EDQUOT) met in the `with` block, which writes `needed` bytes to `path`, raises
+    `disk_full_error` instead; other errors pass unchanged."""
+    try: yield
+    except DiskSpaceError: raise
+    except OSError as e:
+        if e.errno not in DISK_FULL_ERRNOS: raise
+        raise disk_full_error(path, needed, e.errno) from None
 
 # %% ../nbs/00a_core.ipynb #c005
 ENV_DATA, ENV_WEIGHTS, ENV_RUNS = 'DINOQPM_DATA', 'DINOQPM_WEIGHTS', 'DINOQPM_RUNS'
@@ -82,23 +121,28 @@ def _umask() -> int:
     return m
 
 @contextlib.contextmanager
-def atomic_path(path, suffix=''):
-    "Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed."
+def atomic_path(path, suffix='', size: Optional[int] = None):
+    """Yield a temporary path beside `path`; on success it replaces `path` atomically, on error it is removed. A full
+    disk raises `disk_full_error` for `path` with its `size` in bytes (not given: more than had been written)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=suffix or '.tmp', dir=path.parent)
+    with disk_full_named(path, size):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=suffix or '.tmp', dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())          # mkstemp makes 0600 files; the result gets the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS and not isinstance(e, DiskSpaceError):
+            raise disk_full_error(path, written if size is None else size, e.errno, at_least=size is None) from None
         raise
 
 def atomic_write_bytes(path, data: bytes):
-    "Write `data` to `path` atomically."
-    with atomic_path(path) as tmp: Path(tmp).write_bytes(data)
+    "Write `data` (bytes or a buffer) to `path` atomically."
+    with atomic_path(path, size=memoryview(data).nbytes) as tmp: Path(tmp).write_bytes(data)
     return Path(path)
 
 def atomic_write_text(path, text: str):
@@ -132,9 +176,23 @@ def atomic_write_json(path, obj, indent=2):
     return atomic_write_text(path, json.dumps(json_safe(obj), indent=indent, default=_json_default, allow_nan=False) + '\n')
 
 def atomic_torch_save(obj, path):
-    "`torch.save` to `path` atomically."
+    """`torch.save` to `path` atomically, through memory (a full disk is then an `OSError` with the exact size, not
+    torch's RuntimeError "unexpected pos"; see "A full disk")."""
     import torch
-    with atomic_path(path) as tmp: torch.save(obj, tmp)
+    buf = io.BytesIO(); torch.save(obj, buf)
+    return atomic_write_bytes(path, buf.getbuffer())
+
+def npy_bytes(arr) -> int:
+    "The size of `np.save(arr)`'s file: its header (format 1.0, or 2.0 for a long one) and the data."
+    arr, fmt, buf = np.asanyarray(arr), np.lib.format, io.BytesIO()
+    try: fmt.write_array_header_1_0(buf, fmt.header_data_from_array_1_0(arr))
+    except ValueError: buf = io.BytesIO(); fmt.write_array_header_2_0(buf, fmt.header_data_from_array_1_0(arr))
+    return buf.tell() + arr.nbytes
+
+def atomic_save_npy(path, arr) -> Path:
+    "`np.save` of `arr` to `path` atomically (a full disk is named with the file's exact size)."
+    arr = np.asanyarray(arr)
+    with atomic_path(path, suffix='.npy', size=npy_bytes(arr)) as tmp: np.save(tmp, arr)
     return Path(path)
 
 CHECKSUM_KEY = 'content_sha256'

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 import numpy as np
 
-from .core import (atomic_path, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError,
+from .core import (atomic_save_npy, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError,
                           CorruptFileError, UserError, sha256_file, file_lock)
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS,
                             FINETUNE_DEFAULTS, ConfigError, config_to_dict, config_from_dict, config_diff,
@@ -229,8 +229,7 @@ def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progres
                    mip_gap=q.mip_gap, threads=q.threads, seed=cfg.seed, progress=progress, require_certified=q.require_certified)
     log.info('QP: %s', res.summary())
     qp_dir.mkdir(parents=True, exist_ok=True)
-    for name, arr in (('A', A), ('R', R)):
-        with atomic_path(qp_dir / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, arr)
+    for name, arr in (('A', A), ('R', R)): atomic_save_npy(qp_dir / f'{name}.npy', arr)
     res.save(qp_dir, dense_model_sha256=sha, qp_config=config_to_dict(cfg.qp), seed=cfg.seed)
     return res
 

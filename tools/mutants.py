@@ -86,6 +86,25 @@ MUTANTS = {
                                   "    ft_cfg = scfg", [f'{NB}[08b_baselines_methods]']),
     'numerics_pin_aten_left_out': ('00_numerics', 'numerics', " 'ATEN_CPU_CAPABILITY': 'avx2',", "",
                                    ['tests/test_numerics.py']),
+    'torch_save_disk_full_unmapped': ('00a_core', 'core', "    buf = io.BytesIO(); torch.save(obj, buf)\n    return atomic_write_bytes(path, buf.getbuffer())",
+                                      "    with atomic_path(path) as tmp: torch.save(obj, tmp)\n    return Path(path)",
+                                      ['tests/test_disk_full.py::test_a_full_run_directory_is_one_line_and_the_rerun_resumes']),
+    'disk_full_not_named': ('00a_core', 'core', "        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS and not isinstance(e, DiskSpaceError):",
+                            "        if False:", ['tests/test_disk_full.py::test_a_full_disk_during_export_is_one_line_and_the_rerun_completes']),
+    'disk_full_temp_left_behind': ('00a_core', 'core',
+                                   "        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)\n"
+                                   "        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS and not isinstance(e, DiskSpaceError):\n"
+                                   "            raise disk_full_error(path, written if size is None else size, e.errno, at_least=size is None) from None\n",
+                                   "        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS and not isinstance(e, DiskSpaceError):\n"
+                                   "            raise disk_full_error(path, written if size is None else size, e.errno, at_least=size is None) from None\n"
+                                   "        with contextlib.suppress(FileNotFoundError): os.unlink(tmp)\n",
+                                   ['tests/test_disk_full.py::test_a_full_run_directory_is_one_line_and_the_rerun_resumes']),
+    'disk_full_free_of_another_disk': ('00a_core', 'core',
+                                       "    return shutil.disk_usage(next((q for q in (p, *p.parents) if q.exists()), Path(p.anchor))).free",
+                                       "    return shutil.disk_usage(p.anchor).free",
+                                       ['tests/test_disk_full.py::test_a_full_disk_during_export_is_one_line_and_the_rerun_completes']),
+    'cache_margin_hidden': ('02a_features_cache', 'features/cache', "needs {byte_count(arrays + margin)} free in", "needs {byte_count(arrays)} free in",
+                            ['tests/test_disk_full.py::test_a_cache_that_cannot_fit_is_refused_up_front_with_its_margin']),
 }
 
 

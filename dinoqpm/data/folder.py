@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
-from ..core import atomic_path
+from ..core import atomic_write_text, disk_full_named
 from .readers import DatasetError, ImageDataset, Sample, IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,7 @@ def write_split_file(layout: FolderLayout, path) -> Path:
     lines = ['path,split,class'] + [','.join(_csv_field(x) for x in r) for r in layout.split_rows()]
     text = '\n'.join(lines) + '\n'
     if path.exists() and path.read_text(encoding='utf-8') == text: return path
-    with atomic_path(path, suffix='.csv') as tmp: Path(tmp).write_text(text, encoding='utf-8')
-    return path
+    return atomic_write_text(path, text)
 
 def _csv_field(x: str) -> str:
     return f'"{x.replace(chr(34), chr(34) * 2)}"' if any(c in x for c in ',"\n') else x
@@ -346,10 +345,10 @@ def export_cub_as_folder(dataset, dest, masks: bool = True, progress: bool = Tru
             s, rel = ds.samples[i], Path(ds.relpaths[i])
             out = tmp / split / ds.class_names[s.label] / rel.name
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(s.path, out)
+            with disk_full_named(out, Path(s.path).stat().st_size): shutil.copy2(s.path, out)
             if masks and ds.has_masks:
                 m = tmp / MASKS_DIR / split / ds.class_names[s.label] / (rel.stem + '.png')
                 m.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(ds.mask_path(i), m)
+                with disk_full_named(m, ds.mask_path(i).stat().st_size): shutil.copy2(ds.mask_path(i), m)
     os.replace(tmp, dest)
     return dest

@@ -8,7 +8,7 @@ import io, logging, math
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from ..core import atomic_path, atomic_write_text, atomic_write_json
+from ..core import atomic_write_bytes, atomic_write_text, atomic_write_json
 from .metrics import METRICS
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ def save_figure(fig, name, out_dir, formats=('png', 'pdf'), close=True) -> list:
     for ext in formats:
         path = Path(out_dir) / f'{name}.{ext}'
         meta = {'CreationDate': None} if ext == 'pdf' else ({'Software': None} if ext == 'png' else None)
-        with atomic_path(path, suffix=f'.{ext}') as tmp:
-            fig.savefig(tmp, format=ext, bbox_inches='tight', metadata=meta)
+        buf = io.BytesIO(); fig.savefig(buf, format=ext, bbox_inches='tight', metadata=meta)
+        atomic_write_bytes(path, buf.getbuffer())
         out.append(path)
     if close: plt.close(fig)
     return out

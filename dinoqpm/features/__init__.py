@@ -11,7 +11,7 @@ from .backbone import (PAPER_DEFAULT_BACKBONE, DINOV2_URL, DINO_URL, DINOV3_URL,
                                        WeightsError, load_efficientnet_weights, weights_path,
                                        check_weights, build_timm_model, create_backbone, randomize_, make_test_checkpoint,
                                        missing_weights_error)
-from .cache import (CACHE_FORMAT, PRECISIONS, ARRAY_NAMES, PROGRESS_FILE, CHUNKS_DIR, StaleCacheError,
+from .cache import (CACHE_FORMAT, PRECISIONS, ARRAY_NAMES, PROGRESS_FILE, CHUNKS_DIR, FREE_MARGIN, StaleCacheError,
                                     default_cache_root, sha256_file, weights_fingerprint, feature_cache_key, key_hash,
                                     cache_dir, safe_name, FeatureCache, save_feature_cache, open_feature_cache,
                                     cache_bytes, effective_precision, extract_tokens, samples_fingerprint,

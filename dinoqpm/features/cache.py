@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
 import torch
-from ..core import (data_root, atomic_write_bytes, atomic_write_json, atomic_path, provenance, UserError,
-                          DiskSpaceError, RunLockedError, sha256_file, sha256_bytes, file_lock)
+from ..core import (data_root, atomic_write_bytes, atomic_write_json, atomic_save_npy, provenance, UserError,
+                          DiskSpaceError, RunLockedError, sha256_file, sha256_bytes, file_lock, disk_full_named,
+                          free_bytes, byte_count, WRITE_ELSEWHERE)
 from .. import distributed as D
 from .backbone import (FrozenBackbone, create_backbone, get_backbone_spec, weights_path,
                                        missing_weights_error)
@@ -19,7 +20,7 @@ from ..data import DatasetError, load_dataset, make_transform, dataset_kwargs
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CACHE_FORMAT', 'PRECISIONS', 'ARRAY_NAMES', 'PROGRESS_FILE', 'CHUNKS_DIR', 'StaleCacheError',
+__all__ = ['log', 'CACHE_FORMAT', 'PRECISIONS', 'ARRAY_NAMES', 'PROGRESS_FILE', 'CHUNKS_DIR', 'FREE_MARGIN', 'StaleCacheError',
            'default_cache_root', 'weights_fingerprint', 'feature_cache_key', 'key_hash', 'cache_dir', 'safe_name',
            'FeatureCache', 'save_feature_cache', 'open_feature_cache', 'cache_bytes', 'default_loader_workers',
            'effective_precision', 'extract_tokens', 'samples_fingerprint', 'build_feature_cache', 'get_feature_cache']
@@ -170,7 +171,7 @@ def save_feature_cache(fc: FeatureCache, folder, key: Optional[dict] = None, ext
     for name in ARRAY_NAMES:
         a = getattr(fc, name)
         if a is None: continue
-        with atomic_path(folder / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, np.asarray(a))
+        atomic_save_npy(folder / f'{name}.npy', np.asarray(a))
     _write_manifest(folder, key, fc.grid, fc.n_classes, fc.class_names, extra)
     return folder
 
@@ -240,12 +241,13 @@ class _RowFile:
     "Rows of one preallocated `.npy` file written in place with `pwrite` (disjoint rows from several processes are safe)."
     def __init__(self, path: Path):
         dt, shape, self.offset = _npy_header(path)
-        self.dtype, self.row = dt, int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
+        self.path, self.dtype, self.row = path, dt, int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize
         self.fd = os.open(path, os.O_RDWR)
     def write(self, start: int, rows):
         b = memoryview(np.ascontiguousarray(rows, dtype=self.dtype)).cast('B')
         pos = self.offset + start * self.row
-        while len(b): k = os.pwrite(self.fd, b, pos); b, pos = b[k:], pos + k
+        with disk_full_named(self.path, len(b)):         # a file system that could not preallocate, filled meanwhile
+            while len(b): k = os.pwrite(self.fd, b, pos); b, pos = b[k:], pos + k
     def sync(self): os.fsync(self.fd)
     def close(self): os.close(self.fd)
 
@@ -254,25 +256,42 @@ def cache_bytes(layout: dict, n: int, grid, masks: bool = True) -> int:
     b = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize + 128 for shape, dtype in layout.values())
     return b + (2 * (n * int(np.prod(grid)) + 128) if masks else 0)
 
-def _check_free_space(folder: Path, layout: dict, n: int, grid, margin: int = 64 << 20):
-    "Refuse to start an extraction that cannot fit: the bytes needed against the free space of `folder`'s file system."
-    need = cache_bytes(layout, n, grid)
-    probe = next((p for p in [Path(folder), *Path(folder).parents] if p.exists()), Path('/'))
-    free = shutil.disk_usage(probe).free
-    if free < need + margin:
-        raise DiskSpaceError(f'the feature cache needs {need / 1e9:.2f} GB in {folder} but only {free / 1e9:.2f} GB are free '
-                             f'there; free some space or put the cache elsewhere (--cache-root)')
+FREE_MARGIN = 64 << 20   # bytes an extraction leaves free beyond its arrays: the manifest, the run's files, the rest of the system
+
+def _check_free_space(folder: Path, layout: dict, n: int, grid, margin: int = FREE_MARGIN):
+    """Refuse to start an extraction that cannot fit: the bytes it needs (its arrays and `margin` left free) against the
+    free space of `folder`'s file system."""
+    arrays = cache_bytes(layout, n, grid)
+    free = free_bytes(folder)
+    if free < arrays + margin:
+        raise DiskSpaceError(f'the feature cache needs {byte_count(arrays + margin)} free in {folder} ({byte_count(arrays)} '
+                             f'for its arrays and {byte_count(margin)} left free for the manifest and everything else) but '
+                             f'only {byte_count(free)} are free there; {WRITE_ELSEWHERE}')
 
 def _reserve(path: Path):
     "Allocate the blocks of a freshly created memory-mapped array now, so a full disk fails here and not as a SIGBUS later."
     import errno
     try:
-        with open(path, 'r+b') as f: os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        with open(path, 'r+b') as f, disk_full_named(path, os.fstat(f.fileno()).st_size):
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except DiskSpaceError: raise
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskSpaceError(f'no space left for the feature cache file {path} ({os.path.getsize(path) / 1e9:.2f} GB); '
-                                 f'free some space or put the cache elsewhere (--cache-root)') from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS): raise     # a file system that cannot preallocate
+
+def _start_partial(partial: Path, layout: dict, state: dict):
+    """A new `partial` folder: the preallocated, memory-mappable `.npy` files of `layout`, then the progress file. A full
+    disk on the way removes the folder again (nothing in it is computed yet) and names the file with its bytes."""
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, (shape, dtype) in layout.items():
+            path = partial / f'{name}.npy'
+            with disk_full_named(path, int(np.prod(shape)) * np.dtype(dtype).itemsize + 128):
+                m = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=shape)   # header + size
+                m.flush(); del m
+            _reserve(path)
+        atomic_write_json(partial / PROGRESS_FILE, state)
+    except DiskSpaceError:
+        shutil.rmtree(partial, ignore_errors=True); raise
 
 def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, verify):
     """Rank 0 (or the one process): the space check, the lock, an existing cache, or the partial folder to fill.
@@ -292,12 +311,7 @@ def _rank0_prepares(folder, partial, key, layout, n, grid, state, overwrite, ver
                 log.info('resuming with the interrupted run\'s batch size %d and chunk size %d', saved['batch_size'], saved['chunk_size'])
             state = {**state, 'batch_size': saved['batch_size'], 'chunk_size': saved['chunk_size']}
         else:
-            partial.mkdir(parents=True, exist_ok=True)
-            for name, (shape, dtype) in layout.items():
-                m = np.lib.format.open_memmap(partial / f'{name}.npy', mode='w+', dtype=dtype, shape=shape)   # header + size
-                m.flush(); del m
-                _reserve(partial / f'{name}.npy')
-            atomic_write_json(partial / PROGRESS_FILE, state)
+            _start_partial(partial, layout, state)
         (partial / CHUNKS_DIR).mkdir(exist_ok=True)
         if saved:     # a version before the per-chunk markers recorded its finished rows as a prefix `done`: mark its chunks
             for k in range(saved.get('done', 0) // state['chunk_size']): (partial / CHUNKS_DIR / str(k)).touch()
@@ -395,7 +409,7 @@ def _finish_cache(dataset, folder: Path, partial: Path, key: Optional[dict], gri
         for name, dilate in (('masks', False), ('masks_dilated', True)):
             m = np.asarray(dataset.token_masks(grid=grid, dilate=dilate)).astype(bool)
             if m.shape != (n, *grid): raise ValueError(f'token_masks gave {m.shape}, expected {(n, *grid)}')
-            with atomic_path(partial / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, m)
+            atomic_save_npy(partial / f'{name}.npy', m)
     _write_manifest(partial, key, grid, dataset.n_classes, getattr(dataset, 'class_names', None) or
                     [str(i) for i in range(dataset.n_classes)], extra)
     (partial / PROGRESS_FILE).unlink()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 import numpy as np
-from ..core import atomic_path, atomic_write_json, provenance, UserError, MissingFileError, CorruptFileError, sha256_file
+from ..core import atomic_save_npy, atomic_write_json, provenance, UserError, MissingFileError, CorruptFileError, sha256_file
 
 # %% auto #0
 __all__ = ['QP_RECORD_FIELDS', 'QPResult', 'qp_record', 'QPNotCertifiedError']
@@ -79,7 +79,7 @@ class QPResult:
         d = Path(path_dir); d.mkdir(parents=True, exist_ok=True)
         sums = {}
         for name, arr in (('selection', self.selection), ('weight', self.weight)):
-            with atomic_path(d / f'{name}.npy', suffix='.npy') as tmp: np.save(tmp, arr)
+            atomic_save_npy(d / f'{name}.npy', arr)
             sums[f'{name}.npy'] = sha256_file(d / f'{name}.npy')
         meta = {k: v for k, v in dataclasses.asdict(self).items() if k not in ('selection', 'weight')}
         atomic_write_json(d / 'qp_result.json', {**meta, 'files_sha256': sums, 'provenance': provenance(**extra)})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import html, json, logging, re
 from typing import Optional
 from pathlib import Path
-from ..core import atomic_write_text, json_safe, atomic_path
+from ..core import atomic_write_text, json_safe, atomic_write_bytes
 from ..evaluation import TABLE1_METRICS
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def browser_flags(user_data_dir) -> list:
 def screenshot(page, png, size=(1400, 1700), browser=None, timeout: float = 120) -> Optional[Path]:
     """A screenshot of `page` (a local HTML file) taken by headless Chromium, written to `png` (palette PNG, to stay
     small); `None` (and a warning) when no Chromium is installed."""
-    import subprocess, tempfile
+    import io, subprocess, tempfile
     from PIL import Image
     browser = browser or find_browser()
     if browser is None:
@@ -320,6 +320,7 @@ def screenshot(page, png, size=(1400, 1700), browser=None, timeout: float = 120)
                f'--screenshot={raw}', page.as_uri()]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if r.returncode or not raw.exists(): raise RuntimeError(f'{browser} could not screenshot {page}: {r.stderr[-500:]}')
-        with Image.open(raw) as im, atomic_path(png, suffix='.png') as t:
-            im.convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(t, format='PNG', optimize=True)
+        buf = io.BytesIO()
+        with Image.open(raw) as im: im.convert('RGB').quantize(256, method=Image.Quantize.MEDIANCUT).save(buf, format='PNG', optimize=True)
+        atomic_write_bytes(png, buf.getbuffer())
     return png

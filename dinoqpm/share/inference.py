@@ -4,14 +4,14 @@
 
 # %% ../../nbs/09a_share_inference.ipynb #c002
 from __future__ import annotations
-import json, logging
+import io, json, logging
 from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core import atomic_path, atomic_write_json, get_device, provenance, CorruptFileError, MissingFileError
+from ..core import atomic_write_bytes, atomic_write_json, get_device, provenance, CorruptFileError, MissingFileError
 from ..config import ConfigError
 from ..data import open_rgb, IMAGE_EXTENSIONS, make_transform
 from ..pipeline import find_run_config
@@ -102,8 +102,8 @@ class Predictor:
 
 # %% ../../nbs/09a_share_inference.ipynb #c010
 def _save_png(arr: np.ndarray, path: Path):
-    with atomic_path(path, suffix='.png') as tmp: Image.fromarray(arr).save(tmp, format='PNG')
-    return path
+    buf = io.BytesIO(); Image.fromarray(arr).save(buf, format='PNG')
+    return atomic_write_bytes(path, buf.getbuffer())
 
 def save_explanations(image: Image.Image, maps: np.ndarray, weight_row: np.ndarray, out_dir, stem: str,
                       max_features: int = 8) -> dict:

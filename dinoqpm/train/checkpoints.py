@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from ..config import RunConfig, ConfigError, config_to_dict, config_diff
-from ..core import atomic_write_text, get_device, save_checked, load_checked, CorruptFileError, crc32_of
+from ..core import atomic_write_text, disk_full_named, get_device, save_checked, load_checked, CorruptFileError, crc32_of
 from ..model import DinoQPMModel, model_spec, model_from_spec
 from .rules import CONVERGENCE_RULES, ConvergenceRule, rule_for, convergence
 
@@ -127,8 +127,10 @@ def write_log(path, history):
     atomic_write_text(path, '\n'.join([','.join(LOG_COLUMNS), *map(_log_line, history)]) + '\n')
 
 def append_log(path, row):
-    "Append one epoch's line to `log.csv` (a line cut by a kill is dropped when the resumed run rewrites the log)."
-    with open(path, 'a') as f: f.write(_log_line(row) + '\n')
+    """Append one epoch's line to `log.csv` (a line cut by a kill or a full disk is dropped when the resumed run rewrites
+    the log)."""
+    line = _log_line(row) + '\n'
+    with disk_full_named(path, len(line.encode())), open(path, 'a') as f: f.write(line)
 
 CHECKPOINT_SECONDS = 30.0   # a checkpoint at most this often (and at the end of the phase); DINOQPM_CHECKPOINT_SECONDS
 
