@@ -265,6 +265,7 @@ from pathlib import Path
 import dinoqpm.share.export as export
 load_caches = export.load_caches
 def held(*a, **k):                # hold the folder's lock until the test says go (or kills this process)
+    Path(sys.argv[1] + '.waiting').touch()
     while not Path(sys.argv[1]).exists(): time.sleep(0.02)
     return load_caches(*a, **k)
 export.load_caches = held
@@ -279,11 +280,12 @@ def test_two_concurrent_exports_the_second_is_refused_naming_the_first(exported,
     first = subprocess.Popen([sys.executable, '-c', CHILD, str(go), *map(str, argv)], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        lock, t0 = out / '.dinoqpm.lock', time.time()
-        while not (lock.exists() and f'"pid": {first.pid}' in lock.read_text()):
+        t0 = time.time()
+        while not (tmp_path / 'go.waiting').exists():                   # the first export is at work (it loads the caches)
             assert first.poll() is None, first.communicate()[1][-3000:]
-            assert time.time() - t0 < 300, 'the first export never took the lock'
+            assert time.time() - t0 < 300, 'the first export never started its work'
             time.sleep(0.02)
+        assert f'"pid": {first.pid}' in (out / '.dinoqpm.lock').read_text()      # ... holding the folder's lock
         code, err = main_in_process(*_export_args(e, out))
         assert code == 2 and len(err.splitlines()) == 1 and 'Traceback' not in err, err
         assert f'{out} is being written by another dinoqpm export (pid {first.pid} on ' in err, err

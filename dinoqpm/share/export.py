@@ -364,7 +364,8 @@ def model_card(config: dict, card: dict) -> str:
               'assignment, every feature\'s prototypes, the classes that use it and its scores, a comparison of any two classes, and '
               'test images with their local explanations.', '',
               '## Files', '', f'- `{MODEL_FILE}`: adapter and head weights', f'- `{CONFIG_FILE}`: architecture, run configuration, backbone and checksums',
-              f'- `{NAMES_FILE}`: class names', f'- `{CARD_FILE}`: the global explanation card', '- `index.html`, `prototypes/`, `examples/`, `compare/`: the explorer page and its pictures', '',
+              f'- `{NAMES_FILE}`: class names', f'- `{CARD_FILE}`: the global explanation card', '- `index.html`, `prototypes/`, `examples/`, `compare/`: the explorer page and its pictures',
+              f'- `{MANIFEST_FILE}`: every other file with its SHA-256 (written last: `load_pretrained` checks them all)', '',
               '## Share', '', 'The folder has the Hugging Face Hub layout (`config.json` + `model.safetensors` + this model card). '
               'Upload it with your usual tool, e.g. `hf upload <user>/<model-name> path/to/this/folder .` or '
               '`huggingface_hub.HfApi().upload_folder(repo_id=..., folder_path=...)`.', '']
