@@ -250,7 +250,7 @@ def test_an_unfinished_export_of_another_model_is_refused_naming_it(exported, tm
     _interrupted_export(e, out, monkeypatch, 5, 'kill')
     pending = out / '.dinoqpm_export_pending.json'
     rec = json.loads(pending.read_text())
-    assert rec['run_dir'] == str(e.run) and 'config.json' in rec['files'] and 'manifest.json' in rec['files']
+    assert rec['run_dir'] == str(e.run.resolve()) and 'config.json' in rec['files'] and 'manifest.json' in rec['files']
     pending.write_text(json.dumps({**rec, 'run_dir': 'runs/other', 'model_sha256': 'f' * 64}))     # as another run would leave it
     files = lambda: {f: (out / f).read_bytes() for f in _files(out) if f != '.dinoqpm.lock'}      # the lock's holder note aside
     before = files()
@@ -307,7 +307,7 @@ def test_readers_refuse_an_unfinished_or_changed_export(exported, tmp_path, monk
     _interrupted_export(e, half, monkeypatch, 1, 'after')                 # only the pending record: not even config.json
     with pytest.raises(ExportError, match='is an unfinished export'): dinoqpm.load_pretrained(half, device='cpu', weights_dir=e.weights)
     code, err = infer(half)
-    assert code == 2 and f'{half} is an unfinished export' in err and f'--model-path {e.run} --out {half}' in err, err
+    assert code == 2 and f'{half} is an unfinished export' in err and f'--model-path {e.run.resolve()} --out {half}' in err, err
     unsigned = Path(shutil.copytree(e.out, tmp_path / 'unsigned')); (unsigned / 'manifest.json').unlink()
     code, err = infer(unsigned)
     assert code == 2 and 'has no manifest.json: its export did not finish' in err, err

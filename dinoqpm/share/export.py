@@ -379,11 +379,12 @@ def model_card(config: dict, card: dict) -> str:
 _TEMPORARY = re.compile(r'\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp')     # `dinoqpm.core.atomic_path`'s temporary files
 
 def _temporaries(out: Path, names) -> list:
-    "The temporary files that killed atomic writes of the files `names` (relative paths) left in `out`."
+    "The temporary files that killed atomic writes of the files `names` (relative paths) left in `out` (beside each file)."
     found = []
-    for p in out.rglob('.*.tmp'):
-        m = _TEMPORARY.fullmatch(p.name)
-        if m and p.is_file() and (p.parent / m['name']).relative_to(out).as_posix() in names: found.append(p)
+    for folder in {(out / n).parent for n in names}:
+        for p in folder.glob('.*.tmp'):
+            m = _TEMPORARY.fullmatch(p.name)
+            if m and p.is_file() and (folder / m['name']).relative_to(out).as_posix() in names: found.append(p)
     return sorted(found)
 
 def _remove_files(out: Path, paths):
@@ -416,9 +417,12 @@ def _previous_export(out: Path, source: Optional[dict] = None) -> set:
     if pending is not None:
         if source is not None and pending.get('model_sha256') != source['model_sha256']:
             run = pending.get('run_dir') or 'RUN'
-            raise ExportError(f"--out {out} holds an unfinished export of another model (the run {run}, finetune model SHA-256 "
-                              f"{pending.get('model_sha256')}); finish it with `dinoqpm export --model-path {run} --out {out}`, "
-                              f"or give another --out (nothing was written)")
+            if run != source['run_dir']:
+                raise ExportError(f"--out {out} holds an unfinished export of another model (the run {run}, finetune model SHA-256 "
+                                  f"{pending.get('model_sha256')}); finish it with `dinoqpm export --model-path {run} --out {out}`, "
+                                  f"or give another --out (nothing was written)")
+            log.warning('%s holds an unfinished export of an earlier model of %s (finetune model SHA-256 %s): the current one '
+                        'is exported in its place', out, run, pending.get('model_sha256'))
         return {*filter(inside_folder, pending.get('files') or []), *filter(inside_folder, pending.get('previous') or [])}
     leftovers = {LOCK_FILE, *(t.relative_to(out).as_posix() for t in _temporaries(out, {PENDING_FILE}))}
     if all(p.relative_to(out).as_posix() in leftovers for p in out.rglob('*') if not p.is_dir()): return set()
@@ -444,6 +448,7 @@ def export_lock(out):
             if made and not any(out.iterdir()): out.rmdir()
 
 def _holds(path: Path, data: bytes) -> bool:
+    "Whether the file `path` already holds exactly `data`."
     return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
 
 def write_folder(out, files: dict, previous: set, source: Optional[dict] = None) -> Path:
@@ -514,7 +519,7 @@ def export_model(model_path,              # a finished DINO-QPM run directory (o
         raise ExportError(f'--prototypes must be at least 1 and --examples at least 0; got {n_prototypes} and {n_examples}')
     files = _run_files(model_path)
     out = Path(out)
-    source = {'run_dir': str(files['run_dir']), 'model_sha256': sha256_file(files['model'])}
+    source = {'run_dir': str(Path(files['run_dir']).resolve()), 'model_sha256': sha256_file(files['model'])}
     _previous_export(out)                                 # a folder of other files is refused before anything is made
     with export_lock(out):
         previous = _previous_export(out, source)          # again, now that no other export can change it
