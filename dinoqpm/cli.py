@@ -80,7 +80,7 @@ def _add_inference(sub):
 
 def _add_evaluate(sub):
     e = sub.add_parser('evaluate', help="compute the metrics of a trained model on its dataset's cached features")
-    e.add_argument('--model-path', required=True, help='a run directory or a model file (.pt)')
+    e.add_argument('--model-path', required=True, help='a run directory or a model file (.pt); not an exported folder')
     e.add_argument('--mode', default='finetune', choices=['finetune', 'dense'])
     e.add_argument('--eval-mode', default='all', help="all | fast | comma list of metric ids (e.g. accuracy,sid)")
     e.add_argument('--output-json', help='default: <run dir>/Results_EvalOnly_<mode>.json')
@@ -90,7 +90,7 @@ def _add_evaluate(sub):
 def _add_export(sub):
     x = sub.add_parser('export', help='write a finished run as a shareable folder: model.safetensors, config.json, the explanation card, a model card and index.html')
     x.add_argument('--model-path', required=True, help='a finished DINO-QPM run directory')
-    x.add_argument('--out', required=True, help='the folder to write: new, empty, or an earlier export (never a folder of other files)')
+    x.add_argument('--out', required=True, help='the folder to write: new, empty, an earlier export (replaced) or an interrupted one (finished); never a folder of other files; locked while written')
     x.add_argument('--cache-root', help='feature cache folder (default: <data root>/dinoqpm_cache)')
     x.add_argument('--prototypes', type=int, default=5, help='prototype images per feature')
     x.add_argument('--examples', type=int, default=3, help='test images per class on the explorer page')

@@ -272,28 +272,45 @@ def crc32_of(*arrays) -> int:
     return c
 
 # %% ../nbs/00a_core.ipynb #c025
+def _holder(path) -> dict:
+    "The holder a lock file records (`{}` if it cannot be read)."
+    try: h = json.loads(Path(path).read_text() or '{}')
+    except (OSError, ValueError): h = {}
+    return h if isinstance(h, dict) else {}
+
+def _locked_fd(path: Path, busy: str, advice: str):
+    """`(fd, writable)`: an open descriptor of the lock file at `path`, locked by this process; `(None, False)` in a
+    read-only folder without a lock file. Held by another process: `RunLockedError`. A lock file that its holder removed
+    between our open and our lock (an export removes its lock when it is done) is not the lock any more: open the new one."""
+    while True:
+        try: fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM): raise
+            if not path.exists(): return None, False
+            fd, writable = os.open(path, os.O_RDONLY), False
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            h = _holder(path)
+            raise RunLockedError(f"{busy} (pid {h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('started', '?')}: "
+                                 f"{h.get('command', '?')}); {advice}") from None
+        try: current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError: current = False
+        if current: return fd, writable
+        os.close(fd)
+
 @contextlib.contextmanager
 def file_lock(path, busy: str, advice: str):
     """Hold an exclusive lock on the file `path` (created if need be) for the `with` block and record this process in it.
     Held by another process: `RunLockedError` "`busy` (pid, host, start and command of the holder); `advice`"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try: fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), True
-    except OSError as e:
-        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM): raise
-        if not path.exists():
-            logging.getLogger(__name__).info('%s is read-only and has no lock file %s: working without a lock (nothing can '
-                                             'be written there)', path.parent, path.name)
-            yield path; return
-        fd, writable = os.open(path, os.O_RDONLY), False
+    fd, writable = _locked_fd(path, busy, advice)
+    if fd is None:
+        logging.getLogger(__name__).info('%s is read-only and has no lock file %s: working without a lock (nothing can '
+                                         'be written there)', path.parent, path.name)
+        yield path; return
     try:
-        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try: h = json.loads(path.read_text() or '{}')
-            except (OSError, ValueError): h = {}
-            if not isinstance(h, dict): h = {}
-            raise RunLockedError(f"{busy} (pid {h.get('pid', '?')} on {h.get('host', '?')}, since {h.get('started', '?')}: "
-                                 f"{h.get('command', '?')}); {advice}") from None
         if writable:
             holder = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'command': ' '.join(sys.argv)[:300],
                                  'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')})

@@ -176,3 +176,184 @@ def test_run_export_notebook(tmp_path):
     model = tmp_path / 'figures' / 'demo_model'
     assert (model / 'index.html').is_file() and (model / 'model.safetensors').is_file()
     assert json.loads((model / 'explanation.json').read_text())['demo'] is True
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The export as a transaction: locked, resumable after a kill or a full disk at any point, read only when finished.
+import errno, importlib, time
+EXPORT_MODULE = importlib.import_module('dinoqpm.share.export')
+
+def _export_args(e, out, *extra):
+    return ['export', '--model-path', e.run, '--out', out, '--cache-root', e.cache, '--no-progress', *extra]
+
+def _assert_same_folder(got, want):
+    "Every file of `got` (hidden ones too: no lock, pending record or temporary file may stay) has the bytes of `want`'s."
+    assert _files(got) == _files(want), set(_files(got)) ^ set(_files(want))
+    for f in _files(want): assert (got / f).read_bytes() == (want / f).read_bytes(), f
+
+def _failing_write(n: int, how: str):
+    """`atomic_write_bytes` whose `n`-th call fails: 'kill' and 'disk_full' leave half of the file in a temporary file, as
+    a SIGKILL or ENOSPC in the middle of the write does (then raise KeyboardInterrupt or ENOSPC); 'after' finishes the
+    write and is then killed."""
+    from dinoqpm.core import atomic_write_bytes
+    calls = []
+    def write(path, data):
+        calls.append(path)
+        if len(calls) != n: return atomic_write_bytes(path, data)
+        path = Path(path)
+        if how == 'after': atomic_write_bytes(path, data)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            (path.parent / f'.{path.name}.k1ll3d_0.tmp').write_bytes(data[:len(data) // 2])
+        if how == 'disk_full': raise OSError(errno.ENOSPC, 'No space left on device', str(path))
+        raise KeyboardInterrupt
+    return write
+
+def _interrupted_export(e, out, monkeypatch, n, how, *extra):
+    "`dinoqpm export` into `out`, interrupted at its `n`-th file write; returns its exit code and stderr."
+    with monkeypatch.context() as m:
+        m.setattr(EXPORT_MODULE, 'atomic_write_bytes', _failing_write(n, how))
+        code, err = main_in_process(*_export_args(e, out, *extra))
+    assert code == {'disk_full': 2}.get(how, 130) and len(err.splitlines()) == 1 and 'Traceback' not in err, (n, how, err)
+    if how != 'disk_full':                         # a killed process leaves its lock file too (the kernel released the lock)
+        (out / '.dinoqpm.lock').write_text(json.dumps({'pid': 999999, 'host': 'gone', 'started': '2026-01-01', 'command': 'dinoqpm export'}))
+    return code, err
+
+def test_an_export_interrupted_anywhere_ends_byte_identical_on_rerun(exported, tmp_path, monkeypatch):
+    e = exported
+    n_files = len(_files(e.out)) - 1                                  # the writes: pending record, every file, manifest
+    points = [(1, 'disk_full'), (1, 'after'), (2, 'kill'), (n_files // 2, 'disk_full'), (n_files + 2, 'kill'), (n_files + 2, 'after')]
+    for i, (n, how) in enumerate(points):
+        out = tmp_path / f'out{i}'
+        _interrupted_export(e, out, monkeypatch, n, how)
+        finished = (n, how) == (n_files + 2, 'after')                  # the manifest is written: only the pending record is left
+        if not finished:                                               # no reader trusts the folder
+            code, err = main_in_process('inference', '--model-path', out, '--weights-dir', e.weights, '--image-path', e.images,
+                                        '--output-json', tmp_path / 'p.json')
+            began = n > 1 or how == 'after'                            # the pending record is there
+            assert code == 2 and ('is an unfinished export' in err or not began) and len(err.splitlines()) == 1, (n, how, err)
+        code, err = main_in_process(*_export_args(e, out))
+        assert code == 0, (n, how, err)
+        _assert_same_folder(out, e.out)
+    # over an earlier export with more prototypes (files that are no longer part of it), killed in its third write
+    out = tmp_path / 'over'
+    assert main_in_process(*_export_args(e, out, '--prototypes', '7'))[0] == 0
+    stale = set(_files(out)) - set(_files(e.out))
+    assert stale and all(f.startswith('prototypes/') for f in stale)
+    _interrupted_export(e, out, monkeypatch, 3, 'kill')
+    code, err = main_in_process(*_export_args(e, out))
+    assert code == 0, err
+    _assert_same_folder(out, e.out)
+
+def test_an_unfinished_export_of_another_model_is_refused_naming_it(exported, tmp_path, monkeypatch):
+    e = exported
+    out = tmp_path / 'half'
+    _interrupted_export(e, out, monkeypatch, 5, 'kill')
+    pending = out / '.dinoqpm_export_pending.json'
+    rec = json.loads(pending.read_text())
+    assert rec['run_dir'] == str(e.run.resolve()) and 'config.json' in rec['files'] and 'manifest.json' in rec['files']
+    pending.write_text(json.dumps({**rec, 'run_dir': 'runs/other', 'model_sha256': 'f' * 64}))     # as another run would leave it
+    files = lambda: {f: (out / f).read_bytes() for f in _files(out) if f != '.dinoqpm.lock'}      # the lock's holder note aside
+    before = files()
+    code, err = main_in_process(*_export_args(e, out))
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f'{out} holds an unfinished export of another model (the run runs/other' in err and 'dinoqpm export --model-path runs/other' in err, err
+    assert files() == before                                                     # nothing written, nothing removed
+
+CHILD = '''
+import sys, time
+from pathlib import Path
+import dinoqpm.share.export as export
+load_caches = export.load_caches
+def held(*a, **k):                # hold the folder's lock until the test says go (or kills this process)
+    Path(sys.argv[1] + '.waiting').touch()
+    while not Path(sys.argv[1]).exists(): time.sleep(0.02)
+    return load_caches(*a, **k)
+export.load_caches = held
+from dinoqpm.cli import main
+sys.exit(main(sys.argv[2:]))
+'''
+
+def test_two_concurrent_exports_the_second_is_refused_naming_the_first(exported, tmp_path):
+    e, out, go = exported, tmp_path / 'model', tmp_path / 'go'
+    env = dict(os.environ, HF_HUB_OFFLINE='1', TQDM_DISABLE='1')
+    argv = ['--log-level', 'WARNING', *_export_args(e, out)]
+    first = subprocess.Popen([sys.executable, '-c', CHILD, str(go), *map(str, argv)], cwd=tmp_path, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (tmp_path / 'go.waiting').exists():                   # the first export is at work (it loads the caches)
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.time() - t0 < 300, 'the first export never started its work'
+            time.sleep(0.02)
+        assert f'"pid": {first.pid}' in (out / '.dinoqpm.lock').read_text()      # ... holding the folder's lock
+        code, err = main_in_process(*_export_args(e, out))
+        assert code == 2 and len(err.splitlines()) == 1 and 'Traceback' not in err, err
+        assert f'{out} is being written by another dinoqpm export (pid {first.pid} on ' in err, err
+        assert os.listdir(out) == ['.dinoqpm.lock']                      # the refused export wrote nothing
+        go.touch()                                                       # the first one finishes
+        _, ferr = first.communicate(timeout=300)
+        assert first.returncode == 0, ferr[-3000:]
+    finally:
+        if first.poll() is None: first.kill(); first.wait()
+    _assert_same_folder(out, e.out)
+
+def test_readers_refuse_an_unfinished_or_changed_export(exported, tmp_path, monkeypatch):
+    import dinoqpm
+    from dinoqpm.share import ExportError
+    e = exported
+    infer = lambda model: main_in_process('inference', '--model-path', model, '--weights-dir', e.weights, '--image-path', e.images,
+                                          '--output-json', tmp_path / 'p.json')
+    half = tmp_path / 'half'
+    _interrupted_export(e, half, monkeypatch, 1, 'after')                 # only the pending record: not even config.json
+    with pytest.raises(ExportError, match='is an unfinished export'): dinoqpm.load_pretrained(half, device='cpu', weights_dir=e.weights)
+    code, err = infer(half)
+    assert code == 2 and f'{half} is an unfinished export' in err and f'--model-path {e.run.resolve()} --out {half}' in err, err
+    unsigned = Path(shutil.copytree(e.out, tmp_path / 'unsigned')); (unsigned / 'manifest.json').unlink()
+    code, err = infer(unsigned)
+    assert code == 2 and 'has no manifest.json: its export did not finish' in err, err
+    changed = Path(shutil.copytree(e.out, tmp_path / 'changed'))
+    proto = e.card['features'][0]['prototypes'][0]['patch']
+    (changed / proto).write_bytes((changed / proto).read_bytes()[:-10])
+    code, err = infer(changed)
+    assert code == 2 and f'{proto} is corrupt or was changed' in err and len(err.splitlines()) == 1, err
+    (changed / proto).unlink()
+    code, err = infer(changed)
+    assert code == 2 and f'{proto} is missing (manifest.json lists it)' in err, err
+    code, err = main_in_process('evaluate', '--model-path', e.out, '--cache-root', e.cache, '--no-progress')
+    assert code == 2 and f'{e.out} is an exported model (`dinoqpm export`), not a run directory' in err and len(err.splitlines()) == 1, err
+
+def _tamper(config: dict, how: str):
+    spec = config['model']['spec']
+    if how == 'format_as_string': config['dinoqpm_export_format'] = str(config['dinoqpm_export_format'])
+    elif how == 'no_model': del config['model']
+    elif how == 'hidden_1e9': spec['adapter']['hidden'] = 1e9
+    elif how == 'n_features_10_9': spec['adapter']['n_features'] = 10 ** 9
+    elif how == 'n_features_other': spec['adapter']['n_features'] *= 4
+    elif how == 'unknown_backbone': config['backbone']['name'] = 'no_such_backbone'
+    elif how == 'run_config_bad': config['run_config']['seed'] = 'zero'
+    elif how == 'preprocessing_bad': config['preprocessing']['mode'] = 'bogus'
+
+TAMPERED = {'format_as_string': "'dinoqpm_export_format' must be an integer, got '2'",
+            'no_model': "'model' is missing",
+            'hidden_1e9': "'model.spec.adapter.hidden' must be an integer, got 1000000000.0",
+            'n_features_10_9': "'model.spec.adapter.n_features' is 1000000000; it must be from 0 to 65536",
+            'n_features_other': "'model.spec' does not describe",
+            'unknown_backbone': "'backbone.name': unknown backbone 'no_such_backbone'",
+            'run_config_bad': "'run_config': config key 'seed'",
+            'preprocessing_bad': "'preprocessing': unknown preprocessing 'bogus'"}
+
+@pytest.mark.parametrize('how', sorted(TAMPERED))
+def test_a_tampered_config_is_one_line_naming_the_key(exported, tmp_path, how):
+    "Each change is signed into the manifest too (as a careful tamperer would), so that the configuration's own check speaks."
+    from dinoqpm.share import export_manifest
+    e = exported
+    bad = Path(shutil.copytree(e.out, tmp_path / 'bad'))
+    config = json.loads((bad / 'config.json').read_text())
+    _tamper(config, how)
+    (bad / 'config.json').write_text(json.dumps(config))
+    listed = json.loads((bad / 'manifest.json').read_text())['files']
+    (bad / 'manifest.json').write_text(json.dumps(export_manifest(bad, listed)))
+    code, err = main_in_process('inference', '--model-path', bad, '--weights-dir', e.weights, '--image-path', e.images,
+                                '--output-json', tmp_path / 'p.json')
+    assert code == 2 and len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert f"{bad / 'config.json'}: key {TAMPERED[how]}" in err, err

@@ -105,6 +105,29 @@ MUTANTS = {
                                        ['tests/test_disk_full.py::test_a_full_disk_during_export_is_one_line_and_the_rerun_completes']),
     'cache_margin_hidden': ('02a_features_cache', 'features/cache', "needs {byte_count(arrays + margin)} free in", "needs {byte_count(arrays)} free in",
                             ['tests/test_disk_full.py::test_a_cache_that_cannot_fit_is_refused_up_front_with_its_margin']),
+    'export_lock_not_taken': ('09c_share_export', 'share/export', "    with export_lock(out):\n        previous = _previous_export(out, source)",
+                              "    with contextlib.nullcontext(out):\n        previous = _previous_export(out, source)",
+                              ['tests/test_export.py::test_two_concurrent_exports_the_second_is_refused_naming_the_first']),
+    'export_manifest_first': ('09c_share_export', 'share/export',
+                              "    for rel, data in sorted(files.items()):\n        if not _holds(out / rel, data): atomic_write_bytes(out / rel, data)\n"
+                              "    _remove_files(out, [out / rel for rel in previous - names])\n"
+                              "    atomic_write_bytes(out / MANIFEST_FILE, _json_bytes(export_manifest(out, files)))     # last: the export is finished\n",
+                              "    atomic_write_bytes(out / MANIFEST_FILE, _json_bytes({'dinoqpm_export_manifest': 1, 'files': {n: {'bytes': len(d), "
+                              "'sha256': sha256_bytes(d)} for n, d in sorted(files.items())}}))\n"
+                              "    for rel, data in sorted(files.items()):\n        if not _holds(out / rel, data): atomic_write_bytes(out / rel, data)\n"
+                              "    _remove_files(out, [out / rel for rel in previous - names])\n",
+                              ['tests/test_export.py::test_an_export_interrupted_anywhere_ends_byte_identical_on_rerun']),
+    'export_temporaries_left': ('09c_share_export', 'share/export', "    _remove_files(out, _temporaries(out, previous | names | {PENDING_FILE}))\n", "",
+                                ['tests/test_export.py::test_an_export_interrupted_anywhere_ends_byte_identical_on_rerun']),
+    'export_stale_files_kept': ('09c_share_export', 'share/export', "    _remove_files(out, [out / rel for rel in previous - names])\n", "",
+                                ['tests/test_export.py::test_an_export_interrupted_anywhere_ends_byte_identical_on_rerun']),
+    'export_pending_ignored': ('09c_share_export', 'share/export', "    pending = pending_export(out)\n", "    pending = None\n",
+                               ['tests/test_export.py::test_an_export_interrupted_anywhere_ends_byte_identical_on_rerun']),
+    'export_reader_skips_manifest': ('09_share_format', 'share/format', "    verify_export_files(p, config)\n", "",
+                                     ['tests/test_export.py::test_readers_refuse_an_unfinished_or_changed_export']),
+    'export_config_schema_unchecked': ('09_share_format', 'share/format', "    if found: raise ExportError(f\"{path}: key '{found[0]}'",
+                                       "    if False: raise ExportError(f\"{path}: key '{found[0]}'",
+                                       ['tests/test_export.py::test_a_tampered_config_is_one_line_naming_the_key']),
 }
 
 

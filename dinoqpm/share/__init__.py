@@ -7,9 +7,11 @@ from __future__ import annotations
 from .explorer import (PAGE_CSS, PAGE_JS, PAGE_TEMPLATE, BROWSERS, explorer_page, write_explorer,
                                     find_browser, browser_flags, screenshot)
 from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FILE, README_FILE,
-                                  PAGE_FILE, ExportError, is_exported, read_export, read_export_json)
-from .export import (class_label, build_card, model_card, write_folder, export_model, PretrainedModel,
-                                  load_pretrained)
+                                  PAGE_FILE, MANIFEST_FILE, PENDING_FILE, EXPORT_LIMITS, EXPORT_SCHEMA, ExportError,
+                                  is_exported, read_export, read_export_json, check_export_config, export_manifest,
+                                  pending_export, inside_folder, verify_export_files)
+from .export import (class_label, build_card, model_card, export_lock, write_folder, export_model,
+                                  PretrainedModel, load_pretrained)
 from .inference import (MAX_VIZ_SIDE, MODEL_FILES, resolve_model_path, find_images, Predictor,
                                      save_explanations, run_inference)
 

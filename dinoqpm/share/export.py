@@ -4,7 +4,7 @@
 
 # %% ../../nbs/09c_share_export.ipynb #c003
 from __future__ import annotations
-import io, json, logging, math
+import contextlib, io, json, logging, math, re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core import atomic_write_bytes, json_safe, dinoqpm_version, sha256_file, sha256_bytes
+from ..core import atomic_write_bytes, file_lock, json_safe, dinoqpm_version, sha256_file, sha256_bytes
 from ..config import RunConfig, config_to_dict
 from .inference import Predictor
 from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FILE, README_FILE, PAGE_FILE,
-                                  ExportError, is_exported, read_export_json)
-from ..pipeline import find_run_config, load_caches
+                                  MANIFEST_FILE, PENDING_FILE, ExportError, is_exported, read_export_json, export_manifest,
+                                  pending_export, inside_folder)
+from ..pipeline import LOCK_FILE, find_run_config, load_caches
 from ..features import get_backbone_spec, weights_path, weights_fingerprint
 from ..evaluation import (ClassIndependence, Contrastiveness, Correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
                                 feature_style, render_layers, compose, square_image, FeatureStyle, local_explanation)
@@ -31,7 +32,8 @@ from .explorer import explorer_page
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'class_label', 'build_card', 'model_card', 'write_folder', 'export_model', 'PretrainedModel', 'load_pretrained']
+__all__ = ['log', 'class_label', 'build_card', 'model_card', 'export_lock', 'write_folder', 'export_model', 'PretrainedModel',
+           'load_pretrained']
 
 # %% ../../nbs/09c_share_export.ipynb #c006
 def _json_bytes(obj) -> bytes:
@@ -43,6 +45,7 @@ def _run_files(model_path) -> dict:
     "The files of a finished DINO-QPM run directory (or of the run holding `model_path`); a missing one raises naming it."
     p = Path(model_path)
     if not p.exists(): raise FileNotFoundError(f'--model-path {p} does not exist')
+    if is_exported(p): raise ExportError(f'--model-path {p} is an exported model, not a run directory: export the run directory it came from')
     cfg, run_dir = find_run_config(p)
     files = {'run_dir': run_dir, 'model': run_dir / 'finetune_model.pt', 'dense': run_dir / 'dense_model.pt',
              'results': run_dir / 'results_finetune.json', 'qp': run_dir / 'qp', 'names': run_dir / 'class_names.json'}
@@ -361,7 +364,8 @@ def model_card(config: dict, card: dict) -> str:
               'assignment, every feature\'s prototypes, the classes that use it and its scores, a comparison of any two classes, and '
               'test images with their local explanations.', '',
               '## Files', '', f'- `{MODEL_FILE}`: adapter and head weights', f'- `{CONFIG_FILE}`: architecture, run configuration, backbone and checksums',
-              f'- `{NAMES_FILE}`: class names', f'- `{CARD_FILE}`: the global explanation card', '- `index.html`, `prototypes/`, `examples/`, `compare/`: the explorer page and its pictures', '',
+              f'- `{NAMES_FILE}`: class names', f'- `{CARD_FILE}`: the global explanation card', '- `index.html`, `prototypes/`, `examples/`, `compare/`: the explorer page and its pictures',
+              f'- `{MANIFEST_FILE}`: every other file with its SHA-256 (written last: `load_pretrained` checks them all)', '',
               '## Share', '', 'The folder has the Hugging Face Hub layout (`config.json` + `model.safetensors` + this model card). '
               'Upload it with your usual tool, e.g. `hf upload <user>/<model-name> path/to/this/folder .` or '
               '`huggingface_hub.HfApi().upload_folder(repo_id=..., folder_path=...)`.', '']
@@ -372,57 +376,104 @@ def model_card(config: dict, card: dict) -> str:
     return '\n'.join(lines)
 
 # %% ../../nbs/09c_share_export.ipynb #c018
-def _previous_export(out: Path) -> Optional[set]:
-    """The files of an earlier export in `out` (`set()` for a new or empty folder); a folder holding anything else is
-    refused, so no user file is ever overwritten."""
-    if out.exists() and not out.is_dir(): raise ExportError(f'--out {out} is a file; give a new or empty folder')
-    if not out.exists() or not any(out.iterdir()): return set()
-    cfg = out / CONFIG_FILE
-    prev = None
-    if cfg.is_file():
-        try:
-            d = json.loads(cfg.read_text())
-            if isinstance(d, dict) and d.get('model_type') == 'dinoqpm' and 'dinoqpm_export_format' in d: prev = set(d.get('files') or [])
-        except (OSError, ValueError): prev = None
-    if prev is None:
-        held = sorted(p.name for p in out.iterdir())
-        raise ExportError(f'--out {out} is a non-empty folder that is not a dinoqpm export (it holds {", ".join(held[:4])}'
-                          f'{", ..." if len(held) > 4 else ""}); give a new or empty folder (nothing was written)')
-    return prev
+_TEMPORARY = re.compile(r'\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp')     # `dinoqpm.core.atomic_path`'s temporary files
 
-def write_folder(out, files: dict, previous: set) -> Path:
-    """Write `files` (`{relative path: bytes}`) into `out` atomically one by one, after checking that none would replace
-    a file that an earlier export did not write; then remove the earlier export's files that are no longer part of it."""
-    out = Path(out)
-    clash = sorted(f for f in files if (out / f).exists() and f not in previous)
-    if clash: raise ExportError(f'--out {out} holds {clash[0]}, which no dinoqpm export wrote; it would be overwritten, so nothing was written')
-    for rel, data in sorted(files.items()): atomic_write_bytes(out / rel, data)
-    for rel in sorted(previous - set(files)):
-        p = out / rel
-        if p.is_file(): p.unlink()
+def _temporaries(out: Path, names) -> list:
+    "The temporary files that killed atomic writes of the files `names` (relative paths) left in `out` (beside each file)."
+    found = []
+    for folder in {(out / n).parent for n in names}:
+        for p in folder.glob('.*.tmp'):
+            m = _TEMPORARY.fullmatch(p.name)
+            if m and p.is_file() and (folder / m['name']).relative_to(out).as_posix() in names: found.append(p)
+    return sorted(found)
+
+def _remove_files(out: Path, paths):
+    "Remove the files `paths` (below `out`) and the folders they leave empty."
+    for p in sorted(paths):
+        if p.is_file() or p.is_symlink(): p.unlink()
         for d in p.parents:
             if d == out or not d.is_dir() or any(d.iterdir()): break
             d.rmdir()
+
+def _finished_export_files(out: Path) -> Optional[set]:
+    "The files of a finished export in `out` (its manifest; format 1: the list in its `config.json`), or `None`."
+    try: m = json.loads((out / MANIFEST_FILE).read_text())
+    except (OSError, ValueError): m = None
+    if isinstance(m, dict) and isinstance(m.get('files'), dict): return {MANIFEST_FILE, *filter(inside_folder, m['files'])}
+    try: d = json.loads((out / CONFIG_FILE).read_text())
+    except (OSError, ValueError): return None
+    if isinstance(d, dict) and d.get('model_type') == 'dinoqpm' and 'dinoqpm_export_format' in d and isinstance(d.get('files'), list):
+        return set(filter(inside_folder, d['files']))
+    return None
+
+def _previous_export(out: Path, source: Optional[dict] = None) -> set:
+    """The files that dinoqpm exports wrote in `out`: `set()` for a new or empty folder, a finished export's files, or an
+    unfinished export's (its pending record: the files it writes and those it replaces). Refused: a file, a folder holding
+    anything else (so no user file is ever overwritten) and, given the `source` of this export, an unfinished export of
+    another model."""
+    if out.exists() and not out.is_dir(): raise ExportError(f'--out {out} is a file; give a new or empty folder')
+    if not out.exists(): return set()
+    pending = pending_export(out)
+    if pending is not None:
+        if source is not None and pending.get('model_sha256') != source['model_sha256']:
+            run = pending.get('run_dir') or 'RUN'
+            if run != source['run_dir']:
+                raise ExportError(f"--out {out} holds an unfinished export of another model (the run {run}, finetune model SHA-256 "
+                                  f"{pending.get('model_sha256')}); finish it with `dinoqpm export --model-path {run} --out {out}`, "
+                                  f"or give another --out (nothing was written)")
+            log.warning('%s holds an unfinished export of an earlier model of %s (finetune model SHA-256 %s): the current one '
+                        'is exported in its place', out, run, pending.get('model_sha256'))
+        return {*filter(inside_folder, pending.get('files') or []), *filter(inside_folder, pending.get('previous') or [])}
+    leftovers = {LOCK_FILE, *(t.relative_to(out).as_posix() for t in _temporaries(out, {PENDING_FILE}))}
+    if all(p.relative_to(out).as_posix() in leftovers for p in out.rglob('*') if not p.is_dir()): return set()
+    previous = _finished_export_files(out)
+    if previous is None:
+        held = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        raise ExportError(f'--out {out} is a non-empty folder that is not a dinoqpm export (it holds {", ".join(held[:4])}'
+                          f'{", ..." if len(held) > 4 else ""}); give a new or empty folder (nothing was written)')
+    return previous
+
+@contextlib.contextmanager
+def export_lock(out):
+    """Hold the lock of the export folder `out` (`dinoqpm.core.file_lock`) for the `with` block: a second export into it
+    is refused, naming the first. The lock file goes at the end, and so does the folder if this call made it and it
+    stayed empty."""
+    out = Path(out)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with file_lock(out / LOCK_FILE, f'--out {out} is being written by another dinoqpm export', 'wait for it to finish, or give another --out'):
+        try: yield out
+        finally:
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            if made and not any(out.iterdir()): out.rmdir()
+
+def _holds(path: Path, data: bytes) -> bool:
+    "Whether the file `path` already holds exactly `data`."
+    return path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data
+
+def write_folder(out, files: dict, previous: set, source: Optional[dict] = None) -> Path:
+    """Write `files` (`{relative path: bytes}`) into `out` as one transaction (under `export_lock`), after checking that
+    none would replace a file that no earlier export recorded (`previous`): the pending record first (`source`, the files,
+    the `previous` ones), then every file, the removal of `previous` files that are no longer part of it, and the
+    manifest last. Interrupted at any point, the next call with the same files ends with the same bytes."""
+    out, names = Path(out), {*files, MANIFEST_FILE}
+    clash = sorted(f for f in files if (out / f).exists() and f not in previous)
+    if clash: raise ExportError(f'--out {out} holds {clash[0]}, which the dinoqpm export recorded in this folder does not list; it '
+                                f'would be overwritten, so nothing was written: move it away, or give another --out')
+    record = {'dinoqpm_export': 'pending', **(source or {}), 'files': sorted(names), 'previous': sorted(previous)}
+    atomic_write_bytes(out / PENDING_FILE, _json_bytes(record))
+    (out / MANIFEST_FILE).unlink(missing_ok=True)                    # from here on no reader trusts the folder
+    _remove_files(out, _temporaries(out, previous | names | {PENDING_FILE}))
+    for rel, data in sorted(files.items()):
+        if not _holds(out / rel, data): atomic_write_bytes(out / rel, data)
+    _remove_files(out, [out / rel for rel in previous - names])
+    atomic_write_bytes(out / MANIFEST_FILE, _json_bytes(export_manifest(out, files)))     # last: the export is finished
+    (out / PENDING_FILE).unlink()
     return out
 
-def export_model(model_path,              # a finished DINO-QPM run directory (or a file in it)
-                 out,                     # the folder to write: new, empty, or an earlier export
-                 *,
-                 cache_root=None,         # the run's feature cache folder (default `<data root>/dinoqpm_cache`)
-                 n_prototypes: int = 5,   # prototype images per feature
-                 n_examples: int = 3,     # test images per class on the explorer page
-                 explorer: bool = True,   # write the explorer page `index.html`
-                 progress: bool = True    # progress bars
-                ) -> Path:
-    """Write the finished DINO-QPM run at `model_path` as a self-contained, shareable folder `out`: `model.safetensors`,
-    `config.json`, `class_names.json`, `explanation.json` (the global explanation card), `README.md` (the model card),
-    the pictures and `index.html` (the explorer). The same run gives the same bytes. `out` must be new, empty or an earlier
-    export."""
-    if n_prototypes < 1 or n_examples < 0:
-        raise ExportError(f'--prototypes must be at least 1 and --examples at least 0; got {n_prototypes} and {n_examples}')
-    files = _run_files(model_path)
-    out = Path(out)
-    previous = _previous_export(out)
+# %% ../../nbs/09c_share_export.ipynb #c018b
+def _export_files(files: dict, cache_root, *, n_prototypes: int, n_examples: int, explorer: bool, progress: bool) -> dict:
+    "Every file of the export of the finished run `files` (`_run_files`), made in memory: `{relative path: bytes}`."
     cfg = files['cfg']
     model = load_model(files['model'], 'cpu').eval()
     if getattr(model.head, 'kind', None) != 'bldd':
@@ -446,10 +497,35 @@ def export_model(model_path,              # a finished DINO-QPM run directory (o
     out_files[README_FILE] = model_card(config, card).encode('utf-8')
     if explorer:
         out_files[PAGE_FILE] = explorer_page(card).encode('utf-8')
-    config['files'] = sorted([*out_files, CONFIG_FILE])
+    config['files'] = sorted([*out_files, CONFIG_FILE, MANIFEST_FILE])
     out_files[CONFIG_FILE] = _json_bytes(config)
-    write_folder(out, out_files, previous)
-    log.info('exported %s to %s (%d files, %.1f MB)', files['run_dir'], out, len(out_files), sum(map(len, out_files.values())) / 1e6)
+    return out_files
+
+def export_model(model_path,              # a finished DINO-QPM run directory (or a file in it)
+                 out,                     # the folder to write: new, empty, an earlier export, or an unfinished one of this run
+                 *,
+                 cache_root=None,         # the run's feature cache folder (default `<data root>/dinoqpm_cache`)
+                 n_prototypes: int = 5,   # prototype images per feature
+                 n_examples: int = 3,     # test images per class on the explorer page
+                 explorer: bool = True,   # write the explorer page `index.html`
+                 progress: bool = True    # progress bars
+                ) -> Path:
+    """Write the finished DINO-QPM run at `model_path` as a self-contained, shareable folder `out`: `model.safetensors`,
+    `config.json`, `class_names.json`, `explanation.json` (the global explanation card), `README.md` (the model card),
+    the pictures, `index.html` (the explorer) and, last, `manifest.json`. The same run gives the same bytes. `out` is
+    locked while it is written; it must be new, empty, an earlier export (replaced) or an unfinished export of this run
+    (an interrupted export is finished by running it again)."""
+    if n_prototypes < 1 or n_examples < 0:
+        raise ExportError(f'--prototypes must be at least 1 and --examples at least 0; got {n_prototypes} and {n_examples}')
+    files = _run_files(model_path)
+    out = Path(out)
+    source = {'run_dir': str(Path(files['run_dir']).resolve()), 'model_sha256': sha256_file(files['model'])}
+    _previous_export(out)                                 # a folder of other files is refused before anything is made
+    with export_lock(out):
+        previous = _previous_export(out, source)          # again, now that no other export can change it
+        out_files = _export_files(files, cache_root, n_prototypes=n_prototypes, n_examples=n_examples, explorer=explorer, progress=progress)
+        write_folder(out, out_files, previous, source)
+    log.info('exported %s to %s (%d files, %.1f MB)', files['run_dir'], out, len(out_files) + 1, sum(map(len, out_files.values())) / 1e6)
     return out
 
 # %% ../../nbs/09c_share_export.ipynb #c021

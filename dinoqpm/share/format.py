@@ -4,11 +4,12 @@
 
 # %% ../../nbs/09_share_format.ipynb #c003
 from __future__ import annotations
-import json, logging
-from pathlib import Path
+import json, logging, re
+from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
+import torch
 
-from ..core import UserError, sha256_bytes, weights_dir as default_weights_dir
+from ..core import UserError, sha256_bytes, sha256_file, weights_dir as default_weights_dir
 from ..config import RunConfig, config_from_dict
 from ..model import model_from_spec
 from ..features import create_backbone, get_backbone_spec, weights_path, weights_fingerprint
@@ -18,51 +19,180 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'EXPORT_FORMAT', 'MODEL_FILE', 'CONFIG_FILE', 'NAMES_FILE', 'CARD_FILE', 'README_FILE', 'PAGE_FILE',
-           'ExportError', 'is_exported', 'read_export_json', 'read_export']
+           'MANIFEST_FILE', 'PENDING_FILE', 'EXPORT_LIMITS', 'EXPORT_SCHEMA', 'ExportError', 'is_exported',
+           'read_export_json', 'check_export_config', 'export_manifest', 'pending_export', 'inside_folder',
+           'verify_export_files', 'read_export']
 
 # %% ../../nbs/09_share_format.ipynb #c006
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2          # 2: the completion manifest; 1 (older dinoqpm): without it, still read
 MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FILE, README_FILE, PAGE_FILE = (
     'model.safetensors', 'config.json', 'class_names.json', 'explanation.json', 'README.md', 'index.html')
+MANIFEST_FILE = 'manifest.json'                       # written last: every other file with its SHA-256
+PENDING_FILE = '.dinoqpm_export_pending.json'         # written first, removed last: an export is being written here
 
 class ExportError(UserError, ValueError):
-    "An export folder that cannot be written or read as asked: a refused output folder, a corrupt or mismatching file."
+    "An export folder that cannot be written or read as asked: a refused output folder, a corrupt, unfinished or mismatching file."
 
 def is_exported(path) -> bool:
-    "Whether `path` is a folder written by `export_model` (it holds `model.safetensors` and `config.json`)."
+    """Whether `path` is a folder that `export_model` wrote or began to write (its pending record or its manifest, or
+    `model.safetensors` with `config.json`); `read_export` refuses it unless the export finished."""
     p = Path(path)
-    return p.is_dir() and (p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file()
+    if not p.is_dir(): return False
+    return (p / MANIFEST_FILE).is_file() or (p / PENDING_FILE).is_file() or ((p / MODEL_FILE).is_file() and (p / CONFIG_FILE).is_file())
 
 def read_export_json(path, what: str):
     "The JSON file `path` of an exported folder; an unreadable one is an `ExportError` naming `what`."
     try: return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise ExportError(f'cannot read {what} {path}: {e}') from e
 
-# %% ../../nbs/09_share_format.ipynb #c009
-def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') -> SimpleNamespace:
-    """The parts of an exported folder, each checked: the model (from `model.safetensors`, whose SHA-256 must be the one
-    in `config.json`), the run configuration, the class names, the explanation card, and the frozen backbone from the
-    user's weights folder (`weights_dir`, else `$DINOQPM_WEIGHTS` or `~/tmp/model_weights`), whose SHA-256 must be the
-    recorded one. No pickle is read."""
-    from safetensors.torch import load as load_safetensors
-    p = Path(path)
-    if mode != 'finetune': raise ExportError(f'{p} is an exported model, which holds the finetuned model only; use mode finetune, not {mode!r}')
-    config = read_export_json(p / CONFIG_FILE, 'the export configuration')
-    if not isinstance(config, dict) or config.get('model_type') != 'dinoqpm' or 'dinoqpm_export_format' not in config:
-        raise ExportError(f'{p / CONFIG_FILE} is not the configuration of a dinoqpm export (no model_type "dinoqpm")')
+# %% ../../nbs/09_share_format.ipynb #c007b
+EXPORT_LIMITS = {'classes': 100_000, 'embed_dim': 16_384, 'width': 65_536, 'layers': 64, 'img_size': 4_096, 'grid': 1_024}
+_L = EXPORT_LIMITS
+EXPORT_SCHEMA = {       # key: a type, (int or float, lowest, highest), 'sha256', 'grid', or a section
+    'model_type': str, 'dinoqpm_export_format': (int, 1, None), 'n_classes': (int, 1, _L['classes']), 'files': list,
+    'model': {'file': str, 'sha256': 'sha256', 'state': dict,
+              'spec': {'embed_dim': (int, 1, _L['embed_dim']), 'n_classes': (int, 1, _L['classes']), 'head_dropout': (float, 0, 1),
+                       'grid': 'grid',
+                       'adapter': {'n_layers': (int, 0, _L['layers']), 'hidden': (int, 0, _L['width']), 'n_features': (int, 0, _L['width']),
+                                   'activation': str, 'feat_vec_type': str, 'arch_type': str, 'dropout': (float, 0, 1)}}},
+    'backbone': {'name': str, 'weights_file': str, 'weights_sha256': 'sha256'},
+    'preprocessing': {'mode': str, 'dataset': str, 'img_size': (int, 1, _L['img_size'])},
+    'run_config': dict}
+_TYPE_NAMES = {str: 'a string', dict: 'a mapping', list: 'a list', bool: 'true or false', int: 'an integer', float: 'a number'}
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + '...'
+
+def _rule_problem(v, rule):
+    "What is wrong with the value `v` under `rule` (see `EXPORT_SCHEMA`), or `None`."
+    if rule == 'sha256':
+        return None if isinstance(v, str) and re.fullmatch('[0-9a-f]{64}', v) else f'must be a SHA-256 (64 hex digits), got {_short(v)}'
+    if rule == 'grid':
+        ok = v is None or (isinstance(v, list) and len(v) == 2 and all(type(g) is int and 1 <= g <= _L['grid'] for g in v))
+        return None if ok else f"must be null or two integers from 1 to {_L['grid']}, got {_short(v)}"
+    if isinstance(rule, type):
+        return None if isinstance(v, rule) and not (isinstance(v, bool) and rule is not bool) else f'must be {_TYPE_NAMES[rule]}, got {_short(v)}'
+    kind, lo, hi = rule
+    if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int): return f'must be {_TYPE_NAMES[kind]}, got {_short(v)}'
+    if (lo is None or lo <= v) and (hi is None or v <= hi): return None
+    return f"is {_short(v)}; it must be {f'at least {lo}' if hi is None else f'from {lo} to {hi}'}"
+
+def _schema_problem(d: dict, schema: dict, prefix: str = ''):
+    "The first `(key, problem)` of the mapping `d` under `schema`, or `None`."
+    for k, rule in schema.items():
+        key = prefix + k
+        if k not in d: return key, 'is missing'
+        if isinstance(rule, dict):
+            if not isinstance(d[k], dict): return key, f'must be a mapping, got {_short(d[k])}'
+            found = _schema_problem(d[k], rule, key + '.')
+        else:
+            found = (key, p) if (p := _rule_problem(d[k], rule)) else None
+        if found: return found
+    return None
+
+def check_export_config(config, path) -> dict:
+    """`config` (read from the file `path`), checked against `EXPORT_SCHEMA`: a `dinoqpm` export of a format this
+    package reads, every used key present with its type and within `EXPORT_LIMITS`; else one `ExportError` naming the file and the key."""
+    if not isinstance(config, dict) or config.get('model_type') != 'dinoqpm':
+        raise ExportError(f'{path} is not the configuration of a dinoqpm export (no model_type "dinoqpm")')
+    found = _schema_problem(config, EXPORT_SCHEMA)
+    if found: raise ExportError(f"{path}: key '{found[0]}' {found[1]}; the file is damaged or was edited: export the model again")
     if config['dinoqpm_export_format'] > EXPORT_FORMAT:
-        raise ExportError(f'{p} was exported in format {config["dinoqpm_export_format"]}; this dinoqpm reads format {EXPORT_FORMAT} or older')
-    data = (p / MODEL_FILE).read_bytes()
+        raise ExportError(f'{Path(path).parent} was exported in format {config["dinoqpm_export_format"]}; this dinoqpm reads format {EXPORT_FORMAT} or older')
+    return config
+
+# %% ../../nbs/09_share_format.ipynb #c007e
+def export_manifest(out, names) -> dict:
+    "The completion manifest of the files `names` (relative paths) in the folder `out`: each file's size and SHA-256."
+    out = Path(out)
+    return {'dinoqpm_export_manifest': 1,
+            'files': {n: {'bytes': (out / n).stat().st_size, 'sha256': sha256_file(out / n)} for n in sorted(names)}}
+
+def pending_export(path):
+    "The pending record of an unfinished export in the folder `path` (what it writes, from which run), or `None`."
+    try: d = json.loads((Path(path) / PENDING_FILE).read_text())
+    except (OSError, ValueError): return None
+    return d if isinstance(d, dict) and d.get('dinoqpm_export') == 'pending' else None
+
+def _refuse_unfinished(p: Path):
+    "An `ExportError` for a folder whose export began and did not finish (its pending record, and no manifest)."
+    if (p / MANIFEST_FILE).is_file() or not (p / PENDING_FILE).exists(): return
+    run = (pending_export(p) or {}).get('run_dir') or 'RUN'
+    raise ExportError(f'{p} is an unfinished export (interrupted, or still being written), so nothing in it is read; finish it '
+                      f'with `dinoqpm export --model-path {run} --out {p}`')
+
+def inside_folder(rel) -> bool:
+    "Whether `rel` (a file named by a manifest or a pending record) is a relative path that stays inside its folder."
+    r = PurePosixPath(str(rel))
+    return isinstance(rel, str) and bool(rel) and not r.is_absolute() and '..' not in r.parts
+
+def _manifest_entries(p: Path, config: dict) -> dict:
+    "The manifest's `{file: {'bytes', 'sha256'}}`, checked for its form and against the files `config.json` lists."
+    if not (p / MANIFEST_FILE).is_file():
+        raise ExportError(f'{p} has no {MANIFEST_FILE}: its export did not finish (or the file was removed), so nothing in it is read; export the model again')
+    m = read_export_json(p / MANIFEST_FILE, 'the completion manifest')
+    entries = m.get('files') if isinstance(m, dict) else None
+    if not (isinstance(entries, dict) and all(inside_folder(k) and isinstance(e, dict) and _rule_problem(e.get('sha256'), 'sha256') is None
+                                              for k, e in entries.items())):
+        raise ExportError(f'{p / MANIFEST_FILE} is damaged (not a list of files with their SHA-256); export the model again')
+    unlisted = sorted(str(f) for f in config['files'] if f not in entries and f != MANIFEST_FILE)
+    if unlisted: raise ExportError(f'{p / MANIFEST_FILE} does not list {unlisted[0]}, which {CONFIG_FILE} names: the folder is damaged; export the model again')
+    return entries
+
+def verify_export_files(p, config: dict):
+    """Every file of the export in the folder `p` is there with the SHA-256 its manifest records (format 1: every file
+    `config.json` lists is there); else an `ExportError` naming the file."""
+    p = Path(p)
+    if config['dinoqpm_export_format'] < 2:
+        missing = [str(f) for f in config['files'] if not (inside_folder(f) and (p / str(f)).is_file())]
+        if missing: raise ExportError(f'{p / missing[0]} is missing: {p} is an unfinished or damaged export; export the model again')
+        log.warning('%s was exported by an older dinoqpm (format 1, without %s): only %s is checked; export it again to have '
+                    'every file checked', p, MANIFEST_FILE, MODEL_FILE)
+        return
+    for rel, e in sorted(_manifest_entries(p, config).items()):
+        f = p / rel
+        if not f.is_file(): raise ExportError(f'{f} is missing ({MANIFEST_FILE} lists it): the folder is damaged; export the model again')
+        got = sha256_file(f)
+        if got != e['sha256']:
+            raise ExportError(f'{f} is corrupt or was changed: its SHA-256 is {got}, {p / MANIFEST_FILE} records {e["sha256"]}; export the model again')
+
+# %% ../../nbs/09_share_format.ipynb #c009
+def _checked(path, key: str, fn, *args, **kw):
+    "`fn(*args, **kw)`; a `UserError` it raises (a `ConfigError`, a `DatasetError`) becomes an `ExportError` naming the file `path` and the `key`."
+    try: return fn(*args, **kw)
+    except ExportError: raise
+    except UserError as e: raise ExportError(f"{path}: key '{key}': {e}") from None
+
+def _export_model(p: Path, config: dict, device):
+    """The exported model: `model.safetensors`, whose SHA-256 must be the one in `config.json` and whose adapter tensors
+    must have the shapes of the architecture `model.spec` (compared on the `meta` device, before anything is allocated;
+    the head is built from the file's own tensors)."""
+    from safetensors.torch import load as load_safetensors
+    data, cfg_file = (p / MODEL_FILE).read_bytes(), p / CONFIG_FILE
     sha = sha256_bytes(data)
     if sha != config['model']['sha256']:
-        raise ExportError(f'{p / MODEL_FILE} is corrupt or was changed: its SHA-256 is {sha}, {p / CONFIG_FILE} records '
+        raise ExportError(f'{p / MODEL_FILE} is corrupt or was changed: its SHA-256 is {sha}, {cfg_file} records '
                           f'{config["model"]["sha256"]}; export the model again')
     try: state = load_safetensors(data)
     except Exception as e: raise ExportError(f'{p / MODEL_FILE} cannot be read as safetensors ({type(e).__name__}: {e}); export the model again') from e
-    model = model_from_spec(config['model']['spec'], {**state, **config['model']['state']}).to(device).eval()
-    cfg = config_from_dict(RunConfig, config['run_config'])
+    spec = config['model']['spec']
+    with torch.device('meta'): meta = _checked(cfg_file, 'model.spec', model_from_spec, spec)
+    want = {k: list(v.shape) for k, v in meta.state_dict().items() if isinstance(v, torch.Tensor) and not k.startswith('head.')}
+    have = {k: list(v.shape) for k, v in state.items() if not k.startswith('head.')}
+    if want != have:
+        k = sorted(set(want) ^ set(have) or [k for k in want if want[k] != have[k]])[0]
+        raise ExportError(f"{cfg_file}: key 'model.spec' does not describe {p / MODEL_FILE}: its tensor {k} is "
+                          f"{have.get(k, 'absent')} there and {want.get(k, 'absent')} by the spec; export the model again")
+    try: return model_from_spec(spec, {**state, **config['model']['state']}).to(device).eval()
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{cfg_file}: key 'model.state' cannot be loaded ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); "
+                          f"export the model again") from None
+
+def _export_backbone(p: Path, config: dict, weights_dir, device):
+    "The frozen backbone `config.json` names, from the user's weights folder; its weights must have the recorded SHA-256."
     bb = config['backbone']
-    own_file = get_backbone_spec(bb['name']).weights_file is None     # timm:<model>: the run named its file; look for it by name
+    own_file = _checked(p / CONFIG_FILE, 'backbone.name', get_backbone_spec, bb['name']).weights_file is None   # timm:<model>: by its file's name
     wp = default_weights_dir(weights_dir) / bb['weights_file'] if own_file else weights_path(bb['name'], weights_dir)
     if not wp.is_file():
         raise FileNotFoundError(f"backbone weights {wp} not found: {p / CONFIG_FILE} needs {bb['weights_file']} (SHA-256 "
@@ -71,11 +201,26 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
     if got != bb['weights_sha256']:
         raise ExportError(f"backbone weights {wp} have SHA-256 {got}, but {p / CONFIG_FILE} records {bb['weights_sha256']}: "
                           f"not the weights this model was trained on; pass the right file's folder as weights_dir / --weights-dir")
-    backbone = create_backbone(bb['name'], weights_dir=wp.parent, weights_file=wp if own_file else None,
-                               img_size=config['preprocessing']['img_size']).to(device)
+    return create_backbone(bb['name'], weights_dir=wp.parent, weights_file=wp if own_file else None,
+                           img_size=config['preprocessing']['img_size']).to(device)
+
+def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') -> SimpleNamespace:
+    """The parts of a finished export, each checked before anything is built: the configuration (schema and limits),
+    every file (the manifest's SHA-256), the model (`model.safetensors`: its SHA-256 and its tensors' shapes), the run
+    configuration, the class names, the explanation card, and the frozen backbone from the user's weights folder
+    (`weights_dir`, else `$DINOQPM_WEIGHTS` or `~/tmp/model_weights`), whose SHA-256 must be the recorded one. An
+    unfinished export is refused. No pickle is read."""
+    p = Path(path)
+    if mode != 'finetune': raise ExportError(f'{p} is an exported model, which holds the finetuned model only; use mode finetune, not {mode!r}')
+    _refuse_unfinished(p)
+    config = check_export_config(read_export_json(p / CONFIG_FILE, 'the export configuration'), p / CONFIG_FILE)
+    verify_export_files(p, config)
     pre = config['preprocessing']
-    names_file = p / NAMES_FILE
-    names = read_export_json(names_file, 'the class names') if names_file.is_file() else None
+    transform = _checked(p / CONFIG_FILE, 'preprocessing', make_transform, mode=pre['mode'], dataset=pre['dataset'], img_size=pre['img_size'])
+    cfg = _checked(p / CONFIG_FILE, 'run_config', config_from_dict, RunConfig, config['run_config'])
+    model = _export_model(p, config, device)
+    backbone = _export_backbone(p, config, weights_dir, device)
+    names = read_export_json(p / NAMES_FILE, 'the class names') if (p / NAMES_FILE).is_file() else None
     card = read_export_json(p / CARD_FILE, 'the explanation card') if (p / CARD_FILE).is_file() else None
     return SimpleNamespace(path=p, config=config, cfg=cfg, model=model, backbone=backbone, class_names=names, card=card,
-                           transform=make_transform(mode=pre['mode'], dataset=pre['dataset'], img_size=pre['img_size']))
+                           transform=transform)

@@ -17,7 +17,7 @@ from ..data import open_rgb, IMAGE_EXTENSIONS, make_transform
 from ..pipeline import find_run_config
 from ..features import create_backbone
 from ..train import load_model
-from .format import is_exported, read_export
+from .format import is_exported, read_export, ExportError, CARD_FILE
 from ..evaluation import class_activation_map, overlay_cam, overlay_features, feature_panels, image_style
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,14 @@ MAX_VIZ_SIDE = 1024      # explanation pictures are drawn on the image shrunk to
 MODEL_FILES = {'finetune': 'finetune_model.pt', 'dense': 'dense_model.pt'}
 
 def resolve_model_path(model_path, mode: str = 'finetune') -> Path:
-    "A model file, or the `finetune_model.pt` / `dense_model.pt` of a run directory."
+    "A model file, or the `finetune_model.pt` / `dense_model.pt` of a run directory (an exported folder is not one: refused)."
     p = Path(model_path)
     if p.is_dir():
         if mode not in MODEL_FILES: raise ConfigError(f"mode must be one of {sorted(MODEL_FILES)}, got {mode!r}")
+        if is_exported(p):
+            raise ExportError(f'{p} is an exported model (`dinoqpm export`), not a run directory: it holds no {MODEL_FILES[mode]}, '
+                              f'caches or run; evaluate the run directory it was exported from (its scores are in {p / CARD_FILE}), '
+                              f'or predict with `dinoqpm inference --model-path {p}`')
         if not (p / 'config.json').exists():
             raise MissingFileError(f'{p} is not a dinoqpm run directory (it has no config.json): pass the folder `dinoqpm train` '
                                     f'wrote (--run-dir) or one of its model files')
@@ -62,7 +66,7 @@ class Predictor:
                  device='auto',            # 'auto' (a GPU if there is one), 'cpu' or 'cuda'
                  weights_dir=None          # the backbone weights folder (default: the run's; for an export `$DINOQPM_WEIGHTS`)
                 ):
-        if is_exported(model_path):                 # a folder written by `dinoqpm export` (model.safetensors + config.json)
+        if is_exported(model_path):                 # a folder written by `dinoqpm export`: refused unless it finished
             self.device = get_device(device)
             ex = self.export = read_export(model_path, self.device, weights_dir, mode)
             self.model_path = self.run_dir = ex.path
