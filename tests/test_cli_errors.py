@@ -61,6 +61,12 @@ def _bad_weights(world, tmp_path, how):
     w = tmp_path / 'weights'; shutil.copytree(world / 'weights', w)
     f = w / 'dinov2_test_tiny_pretrain.pth'
     if how == 'truncated': f.write_bytes(f.read_bytes()[:1000])
+    elif how == 'pickle': _pickle(f)                             # a pickle that would run code on loading
+    elif how == 'torch_pickle':                                  # the same inside torch.save's zip file
+        import torch
+        class Evil:
+            def __reduce__(self): return (os.system, ('echo pwned > /tmp/dinoqpm_pwned',))
+        torch.save({'pos_embed': torch.zeros(1), 'hook': Evil()}, f)
     else:                                                        # a checkpoint of another architecture under this name
         import torch
         torch.save({'cls_token': torch.zeros(1, 1, 8), 'pos_embed': torch.zeros(1, 5, 8)}, f)
@@ -118,6 +124,55 @@ def test_user_mistake_is_one_clear_error(world, tmp_path, capsys, name):
     assert snapshot(*watched) == before, 'the command changed files it should not have touched'
     assert not (tmp_path / 'run').exists(), 'a refused configuration wrote a run directory'
 
+
+
+
+# ------------------------------------------------------------------ bad files found before any work, each in one line
+def _broken_image(world, tmp_path, how):
+    "A copy of the smoke run's SynthBirds with one image (or mask) truncated or replaced by a decompression bomb."
+    data = tmp_path / 'data'; shutil.copytree(world / 'data', data)
+    a = data / 'SynthBirds' / 'CUB_200_2011'
+    split = dict(line.split() for line in (a / 'train_test_split.txt').read_text().splitlines())
+    rel = next(line.split()[1] for line in (a / 'images.txt').read_text().splitlines() if split[line.split()[0]] == '0')
+    f = (a / 'segmentations' / rel).with_suffix('.png') if how == 'mask' else a / 'images' / rel   # a test image: both splits are checked
+    if how == 'bomb':
+        import struct, zlib
+        chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))
+        f.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 20000, 20000, 8, 2, 0, 0, 0))
+                      + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
+    else: f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    args = ['--set', f'data.root={data}', '--cache-root', tmp_path / 'cache']
+    return [*args, *[x for k in ('synth_classes', 'synth_images_per_class', 'synth_img_size')
+                     for x in ('--set', f'data.{k}={getattr(_smoke_cfg(world).data, k)}')]], f
+
+
+def _smoke_cfg(world):
+    from dinoqpm.config import load_config
+    return load_config(world / 'smoke.yaml')
+
+
+BAD_FILES = {   # name -> (the files, text of the one-line refusal); the culprit's path must be named too
+    'truncated_image': (lambda w, t: _broken_image(w, t, 'truncated'), 'cannot read image'),
+    'truncated_mask': (lambda w, t: _broken_image(w, t, 'mask'), 'cannot read image'),
+    'decompression_bomb': (lambda w, t: _broken_image(w, t, 'bomb'), 'too large to open safely'),
+    'weights_malicious_pickle': (lambda w, t: (_bad_weights(w, t, 'pickle'), t / 'weights' / 'dinov2_test_tiny_pretrain.pth'),
+                                 'refusing to load the weights file'),
+    'weights_malicious_torch_save': (lambda w, t: (_bad_weights(w, t, 'torch_pickle'), t / 'weights' / 'dinov2_test_tiny_pretrain.pth'),
+                                     "refusing to load the weights file"),
+}
+
+
+@pytest.mark.parametrize('name', list(BAD_FILES))
+def test_bad_file_is_one_line_before_any_work(world, tmp_path, capsys, name):
+    "Exit 2 with one line naming the file, before the run directory or any cache file exists, nothing else written."
+    make, expect = BAD_FILES[name]
+    args, culprit = make(world, tmp_path)
+    before = snapshot(world, tmp_path)
+    code, err = cli(capsys, *train_args(world, tmp_path, *args))
+    line = err.rstrip('\n').splitlines()[-1]
+    assert code == 2 and line.startswith('dinoqpm train: error: ') and expect in line and str(culprit) in line, err
+    assert 'Traceback' not in err and not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()
+    assert snapshot(world, tmp_path) == before and not Path('/tmp/dinoqpm_pwned').exists()
 
 
 # ------------------------------------------------------------------ every setting, just outside what it accepts
