@@ -168,14 +168,14 @@ def _inspect(path: Path):
     except _READ_ERRORS as e: return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
     return size[::-1] if turn in _QUARTER_TURNS else size
 
-def _verdict(path):
-    "The remembered `_inspect` of `path` (by path, size and modification time)."
+def _verdict(path, inspect: bool = True):
+    "The remembered `_inspect` of `path` (by path, size and modification time); `None` if not yet and not `inspect`."
     path = Path(path)
     try: st = path.stat()
     except OSError as e: return f'{e.strerror or type(e).__name__}'
     key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _VERDICTS: _VERDICTS[key] = _inspect(path)
-    return _VERDICTS[key]
+    if key not in _VERDICTS and inspect: _VERDICTS[key] = _inspect(path)
+    return _VERDICTS.get(key)
 
 def image_size(path) -> tuple:
     """`(width, height)` of the image at `path` as the package uses it (upright), once it is checked to open and to be
@@ -187,9 +187,14 @@ def image_size(path) -> tuple:
 def image_sizes(paths, progress: bool = False, threads: Optional[int] = None) -> list:
     "`image_size` of every path, checked in parallel: each `(width, height)`, or the reason the image cannot be read."
     paths = [Path(p) for p in paths]
-    with ThreadPoolExecutor(threads or min(16, 4 * (os.cpu_count() or 1))) as pool:
-        return list(tqdm(pool.map(_verdict, paths), total=len(paths), desc='checking images',
-                         disable=not (progress or len(paths) >= 2000)))
+    out = [_verdict(p, inspect=False) for p in paths]          # the ones checked before, unchanged since
+    todo = [i for i, v in enumerate(out) if v is None]
+    if todo:
+        with ThreadPoolExecutor(threads or min(16, 4 * (os.cpu_count() or 1))) as pool:
+            done = tqdm(pool.map(_verdict, [paths[i] for i in todo]), total=len(todo), desc='checking images',
+                        disable=not (progress or len(todo) >= 2000))
+            for i, v in zip(todo, done): out[i] = v
+    return out
 
 def check_images(paths, what: str = 'dataset', progress: bool = False) -> list:
     """Check that every image in `paths` opens and is whole (see above), in parallel; returns their sizes. One that
