@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable, Optional
 import numpy as np
 import torch
-from ..config import check_config
 from ..core import (data_root, atomic_write_bytes, atomic_write_json, atomic_path, provenance, UserError,
                           DiskSpaceError, RunLockedError, sha256_file, sha256_bytes, file_lock)
 from .. import distributed as D
@@ -534,7 +533,6 @@ def get_feature_cache(cfg,                    # a `dinoqpm.config.RunConfig`: it
                       **kw                    # further settings of `build_feature_cache` (`batch_size`, `rebuild`, ...)
                      ) -> FeatureCache:
     "`build_feature_cache` for the data and backbone of a `dinoqpm.config.RunConfig` (with its dataset settings)."
-    check_config(cfg)                       # every value in its range before any work
     kw.setdefault('dataset_kw', dataset_kwargs(cfg))
     return build_feature_cache(cfg.data.dataset, split, cfg.backbone.name, root=cfg.data.root, weights_dir=cfg.backbone.weights_dir,
                                weights_file=cfg.backbone.weights_file,
