@@ -254,6 +254,25 @@ def test_every_value_outside_its_setting_is_refused_before_any_work(world, tmp_p
         assert snapshot(world, tmp_path) == before and not (tmp_path / 'run').exists(), (key, value)
 
 
+
+@pytest.mark.parametrize('entry', ['run_qpm', 'extract_caches', 'train_dense', 'finetune', 'run_baseline'])
+def test_the_python_entry_points_check_every_value_first(world, tmp_path, entry):
+    "The same refusal from Python, before the run directory, a cache or a model exists (here `qp.time_limit=inf`)."
+    from dinoqpm.config import ConfigError, update_config
+    from dinoqpm.baselines import run_baseline
+    from dinoqpm.pipeline import extract_caches, run_qpm
+    from dinoqpm.train import finetune, train_dense
+    cfg = update_config(_smoke_cfg(world), {'qp.time_limit': 'inf', 'finetune.lambda_fm': 'nan'})
+    call = {'run_qpm': lambda: run_qpm(cfg, tmp_path / 'run', cache_root=tmp_path / 'cache', progress=False),
+            'extract_caches': lambda: extract_caches(cfg, cache_root=tmp_path / 'cache', progress=False),
+            'train_dense': lambda: train_dense(cfg, None, None, tmp_path / 'run', progress=False),
+            'finetune': lambda: finetune(cfg, None, train_cache=object(), run_dir=tmp_path / 'run', progress=False),
+            'run_baseline': lambda: run_baseline(cfg, 'sldd', tmp_path / 'run', cache_root=tmp_path / 'cache', progress=False)}[entry]
+    before = snapshot(world)
+    with pytest.raises(ConfigError, match=r"2 invalid setting\(s\): finetune.lambda_fm=nan: must be a finite number; qp.time_limit=inf"):
+        call()
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists() and snapshot(world) == before
+
 def test_the_seed_range_is_what_numpy_scikit_learn_and_torch_take():
     "The seeds' declared bounds are exactly what their consumers accept: both ends work, one step past them fails."
     import torch
