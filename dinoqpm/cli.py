@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, errno, logging, os, sys, traceback
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, demo_config, load_config, parse_overrides, update_config
+from .config import ConfigError, RunConfig, check_config, demo_config, load_config, parse_overrides, update_config
 from .core import setup_logging, UserError, describe_os_error
 # Each command imports the rooms it uses when it runs, so that `dinoqpm --help` answers without importing torch or any
 # room (tests/test_layers.py allows imports inside functions here and in the package's top only).
@@ -115,7 +115,7 @@ def _eval_mode(s: str):
 
 def train_config(args) -> RunConfig:
     """The run configuration of `dinoqpm train`: paper defaults (or `--demo`), then `--config`, then `--data`, then
-    `--set`, then `--seed`."""
+    `--set`, then `--seed`; every value checked against what its setting accepts (`check_config`) before any work."""
     cfg = demo_config() if args.demo else RunConfig()
     if args.config: cfg = load_config(args.config, base=cfg)
     if getattr(args, 'data', None):                 # your own images: every phase stops at convergence
@@ -126,7 +126,7 @@ def train_config(args) -> RunConfig:
             cfg = quick_budget(cfg)
     cfg = update_config(cfg, parse_overrides(args.overrides))
     if args.seed is not None: cfg = update_config(cfg, {'seed': args.seed})
-    return cfg
+    return check_config(cfg)
 
 def cmd_train(args) -> dict:
     from dinoqpm.pipeline import run_qpm

@@ -7,15 +7,57 @@ from __future__ import annotations
 import dataclasses, json
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 import math, typing
-from .core import UserError, MissingFileError
+from .core import UserError, MissingFileError, device_problem
 
 # %% auto #0
-__all__ = ['DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'OPTIMIZERS', 'TAU_RULES', 'ConfigError', 'DataConfig', 'BackboneConfig',
-           'AdapterConfig', 'PhaseConfig', 'QPConfig', 'RunConfig', 'config_to_dict', 'coerce_config_value',
-           'config_from_dict', 'update_config', 'parse_overrides', 'config_diff', 'check_config', 'flatten_dict',
-           'load_config', 'demo_config']
+__all__ = ['SEED', 'OPTIMIZERS', 'TAU_RULES', 'DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'Allowed', 'setting', 'ConfigError',
+           'DataConfig', 'BackboneConfig', 'AdapterConfig', 'PhaseConfig', 'QPConfig', 'RunConfig', 'config_to_dict',
+           'coerce_config_value', 'config_from_dict', 'update_config', 'parse_overrides', 'config_diff',
+           'config_settings', 'check_config', 'flatten_dict', 'load_config', 'demo_config']
+
+# %% ../nbs/00b_config.ipynb #c004b
+@dataclass(frozen=True)
+class Allowed:
+    """What a setting accepts besides its type: numbers with `lo <= v`, `above < v`, `v <= hi`, `v < below` (a float is
+    also finite), one of `choices`, or what `check(value)` allows (it returns the problem, or `None`). `checked_by` names
+    the later check that reads a free text (a registry, a file); `why` is the reason for a bound, shown with a refusal."""
+    lo: Optional[float] = None
+    above: Optional[float] = None
+    hi: Optional[float] = None
+    below: Optional[float] = None
+    choices: tuple = ()
+    check: Optional[Callable] = None
+    checked_by: str = ''
+    why: str = ''
+
+    def bounds(self) -> str:
+        "The range in words: `>= 1`, `> 0`, `in [0, 1)`, `in [2, 999]`."
+        lo = f'[{self.lo}' if self.lo is not None else f'({self.above}' if self.above is not None else ''
+        hi = f'{self.hi}]' if self.hi is not None else f'{self.below})' if self.below is not None else ''
+        if lo and hi: return f'in {lo}, {hi}'
+        if lo: return ('>= ' if lo[0] == '[' else '> ') + lo[1:]
+        return ('<= ' if hi[-1] == ']' else '< ') + hi[:-1] if hi else 'any number'
+
+    def problem(self, value) -> Optional[str]:
+        "Why `value` (of the setting's type) is not allowed, or `None`."
+        if value is None or isinstance(value, bool): return None          # null and booleans: the type says it all
+        if isinstance(value, float) and not math.isfinite(value): return 'must be a finite number'
+        if isinstance(value, (int, float)):
+            inside = ((self.lo is None or value >= self.lo) and (self.above is None or value > self.above)
+                      and (self.hi is None or value <= self.hi) and (self.below is None or value < self.below))
+            if not inside: return f'must be {self.bounds()}' + (f' ({self.why})' if self.why else '')
+        if self.choices and value not in self.choices: return f'expected one of {", ".join(map(str, self.choices))}'
+        return self.check(value) if self.check is not None else None
+
+def setting(default, **allowed) -> dataclasses.Field:
+    "A field of a configuration dataclass: its `default` and what it accepts (the keywords of `Allowed`)."
+    return field(default=default, metadata={'allowed': Allowed(**allowed)})
+
+SEED = dict(lo=0, hi=2**32 - 1, why='numpy and scikit-learn take seeds from 0 to 2**32 - 1')
+OPTIMIZERS = ('adamw_schedulefree', 'adamw', 'sgd')
+TAU_RULES = ('reference', 'intended')
 
 # %% ../nbs/00b_config.ipynb #c005
 class ConfigError(UserError, ValueError):
@@ -23,47 +65,54 @@ class ConfigError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = 'CUB2011'          # CUB2011 | StanfordCars | SynthBirds | folder (your own images, in data.root)
-    root: Optional[str] = None        # None: $DINOQPM_DATA, else ~/tmp/Datasets
-    preprocessing: str = 'paper'      # paper (dataset mean/std, then min-max to [0,1]) | imagenet
-    img_size: int = 224               # input side length given to the backbone
-    synth_classes: Optional[int] = None          # SynthBirds only: classes (None = generator default)
-    synth_images_per_class: Optional[int] = None # SynthBirds only: images per class (None = generator default)
-    synth_img_size: Optional[int] = None         # SynthBirds only: generated image size (None = generator default)
-    require_masks: bool = True        # CUB2011: a missing segmentations/ folder is an error (False: run without Plausibility)
-    test_fraction: float = 0.2        # folder datasets without train/ and test/ or split.csv: the share of each class held out
-    split_seed: int = 0               # ... and the seed of that split
+    # CUB2011 | StanfordCars | SynthBirds | folder (your own images, in data.root)
+    dataset: str = setting('CUB2011', checked_by='the dataset registry')
+    root: Optional[str] = setting(None, checked_by='the dataset reader')   # None: $DINOQPM_DATA, else ~/tmp/Datasets
+    # paper (dataset mean/std, then min-max to [0,1]) | imagenet
+    preprocessing: str = setting('paper', checked_by='dinoqpm.data.make_transform')
+    img_size: int = setting(224, lo=1, hi=8192)                           # input side length given to the backbone
+    # SynthBirds only: classes, images per class and image size (None = the generator's defaults)
+    synth_classes: Optional[int] = setting(None, lo=2, hi=999, why='the classes SynthBirds can design')
+    synth_images_per_class: Optional[int] = setting(None, lo=2, hi=100_000, why='a training and a test image per class')
+    synth_img_size: Optional[int] = setting(None, lo=64, hi=4096, why='SynthBirds draws at 64 px or more')
+    require_masks: bool = setting(True)   # CUB2011: a missing segmentations/ folder is an error (False: run without Plausibility)
+    # folder datasets without train/ and test/ or split.csv: the share of each class held out, and the seed of that split
+    test_fraction: float = setting(0.2, above=0, below=1)
+    split_seed: int = setting(0, **SEED)
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    name: str = 'dinov2_vitb14_reg4'  # see `dinoqpm.features.list_backbones()`, or timm:<any timm model>
-    weights_dir: Optional[str] = None # None: $DINOQPM_WEIGHTS, else ~/tmp/model_weights
-    weights_file: Optional[str] = None  # a weights file of its own (needed for timm:<model>; overrides weights_dir)
-    precision: str = 'bf16'           # token extraction on CUDA: bf16 autocast | fp32 (the CPU always computes in fp32)
+    # see `dinoqpm.features.list_backbones()`, or timm:<any timm model>
+    name: str = setting('dinov2_vitb14_reg4', checked_by='the backbone registry')
+    # None: $DINOQPM_WEIGHTS, else ~/tmp/model_weights; weights_file: a file of its own (for timm:<model>; overrides weights_dir)
+    weights_dir: Optional[str] = setting(None, checked_by='dinoqpm.features.check_weights')
+    weights_file: Optional[str] = setting(None, checked_by='dinoqpm.features.check_weights')
+    # token extraction on CUDA: bf16 autocast | fp32 (the CPU always computes in fp32)
+    precision: str = setting('bf16', choices=('bf16', 'fp32'))
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    n_layers: int = 4                 # Linear+BN+act blocks; 0 = identity (linear probe)
-    hidden: int = 2048                # hidden width H
-    n_features: int = 512             # output channels N_f
-    activation: str = 'relu'          # relu | gelu | sigmoid | tanh | leaky_relu
-    feat_vec_type: str = 'avg_pooling'  # avg_pooling | max_pooling | normal | mean_avg_pooling
-    arch_type: str = 'normal'         # normal | concat (CLS concatenated to every patch token)
-    dropout: float = 0.0              # dropout after each block but the last (0 = off, the paper)
+    n_layers: int = setting(4, lo=0, hi=64)            # Linear+BN+act blocks; 0 = identity (linear probe)
+    hidden: int = setting(2048, lo=1, hi=65536)        # hidden width H
+    n_features: int = setting(512, lo=1, hi=65536)     # output channels N_f
+    activation: str = setting('relu', checked_by='dinoqpm.model.check_adapter_config')           # relu | gelu | sigmoid | tanh | leaky_relu
+    feat_vec_type: str = setting('avg_pooling', checked_by='dinoqpm.model.check_adapter_config') # avg_pooling | max_pooling | normal | mean_avg_pooling
+    arch_type: str = setting('normal', checked_by='dinoqpm.model.check_adapter_config')          # normal | concat (CLS concatenated to every patch token)
+    dropout: float = setting(0.0, lo=0, below=1)       # dropout after each block but the last (0 = off, the paper)
 
 @dataclass(frozen=True)
 class PhaseConfig:
-    epochs: int = 25
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 7e-4
-    beta_div: float = 0.5             # weight of the feature-diversity loss
-    lambda_fm: float = 0.0            # sparsity loss on the feature maps
-    lambda_fv: float = 0.0            # sparsity loss on the feature vector
-    head_dropout: float = 0.2         # dropout on f before the head
-    optimizer: str = 'adamw_schedulefree'  # adamw_schedulefree | adamw | sgd
-    recompute_bn: bool = False        # True: recompute BN statistics for the averaged schedule-free weights (the authors do not)
-    stop_at_convergence: bool = False # True: stop once dinoqpm.train's convergence rule holds (epochs is then the cap)
+    epochs: int = setting(25, lo=1, hi=1_000_000)
+    batch_size: int = setting(32, lo=1)
+    lr: float = setting(1e-3, above=0)
+    weight_decay: float = setting(7e-4, lo=0)
+    beta_div: float = setting(0.5, lo=0)               # weight of the feature-diversity loss
+    lambda_fm: float = setting(0.0, lo=0)              # sparsity loss on the feature maps
+    lambda_fv: float = setting(0.0, lo=0)              # sparsity loss on the feature vector
+    head_dropout: float = setting(0.2, lo=0, below=1)  # dropout on f before the head
+    optimizer: str = setting('adamw_schedulefree', choices=OPTIMIZERS)
+    recompute_bn: bool = setting(False)   # True: recompute BN statistics for the averaged schedule-free weights (the authors do not)
+    stop_at_convergence: bool = setting(False)   # True: stop once dinoqpm.train's convergence rule holds (epochs is then the cap)
 
 DENSE_DEFAULTS = PhaseConfig()
 FINETUNE_DEFAULTS = PhaseConfig(epochs=25, batch_size=16, lr=5e-3, weight_decay=8e-4, beta_div=1.0,
@@ -71,20 +120,20 @@ FINETUNE_DEFAULTS = PhaseConfig(epochs=25, batch_size=16, lr=5e-3, weight_decay=
 
 @dataclass(frozen=True)
 class QPConfig:
-    n_select: int = 50                # N_f^*: features kept
-    n_per_class: int = 5              # N_f^c: features per class
-    solver: str = 'highs'             # highs | cbc
-    time_limit: float = 120.0         # seconds per solve
-    mip_gap: float = 0.005            # relative gap to stop at
-    tau: Optional[float] = None       # penalty threshold; None = clique rule
-    tau_rule: str = 'reference'       # reference (R >= t, as the authors' code) | intended (R >= t/2)
-    threads: Optional[int] = None
-    require_certified: bool = False   # True: a solution that misses mip_gap within time_limit is an error, not a warning
+    n_select: int = setting(50, lo=1)                  # N_f^*: features kept
+    n_per_class: int = setting(5, lo=1)                # N_f^c: features per class
+    solver: str = setting('highs', checked_by='dinoqpm.qp.require_solver')   # highs | cbc
+    time_limit: float = setting(120.0, above=0)        # seconds per solve
+    mip_gap: float = setting(0.005, lo=0)              # relative gap to stop at
+    tau: Optional[float] = setting(None)               # penalty threshold (any finite number); None = clique rule
+    tau_rule: str = setting('reference', choices=TAU_RULES)   # reference (R >= t, as the authors' code) | intended (R >= t/2)
+    threads: Optional[int] = setting(None, lo=1)
+    require_certified: bool = setting(False)   # True: a solution that misses mip_gap within time_limit is an error, not a warning
 
 @dataclass(frozen=True)
 class RunConfig:
-    seed: int = 383534468
-    device: str = 'auto'
+    seed: int = setting(383534468, **SEED)
+    device: str = setting('auto', check=device_problem)   # auto | cpu | cuda | cuda:N | mps, one this machine has
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -188,42 +237,36 @@ def config_diff(a: dict, b: dict, prefix='') -> list:
     return out
 
 # %% ../nbs/00b_config.ipynb #c014
-OPTIMIZERS = ('adamw_schedulefree', 'adamw', 'sgd')
-TAU_RULES = ('reference', 'intended')
+def config_settings(cls=None, prefix: str = '') -> list:
+    """`(dotted key, type, Allowed)` of every setting of the configuration dataclass `cls` (default `RunConfig`), its
+    sections walked; a field that declares no `Allowed` (not made with `setting`) is a `TypeError`."""
+    cls = cls or RunConfig
+    hints, out = typing.get_type_hints(cls), []
+    for f in fields(cls):
+        if is_dataclass(hints[f.name]): out += config_settings(hints[f.name], f'{prefix}{f.name}.'); continue
+        if 'allowed' not in f.metadata: raise TypeError(f'{cls.__name__}.{f.name} declares no Allowed values: make it with setting(...)')
+        out.append((prefix + f.name, hints[f.name], f.metadata['allowed']))
+    return out
+
+def _type_problem(value, hint) -> Optional[str]:
+    "Why `value` is not of the declared type `hint` (a config built in Python, not read by `coerce_config_value`), or `None`."
+    base, optional = _expected(hint)
+    if value is None: return None if optional else f'expected {base.__name__}, got null'
+    ok = isinstance(value, base) and not (isinstance(value, bool) and base is not bool)
+    if base is float: ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return None if ok else f'expected {base.__name__}{" or null" if optional else ""}, got {type(value).__name__}'
 
 def check_config(cfg: 'RunConfig') -> 'RunConfig':
-    "Raise `ConfigError` listing every value of `cfg` that is out of range (see above); returns `cfg`."
-    bad = []
-    def need(ok, key, what):
-        if not ok: bad.append(f'{key}={_get_dotted(cfg, key)!r}: {what}')
-    d = cfg.data
-    need(d.img_size >= 1, 'data.img_size', 'must be >= 1')
-    need(0 < d.test_fraction < 1, 'data.test_fraction', 'must be in (0, 1)')
-    for k in ('synth_classes', 'synth_images_per_class', 'synth_img_size'):
-        need(getattr(d, k) is None or getattr(d, k) >= 1, f'data.{k}', 'must be >= 1 (or null for the default)')
-    need(cfg.device == 'auto' or cfg.device.split(':')[0] in ('cpu', 'cuda', 'mps'), 'device', "expected auto, cpu, cuda, cuda:N or mps")
-    need(cfg.backbone.precision in ('bf16', 'fp32'), 'backbone.precision', 'expected bf16 or fp32')
-    a = cfg.adapter
-    need(a.n_layers >= 0, 'adapter.n_layers', 'must be >= 0')
-    need(a.hidden >= 1, 'adapter.hidden', 'must be >= 1'); need(a.n_features >= 1, 'adapter.n_features', 'must be >= 1')
-    need(0 <= a.dropout < 1, 'adapter.dropout', 'must be in [0, 1)')
-    for ph in ('dense', 'finetune'):
-        p = getattr(cfg, ph)
-        need(p.epochs >= 1, f'{ph}.epochs', 'must be >= 1'); need(p.batch_size >= 1, f'{ph}.batch_size', 'must be >= 1')
-        need(p.lr > 0 and math.isfinite(p.lr), f'{ph}.lr', 'must be > 0')
-        need(p.weight_decay >= 0, f'{ph}.weight_decay', 'must be >= 0')
-        for k in ('beta_div', 'lambda_fm', 'lambda_fv'): need(getattr(p, k) >= 0, f'{ph}.{k}', 'must be >= 0')
-        need(0 <= p.head_dropout < 1, f'{ph}.head_dropout', 'must be in [0, 1)')
-        need(p.optimizer in OPTIMIZERS, f'{ph}.optimizer', f'expected one of {", ".join(OPTIMIZERS)}')
+    "Raise `ConfigError` listing every value of `cfg` that its setting does not accept (see above); returns `cfg`."
+    bad = {}
+    for key, hint, allowed in config_settings(type(cfg)):
+        value = _get_dotted(cfg, key)
+        why = _type_problem(value, hint) or allowed.problem(value)
+        if why: bad[key] = f'{key}={value!r}: {why}'
     q = cfg.qp
-    need(q.n_per_class >= 1, 'qp.n_per_class', 'must be >= 1')
-    need(q.n_select >= q.n_per_class, 'qp.n_select', f'must be >= qp.n_per_class ({q.n_per_class}): every class needs its features')
-    need(q.time_limit > 0, 'qp.time_limit', 'must be > 0 seconds')
-    need(q.mip_gap >= 0, 'qp.mip_gap', 'must be >= 0')
-    need(q.tau is None or math.isfinite(q.tau), 'qp.tau', 'must be a finite number or null (the clique rule)')
-    need(q.tau_rule in TAU_RULES, 'qp.tau_rule', f'expected one of {", ".join(TAU_RULES)}')
-    need(q.threads is None or q.threads >= 1, 'qp.threads', 'must be >= 1 (or null)')
-    if bad: raise ConfigError(f'{len(bad)} invalid setting(s): ' + '; '.join(bad))
+    if not {'qp.n_select', 'qp.n_per_class'} & set(bad) and q.n_select < q.n_per_class:
+        bad['qp.n_select'] = f'qp.n_select={q.n_select!r}: must be >= qp.n_per_class ({q.n_per_class}): every class needs its features'
+    if bad: raise ConfigError(f'{len(bad)} invalid setting(s): ' + '; '.join(bad.values()))
     return cfg
 
 def _get_dotted(cfg, key):

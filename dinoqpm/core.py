@@ -12,13 +12,13 @@ from .numerics import numerics_record
 
 # %% auto #0
 __all__ = ['DISK_FULL_ERRNOS', 'WRITE_ELSEWHERE', 'ENV_DATA', 'ENV_WEIGHTS', 'ENV_RUNS', 'DEFAULT_DATA', 'DEFAULT_WEIGHTS',
-           'DEFAULT_RUNS', 'CHECKSUM_KEY', 'JOB_OUTPUTS', 'UserError', 'CorruptFileError', 'MissingFileError',
-           'DiskSpaceError', 'RunLockedError', 'describe_os_error', 'free_bytes', 'byte_count', 'disk_full_error',
-           'disk_full_named', 'data_root', 'weights_dir', 'runs_dir', 'repo_root', 'atomic_path', 'atomic_write_bytes',
-           'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_torch_save', 'npy_bytes', 'atomic_save_npy',
-           'content_digest', 'save_checked', 'load_checked', 'sha256_file', 'sha256_bytes', 'crc32_of', 'file_lock',
-           'seed_everything', 'get_device', 'setup_logging', 'git_state', 'git_commit', 'dinoqpm_version',
-           'package_versions', 'provenance']
+           'DEFAULT_RUNS', 'CHECKSUM_KEY', 'DEVICE_KINDS', 'JOB_OUTPUTS', 'UserError', 'CorruptFileError',
+           'MissingFileError', 'DiskSpaceError', 'RunLockedError', 'describe_os_error', 'free_bytes', 'byte_count',
+           'disk_full_error', 'disk_full_named', 'data_root', 'weights_dir', 'runs_dir', 'repo_root', 'atomic_path',
+           'atomic_write_bytes', 'atomic_write_text', 'json_safe', 'atomic_write_json', 'atomic_torch_save',
+           'npy_bytes', 'atomic_save_npy', 'content_digest', 'save_checked', 'load_checked', 'sha256_file',
+           'sha256_bytes', 'crc32_of', 'file_lock', 'seed_everything', 'get_device', 'device_problem', 'setup_logging',
+           'git_state', 'git_commit', 'dinoqpm_version', 'package_versions', 'provenance']
 
 # %% ../nbs/00a_core.ipynb #c019
 class UserError(Exception):
@@ -333,6 +333,22 @@ def get_device(device='auto'):
     import torch
     if device in (None, 'auto'): return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     return torch.device(device)
+
+DEVICE_KINDS = ('cpu', 'cuda', 'mps')
+
+def device_problem(device: str):
+    """Why `device` cannot run on this machine (an unknown name, `cuda` without a visible GPU, `cuda:N` beyond the GPUs
+    there are, `mps` without Apple's GPU), or `None`: `auto` and `cpu` always can."""
+    kind, colon, index = str(device).partition(':')
+    if device == 'auto' and not colon: return None
+    if kind not in DEVICE_KINDS or (colon and not index.isdigit()): return 'expected auto, cpu, cuda, cuda:N or mps'
+    if kind == 'cpu': return None
+    import torch
+    if kind == 'mps': return None if torch.backends.mps.is_available() else 'this machine has no MPS (Apple GPU) device; use auto or cpu'
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0: return 'this machine has no CUDA GPU that torch can use; use auto or cpu'
+    if colon and int(index) >= n: return f'this machine has {n} CUDA GPU(s), cuda:0 to cuda:{n - 1}'
+    return None
 
 def setup_logging(level='INFO'):
     "Configure the root logger once (used by notebooks and the CLI; library code only calls `logging.getLogger`)."

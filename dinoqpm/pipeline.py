@@ -114,8 +114,8 @@ def load_caches(cfg: RunConfig, cache_root=None, progress=True) -> tuple:
 
 # %% ../nbs/07_pipeline.ipynb #c019
 def validate_run_config(cfg: RunConfig, eval_mode='all') -> dict:
-    """Raise a `UserError` (naming the key, value or file) for anything in `cfg` that cannot run; returns what it read:
-    `{'n_classes', 'n_train'}`. SynthBirds is generated if missing (the data root is the data's, not the run's)."""
+    """Raise a `UserError` (naming the key, value or file) for anything in `cfg` that cannot run, every image of both splits
+    included (`dinoqpm.data.check_images`); returns what it read: `{'n_classes', 'n_train'}`. SynthBirds is generated if missing (the data root is the data's, not the run's)."""
     check_config(cfg)
     check_adapter_config(cfg.adapter)
     resolve_eval_mode(eval_mode)
@@ -128,6 +128,8 @@ def validate_run_config(cfg: RunConfig, eval_mode='all') -> dict:
     make_transform(d.preprocessing, d.dataset, d.img_size)
     check_weights(b.name, b.weights_dir, d.img_size, weights_file=b.weights_file)
     ds = load_dataset(d.dataset, 'train', root=d.root, **dataset_kwargs(cfg))
+    for split in (ds, load_dataset(d.dataset, 'test', root=d.root, **dataset_kwargs(cfg))):
+        split.check_images()                               # every image (and mask) opens and is whole
     C = ds.n_classes
     a = cfg.adapter
     J = a.n_features if a.n_layers > 0 else spec.embed_dim * (2 if a.arch_type == 'concat' else 1)

@@ -1,12 +1,13 @@
 """Every user mistake ends in one clear error, never a traceback: a table of cases, each run through the command line
 (`dinoqpm.cli.main`, the code behind `python -m dinoqpm`) and checked for exit code 2, no traceback, the culprit named in
 stderr, and the watched folders left exactly as they were."""
-import errno, hashlib, json, os, shutil, subprocess, sys, textwrap, time
+import dataclasses, errno, hashlib, json, math, os, shutil, subprocess, sys, textwrap, time, typing
 from pathlib import Path
 import numpy as np
 import pytest, yaml
 
 from dinoqpm.cli import main
+from dinoqpm.config import RunConfig
 
 
 def snapshot(*folders) -> dict:
@@ -60,6 +61,12 @@ def _bad_weights(world, tmp_path, how):
     w = tmp_path / 'weights'; shutil.copytree(world / 'weights', w)
     f = w / 'dinov2_test_tiny_pretrain.pth'
     if how == 'truncated': f.write_bytes(f.read_bytes()[:1000])
+    elif how == 'pickle': _pickle(f)                             # a pickle that would run code on loading
+    elif how == 'torch_pickle':                                  # the same inside torch.save's zip file
+        import torch
+        class Evil:
+            def __reduce__(self): return (os.system, ('echo pwned > /tmp/dinoqpm_pwned',))
+        torch.save({'pos_embed': torch.zeros(1), 'hook': Evil()}, f)
     else:                                                        # a checkpoint of another architecture under this name
         import torch
         torch.save({'cls_token': torch.zeros(1, 1, 8), 'pos_embed': torch.zeros(1, 5, 8)}, f)
@@ -116,6 +123,166 @@ def test_user_mistake_is_one_clear_error(world, tmp_path, capsys, name):
     assert 'Traceback' not in err and expect in err, err
     assert snapshot(*watched) == before, 'the command changed files it should not have touched'
     assert not (tmp_path / 'run').exists(), 'a refused configuration wrote a run directory'
+
+
+
+
+# ------------------------------------------------------------------ bad files found before any work, each in one line
+def _broken_image(world, tmp_path, how):
+    "A copy of the smoke run's SynthBirds with one image (or mask) truncated or replaced by a decompression bomb."
+    data = tmp_path / 'data'; shutil.copytree(world / 'data', data)
+    a = data / 'SynthBirds' / 'CUB_200_2011'
+    split = dict(line.split() for line in (a / 'train_test_split.txt').read_text().splitlines())
+    rel = next(line.split()[1] for line in (a / 'images.txt').read_text().splitlines() if split[line.split()[0]] == '0')
+    f = (a / 'segmentations' / rel).with_suffix('.png') if how == 'mask' else a / 'images' / rel   # a test image: both splits are checked
+    if how == 'bomb':
+        import struct, zlib
+        chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))
+        f.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 20000, 20000, 8, 2, 0, 0, 0))
+                      + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
+    else: f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    args = ['--set', f'data.root={data}', '--cache-root', tmp_path / 'cache']
+    return [*args, *[x for k in ('synth_classes', 'synth_images_per_class', 'synth_img_size')
+                     for x in ('--set', f'data.{k}={getattr(_smoke_cfg(world).data, k)}')]], f
+
+
+def _smoke_cfg(world):
+    from dinoqpm.config import load_config
+    return load_config(world / 'smoke.yaml')
+
+
+BAD_FILES = {   # name -> (the files, text of the one-line refusal); the culprit's path must be named too
+    'truncated_image': (lambda w, t: _broken_image(w, t, 'truncated'), 'cannot read image'),
+    'truncated_mask': (lambda w, t: _broken_image(w, t, 'mask'), 'cannot read image'),
+    'decompression_bomb': (lambda w, t: _broken_image(w, t, 'bomb'), 'too large to open safely'),
+    'weights_malicious_pickle': (lambda w, t: (_bad_weights(w, t, 'pickle'), t / 'weights' / 'dinov2_test_tiny_pretrain.pth'),
+                                 'refusing to load the weights file'),
+    'weights_malicious_torch_save': (lambda w, t: (_bad_weights(w, t, 'torch_pickle'), t / 'weights' / 'dinov2_test_tiny_pretrain.pth'),
+                                     "refusing to load the weights file"),
+}
+
+
+@pytest.mark.parametrize('name', list(BAD_FILES))
+def test_bad_file_is_one_line_before_any_work(world, tmp_path, capsys, name):
+    "Exit 2 with one line naming the file, before the run directory or any cache file exists, nothing else written."
+    make, expect = BAD_FILES[name]
+    args, culprit = make(world, tmp_path)
+    before = snapshot(world, tmp_path)
+    code, err = cli(capsys, *train_args(world, tmp_path, *args))
+    line = err.rstrip('\n').splitlines()[-1]
+    assert code == 2 and line.startswith('dinoqpm train: error: ') and expect in line and str(culprit) in line, err
+    assert 'Traceback' not in err and not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists()
+    assert snapshot(world, tmp_path) == before and not Path('/tmp/dinoqpm_pwned').exists()
+
+
+# ------------------------------------------------------------------ every setting, just outside what it accepts
+def leaf_settings(cls=RunConfig, prefix=''):
+    "`(dotted key, type, Allowed)` of every setting, read off the dataclasses here (not through dinoqpm's own walker)."
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]): yield from leaf_settings(hints[f.name], f'{prefix}{f.name}.')
+        else: yield prefix + f.name, hints[f.name], f.metadata['allowed']
+
+
+def just_outside(hint, allowed) -> list:
+    """`--set` values just outside what a setting accepts: one step past each bound (the next integer, the next float),
+    inf and nan for a float, an unknown choice, and what its type refuses (null where it is not optional, a fraction)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    out = [] if optional else ['null']
+    if base is bool: return out + ['maybe']
+    if base is str: return out + (['x' + allowed.choices[0]] if allowed.choices else [])
+    down = (lambda v: v - 1) if base is int else (lambda v: math.nextafter(v, -math.inf))
+    up = (lambda v: v + 1) if base is int else (lambda v: math.nextafter(v, math.inf))
+    out += [down(allowed.lo)] if allowed.lo is not None else []
+    out += [allowed.above] if allowed.above is not None else []
+    out += [up(allowed.hi)] if allowed.hi is not None else []
+    out += [allowed.below] if allowed.below is not None else []
+    out += ['inf', '-inf', 'nan', '1e999'] if base is float else ['2.5', 'inf']
+    return [repr(float(v)) if base is float and not isinstance(v, str) else str(v) for v in out]
+
+
+def _devices_that_are_not_here() -> list:
+    import torch
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ['gpu', 'cuda:x', f'cuda:{n}'] + ([] if n else ['cuda']) + ([] if torch.backends.mps.is_available() else ['mps'])
+
+# settings whose values a check of their own decides: the values to try (built from the world and tmp_path)
+CHECKED_BY_FUNCTION = {'device': lambda w, t: _devices_that_are_not_here()}
+# free texts that a later check reads (a registry, a file): a wrong value, and what stderr names (the key, or the file)
+CHECKED_LATER = {
+    'data.dataset': (lambda w, t: 'CUB2012', 'data.dataset'),
+    'data.root': (lambda w, t: (t / 'afile', (t / 'afile').write_text('x'))[0], 'afile'),
+    'data.preprocessing': (lambda w, t: 'sharpest', 'data.preprocessing'),
+    'backbone.name': (lambda w, t: 'dinov5_vitb14', 'backbone.name'),
+    'backbone.weights_dir': (lambda w, t: t / 'no_weights', 'no_weights'),
+    'backbone.weights_file': (lambda w, t: t / 'none.pth', 'none.pth'),
+    'adapter.activation': (lambda w, t: 'swish', 'adapter.activation'),
+    'adapter.feat_vec_type': (lambda w, t: 'median_pooling', 'adapter.feat_vec_type'),
+    'adapter.arch_type': (lambda w, t: 'deep', 'adapter.arch_type'),
+    'qp.solver': (lambda w, t: 'gurobi', 'qp.solver'),
+}
+SETTINGS = {key: (hint, allowed) for key, hint, allowed in leaf_settings()}
+
+
+def test_every_setting_is_walked():
+    "Every setting is a range (walked below), or checked by a function, or a free text with its case in CHECKED_LATER."
+    later = {k for k, (_, a) in SETTINGS.items() if a.checked_by}
+    assert later == set(CHECKED_LATER), later ^ set(CHECKED_LATER)
+    assert {k for k, (_, a) in SETTINGS.items() if a.check} == set(CHECKED_BY_FUNCTION)
+    assert all(just_outside(*SETTINGS[k]) for k in SETTINGS if k not in CHECKED_LATER | CHECKED_BY_FUNCTION.keys())
+    assert {'seed', 'qp.time_limit', 'qp.mip_gap', 'dense.weight_decay', 'dense.beta_div', 'finetune.lambda_fm',
+            'finetune.lambda_fv', 'data.test_fraction'} <= set(SETTINGS)
+
+
+@pytest.mark.parametrize('key', list(SETTINGS))
+def test_every_value_outside_its_setting_is_refused_before_any_work(world, tmp_path, capsys, key):
+    """`train --set KEY=VALUE` with each value just outside what KEY accepts (and inf/nan for a float): exit 2, KEY (or
+    the file it names) in stderr, no traceback, nothing written: the values are checked before any work."""
+    hint, allowed = SETTINGS[key]
+    if key in CHECKED_LATER:
+        make, named = CHECKED_LATER[key]
+        cases = [(make(world, tmp_path), named)]
+    else:
+        values = CHECKED_BY_FUNCTION[key](world, tmp_path) if key in CHECKED_BY_FUNCTION else just_outside(hint, allowed)
+        cases = [(v, key) for v in values]
+    before = snapshot(world, tmp_path)
+    for value, named in cases:
+        code, err = cli(capsys, *train_args(world, tmp_path, '--set', f'{key}={value}'))
+        assert code == 2 and named in err and 'Traceback' not in err, (key, value, code, err)
+        assert snapshot(world, tmp_path) == before and not (tmp_path / 'run').exists(), (key, value)
+
+
+
+@pytest.mark.parametrize('entry', ['run_qpm', 'extract_caches', 'train_dense', 'finetune', 'run_baseline'])
+def test_the_python_entry_points_check_every_value_first(world, tmp_path, entry):
+    "The same refusal from Python, before the run directory, a cache or a model exists (here `qp.time_limit=inf`)."
+    from dinoqpm.config import ConfigError, update_config
+    from dinoqpm.baselines import run_baseline
+    from dinoqpm.pipeline import extract_caches, run_qpm
+    from dinoqpm.train import finetune, train_dense
+    cfg = update_config(_smoke_cfg(world), {'qp.time_limit': 'inf', 'finetune.lambda_fm': 'nan'})
+    call = {'run_qpm': lambda: run_qpm(cfg, tmp_path / 'run', cache_root=tmp_path / 'cache', progress=False),
+            'extract_caches': lambda: extract_caches(cfg, cache_root=tmp_path / 'cache', progress=False),
+            'train_dense': lambda: train_dense(cfg, None, None, tmp_path / 'run', progress=False),
+            'finetune': lambda: finetune(cfg, None, train_cache=object(), run_dir=tmp_path / 'run', progress=False),
+            'run_baseline': lambda: run_baseline(cfg, 'sldd', tmp_path / 'run', cache_root=tmp_path / 'cache', progress=False)}[entry]
+    before = snapshot(world)
+    with pytest.raises(ConfigError, match=r"2 invalid setting\(s\): finetune.lambda_fm=nan: must be a finite number; qp.time_limit=inf"):
+        call()
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'cache').exists() and snapshot(world) == before
+
+def test_the_seed_range_is_what_numpy_scikit_learn_and_torch_take():
+    "The seeds' declared bounds are exactly what their consumers accept: both ends work, one step past them fails."
+    import torch
+    from sklearn.utils import check_random_state
+    for key in ('seed', 'data.split_seed'):
+        a = SETTINGS[key][1]
+        for v in (a.lo, a.hi):
+            check_random_state(v); np.random.seed(v); np.random.default_rng(v); torch.manual_seed(v)
+        for v in (a.lo - 1, a.hi + 1):
+            with pytest.raises(ValueError): check_random_state(v)
 
 
 # ------------------------------------------------------------------ damaged files of a finished run

@@ -10,6 +10,7 @@ from PIL import Image
 
 from dinoqpm.data import (DATASETS, DATASET_STATS, IMAGENET_STATS, CUB2011Dataset, DatasetError, StanfordCarsDataset, compute_mean_std,
                           dilate_mask, load_dataset, make_transform, resize_mask_to_grid, resize_mask_uint8)
+from dinoqpm.data import FolderDataset, check_images, image_size, open_rgb
 from dinoqpm.data import (PART_NAMES, design_classes, load_synthbirds_truth, make_synthbirds, pair_difference,
                           part_label_map)
 
@@ -71,6 +72,89 @@ def write_cars_annos(base, recs):
     dt = [('class', 'O'), ('fname', 'O')]
     arr = np.array([(np.array([[c]]), f) for c, f in recs], dtype=dt).reshape(1, -1)
     scipy.io.savemat(base / 'car_devkit' / 'cars_train_annos.mat', {'annotations': arr})
+
+
+
+# ---------------------------------------------------------------- images: upright, and checked before any work
+# how a camera stores an upright picture under each EXIF orientation (the tag says how to turn it back), written with
+# numpy from the EXIF specification's table, independently of PIL's `ImageOps.exif_transpose`
+STORED_AS = {1: lambda a: a, 2: np.fliplr, 3: lambda a: np.rot90(a, 2), 4: np.flipud, 5: lambda a: a.transpose(1, 0, 2),
+             6: lambda a: np.rot90(a, 1), 7: lambda a: np.rot90(a, 2).transpose(1, 0, 2), 8: lambda a: np.rot90(a, -1)}
+
+
+def save_as_camera(upright: np.ndarray, path, orientation: int, **kw):
+    "Store the upright picture `upright` as a camera does under `orientation`, with the EXIF tag saying so."
+    exif = Image.Exif(); exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(STORED_AS[orientation](upright))).save(path, exif=exif, **kw)
+    return Path(path)
+
+
+@pytest.mark.parametrize('orientation', list(STORED_AS))
+@pytest.mark.parametrize('fmt', ['png', 'jpg'])
+def test_images_are_read_upright(tmp_path, orientation, fmt):
+    "Every EXIF orientation, in PNG (exactly) and JPEG (its blocks): `open_rgb` and `image_size` give the upright picture."
+    up = np.zeros((64, 96, 3), np.uint8); up[:32, :48] = (250, 10, 10); up[32:, 48:] = (10, 10, 250)   # red top left, blue bottom right
+    p = save_as_camera(up, tmp_path / f'photo.{fmt}', orientation, **({'quality': 95} if fmt == 'jpg' else {}))
+    got = np.asarray(open_rgb(p)).astype(int)
+    assert got.shape == up.shape and image_size(p) == (96, 64)
+    assert (np.array_equal(got, up) if fmt == 'png' else np.abs(got - up).mean() < 4), np.abs(got - up).mean()
+
+
+def test_a_sideways_photo_trains_as_the_upright_one(tmp_path):
+    "A folder dataset with a photo stored sideways: its item is the upright one's, and a mask drawn on the upright picture fits."
+    rng = np.random.default_rng(0)
+    pics = {c: (rng.random((40, 56, 3)) * 255).astype(np.uint8) for c in ('a', 'b')}
+    for d, turn in (('upright', 1), ('sideways', 6)):
+        for c, px in pics.items():
+            for i in range(2):
+                (tmp_path / d / c).mkdir(parents=True, exist_ok=True)
+                save_as_camera(px, tmp_path / d / c / f'{i}.png', turn if (c, i) == ('a', 0) else 1)
+                (tmp_path / d / 'masks' / c).mkdir(parents=True, exist_ok=True)
+                Image.new('L', (56, 40), 255).save(tmp_path / d / 'masks' / c / f'{i}.png')      # the upright picture's size
+    tf = make_transform('imagenet', 'folder', 28)
+    sets = {d: FolderDataset(tmp_path / d, 'train', transform=tf, test_fraction=0.5) for d in ('upright', 'sideways')}
+    assert len(sets['sideways']) == 2
+    for i in range(2):
+        assert torch.equal(sets['sideways'][i]['image'], sets['upright'][i]['image'])
+        assert np.array_equal(sets['sideways'].mask(i), sets['upright'].mask(i))
+
+
+def _bomb_png(path, side=20000):
+    "A PNG whose header declares `side` x `side` pixels (over PIL's decompression-bomb limit); a few bytes on disk."
+    import struct, zlib
+    chunk = lambda t, d: struct.pack('>I', len(d)) + t + d + struct.pack('>I', zlib.crc32(t + d))
+    Path(path).write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 8, 0, 0, 0, 0))
+                           + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
+    return Path(path)
+
+
+def _cut(path, keep=0.5):
+    data = Path(path).read_bytes(); Path(path).write_bytes(data[:int(len(data) * keep)]); return Path(path)
+
+
+BAD_IMAGES = {   # name -> (how the file is made from a good JPEG at `p`, text of the refusal)
+    'jpeg_cut_in_half': (lambda p: _cut(p), 'the file is truncated (it ends after'),
+    'jpeg_cut_near_the_end': (lambda p: _cut(p, 0.97), 'the file is truncated'),
+    'decompression_bomb': (lambda p: _bomb_png(p.with_suffix('.png')), 'too large to open safely: Image size (400000000 pixels)'),
+    'not_an_image': (lambda p: (p.write_bytes(b'GIF? no'), p)[1], 'UnidentifiedImageError'),
+    'empty_file': (lambda p: (p.write_bytes(b''), p)[1], 'UnidentifiedImageError'),
+}
+
+
+@pytest.mark.parametrize('name', list(BAD_IMAGES))
+def test_a_bad_image_is_one_line_naming_it(tmp_path, name):
+    "Checked from the header and the file's structure (nothing decoded): one line with the file and why."
+    make, why = BAD_IMAGES[name]
+    good = tmp_path / 'good.jpg'
+    Image.fromarray((np.random.default_rng(1).random((60, 80, 3)) * 255).astype(np.uint8)).save(good, quality=90)
+    bad = make(_copy(good, tmp_path / 'bad.jpg'))
+    with pytest.raises(DatasetError) as e: check_images([good, bad], 'my photos')
+    msg = str(e.value)
+    assert msg.startswith(f'my photos: cannot read image {bad}: ') and why in msg and '\n' not in msg, msg
+
+
+def _copy(src, dst):
+    Path(dst).write_bytes(Path(src).read_bytes()); return Path(dst)
 
 
 # ---------------------------------------------------------------- CUB reader

@@ -357,3 +357,20 @@ def test_a_tampered_config_is_one_line_naming_the_key(exported, tmp_path, how):
                                 '--output-json', tmp_path / 'p.json')
     assert code == 2 and len(err.splitlines()) == 1 and 'Traceback' not in err, err
     assert f"{bad / 'config.json'}: key {TAMPERED[how]}" in err, err
+
+def test_a_photo_stored_sideways_is_predicted_and_drawn_upright(exported, tmp_path):
+    "A bird stored as a phone does (rotated, with EXIF orientation 6): the same prediction and pictures as the upright file."
+    import numpy as np
+    from PIL import Image
+    from dinoqpm.share import run_inference
+    up = np.asarray(Image.open(sorted(exported.images.glob('*.png'))[0]).convert('RGB'))
+    (tmp_path / 'in').mkdir()
+    Image.fromarray(up).save(tmp_path / 'in' / 'a_upright.png')
+    exif = Image.Exif(); exif[0x0112] = 6                                  # "turn it 90 degrees clockwise to view it"
+    Image.fromarray(np.ascontiguousarray(np.rot90(up, 1))).save(tmp_path / 'in' / 'b_sideways.png', exif=exif)
+    rep = run_inference(exported.run, tmp_path / 'in', viz_dir=tmp_path / 'viz', batch_size=1, progress=False)   # one image a pass: no batch-position rounding
+    a, b = rep['predictions']
+    keys = ('pred_class', 'pred_confidence', 'topk_classes', 'topk_confidences', 'features_shown')
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    for kind in a['visualisation']:
+        assert Path(a['visualisation'][kind]).read_bytes() == Path(b['visualisation'][kind]).read_bytes(), kind

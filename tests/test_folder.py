@@ -166,13 +166,32 @@ def _case_no_train(t):
 def _case_missing_mask(t): d = _case_bad_mask(t); (d / 'masks' / 'b' / '2.png').unlink(); return d
 def _case_orphan_mask(t): d = _case_bad_mask(t); Image.new('L', (32, 24)).save(d / 'masks' / 'a' / '1.png'); Image.new('L', (4, 4)).save(d / 'masks' / 'b' / 'gone.png'); return d
 def _case_case_only(t): d = _bad(t, 'caseonly'); shutil.copytree(d / 'a', d / 'A'); return d
+def _case_truncated_jpeg(t):
+    d = _bad(t, 'truncjpg')
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(d / 'a' / 'x.jpg', quality=90)
+    data = (d / 'a' / 'x.jpg').read_bytes(); (d / 'a' / 'x.jpg').write_bytes(data[:len(data) * 2 // 3])
+    return d
+def _case_decompression_bomb(t):
+    import struct, zlib
+    d = _bad(t, 'bomb')
+    chunk = lambda k, b: struct.pack('>I', len(b)) + k + b + struct.pack('>I', zlib.crc32(k + b))
+    (d / 'b' / 'big.png').write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 30000, 30000, 8, 2, 0, 0, 0))
+                                      + chunk(b'IDAT', zlib.compress(b'')) + chunk(b'IEND', b''))
+    return d
+def _case_one_image_per_class(t):
+    d = _bad(t, 'single')
+    for c in ('a', 'b'):
+        for i in (1, 2): (d / c / f'{i}.png').unlink()
+    return d
 
 BAD = [(_case_missing, 'is not a folder'), (_case_one_class, 'single class folder'), (_case_corrupt, 'a/x.jpg'),
        (_case_empty_class, 'has no images'), (_case_empty_first_split_class, 'train/0empty has no images'), (_case_bad_mask, 'masks/a/1.png is 30x24'),
        (_case_bad_split, 'line 2: a/9.png is not an image'), (_case_bad_split_name, 'split must be train or test'),
        (_case_empty_root, 'no class folders'), (_case_no_test, 'b: 3 train, 0 test image(s)'),
        (_case_no_train, 'classes without a folder in'), (_case_missing_mask, 'b/2.png (expected'),
-       (_case_orphan_mask, 'masks/b/gone.png belongs to no image'), (_case_case_only, 'differ only in case: A, a')]
+       (_case_orphan_mask, 'masks/b/gone.png belongs to no image'), (_case_case_only, 'differ only in case: A, a'),
+       (_case_truncated_jpeg, 'a/x.jpg: the file is truncated'), (_case_decompression_bomb, 'b/big.png: too large to open safely'),
+       (_case_one_image_per_class, 'every class needs two images or more')]
 
 @pytest.mark.parametrize('make,expect', BAD, ids=[f.__name__[6:] for f, _ in BAD])
 def test_bad_folders_are_refused_before_any_work(tmp_path, cli, make, expect):
@@ -184,6 +203,15 @@ def test_bad_folders_are_refused_before_any_work(tmp_path, cli, make, expect):
     assert r.returncode == 2 and expect in r.stderr and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before       # nothing written
 
+
+
+@pytest.mark.parametrize('make,name', [(_case_truncated_jpeg, 'a/x.jpg'), (_case_decompression_bomb, 'b/big.png')])
+def test_an_unreadable_image_is_one_line_naming_it(tmp_path, cli, make, name):
+    d = make(tmp_path)
+    r = cli('train', '--demo', '--data', d, '--run-dir', tmp_path / 'run', cwd=tmp_path, DINOQPM_DATA=str(tmp_path / 'dataroot'))
+    last = r.stderr.rstrip('\n').splitlines()[-1]
+    assert r.returncode == 2 and last.startswith('dinoqpm train: error: folder dataset: ') and f'{d}: {name}: ' in last, r.stderr
+    assert not (tmp_path / 'run').exists() and not (tmp_path / 'dataroot').exists()
 
 def test_moving_an_image_between_splits_makes_a_new_cache(world):
     t, mine = world

@@ -4,8 +4,9 @@
 
 # %% ../../nbs/01c_data.ipynb #c003
 from __future__ import annotations
-from .readers import (IMAGE_EXTENSIONS, IMAGENET_STATS, DATASET_STATS, PREPROCESSING, DatasetError, Sample,
-                                  dilate_mask, resize_mask_uint8, resize_mask_to_grid, open_rgb, ImageDataset,
+from .readers import (IMAGE_EXTENSIONS, IMAGE_ORIENTATION, IMAGENET_STATS, DATASET_STATS, PREPROCESSING,
+                                  DatasetError, Sample, dilate_mask, resize_mask_uint8, resize_mask_to_grid, open_rgb,
+                                  image_size, image_sizes, check_images, ImageDataset,
                                   locate_archive, CUB2011Dataset, StanfordCarsDataset, Preprocess, make_transform,
                                   compute_mean_std)
 from .synthbirds import (ensure_synthbirds, SynthBirdsDataset, PART_NAMES, COLOURS, PART_ATTRIBUTES,
@@ -13,7 +14,7 @@ from .synthbirds import (ensure_synthbirds, SynthBirdsDataset, PART_NAMES, COLOU
                                      spec_distance, design_classes, bird_geometry, sample_pose, make_background,
                                      part_locations, render_sample, pair_difference, make_synthbirds,
                                      load_synthbirds_truth, part_label_map)
-from .folder import (RESERVED_DIRS, SPLIT_FILE, MASKS_DIR, image_size, stratified_split, read_split_file,
+from .folder import (RESERVED_DIRS, SPLIT_FILE, MASKS_DIR, stratified_split, read_split_file,
                                  FolderLayout, write_split_file, scan_folder, FolderDataset, export_cub_as_folder)
 
 # %% auto #0

@@ -10,15 +10,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Optional
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 from ..core import atomic_write_text, disk_full_named
-from .readers import DatasetError, ImageDataset, Sample, IMAGE_EXTENSIONS
+from .readers import DatasetError, ImageDataset, Sample, IMAGE_EXTENSIONS, image_sizes
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RESERVED_DIRS', 'SPLIT_FILE', 'MASKS_DIR', 'image_size', 'stratified_split', 'read_split_file', 'FolderLayout',
+__all__ = ['log', 'RESERVED_DIRS', 'SPLIT_FILE', 'MASKS_DIR', 'stratified_split', 'read_split_file', 'FolderLayout',
            'write_split_file', 'scan_folder', 'FolderDataset', 'export_cub_as_folder']
 
 # %% ../../nbs/01b_data_folder.ipynb #c006
@@ -26,7 +25,6 @@ RESERVED_DIRS = ('masks', 'dinoqpm_cache')
 SPLIT_FILE = 'split.csv'
 MASKS_DIR = 'masks'
 _MAX_LISTED = 20
-_HEADERS: dict = {}          # (path, size, mtime_ns) -> (width, height) or an error string
 _LOGGED: set = set()           # (root, message) logged already: a folder read five times in a run is reported once
 
 def _log_once(level, root, msg, *args):
@@ -62,20 +60,6 @@ def _class_dirs(base: Path, root: Path, problems: list) -> list:
     for group in low.values():
         if len(group) > 1: problems.append(f'{base}: class folders differ only in case: {", ".join(group)}')
     return names
-
-def image_size(path) -> tuple:
-    "`(width, height)` from the image header (no pixels decoded); remembered per path, size and mtime."
-    path = Path(path)
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _HEADERS:
-        try:
-            with Image.open(path) as im: _HEADERS[key] = tuple(im.size)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            _HEADERS[key] = f'{type(e).__name__}: {e}'
-    v = _HEADERS[key]
-    if isinstance(v, str): raise DatasetError(f'cannot read image {path}', [v])
-    return v
 
 # %% ../../nbs/01b_data_folder.ipynb #c008
 def stratified_split(labels, test_fraction: float = 0.2, seed: int = 0) -> np.ndarray:
@@ -227,6 +211,9 @@ def _checked_split(root: Path, layout: str, rels, files: dict, fixed: dict, labe
                    split_seed: int) -> dict:
     "`{relpath: split}` (drawn for a seeded split), refused if a split or a class in one of them is empty."
     if layout == 'seeded split':
+        if len(rels) == len(label):                            # one image per class: nothing to hold out
+            raise DatasetError(f'folder dataset: every class folder in {root} holds a single image; every class needs two '
+                               f'images or more (one to train on, one to test on)')
         test = stratified_split([label[files[r]] for r in rels], test_fraction, split_seed)
         fixed = {r: 'test' if t else 'train' for r, t in zip(rels, test)}
     for s in ('train', 'test'):
@@ -246,22 +233,22 @@ def _checked_masks_and_headers(root: Path, rels, found, progress: bool) -> dict:
     mis-sized or orphaned masks are one `DatasetError` listing them."""
     masks_dir = root / MASKS_DIR
     has_masks = masks_dir.is_dir()
-    mask_of, bad, no_mask, bad_masks = {}, [], [], []
-    for r in tqdm(rels, desc=f'checking {root.name}', disable=not (progress or len(rels) >= 2000)):
-        try: size = image_size(root / r)
-        except DatasetError as e: bad.append(f'{r}: {e.problems[0] if e.problems else e.what}'); continue
-        if has_masks:
-            m = _find_mask(masks_dir, r)
-            if m is None: no_mask.append(f'{r} (expected {masks_dir / Path(r).with_suffix(".png")})'); continue
-            mask_of[r] = m.relative_to(root).as_posix()
-            try: msize = image_size(m)
-            except DatasetError as e: bad_masks.append(f'{mask_of[r]}: {e.problems[0] if e.problems else e.what}'); continue
-            if msize != size: bad_masks.append(f'{mask_of[r]} is {msize[0]}x{msize[1]}, its image {r} is {size[0]}x{size[1]}')
+    mask_of, no_mask = {}, []
+    for r in rels if has_masks else []:
+        m = _find_mask(masks_dir, r)
+        if m is None: no_mask.append(f'{r} (expected {masks_dir / Path(r).with_suffix(".png")})')
+        else: mask_of[r] = m.relative_to(root).as_posix()
+    files = list(rels) + list(mask_of.values())                 # every image and mask, checked in parallel
+    size = dict(zip(files, image_sizes([root / f for f in files], progress)))
+    bad = [f'{r}: {size[r]}' for r in rels if isinstance(size[r], str)]
+    bad_masks = [f'{m}: {size[m]}' if isinstance(size[m], str) else f'{m} is {size[m][0]}x{size[m][1]}, its image {r} is {size[r][0]}x{size[r][1]}'
+                 for r, m in mask_of.items() if not isinstance(size[r], str) and size[m] != size[r]]
     if has_masks:                                            # a mask must belong to an image of a class folder
         stems = {Path(r).with_suffix('').as_posix() for r in found}
         orphans = [m for m in _walk_images(masks_dir, root, []) if Path(m).relative_to(MASKS_DIR).with_suffix('').as_posix() not in stems]
         if orphans: bad_masks += [f'{m} belongs to no image (expected an image at {Path(m).relative_to(MASKS_DIR).with_suffix("")}.*)'
                                   for m in orphans]
+    if len(bad) == 1: raise DatasetError(f'folder dataset: 1 unreadable image(s) in {root}: {bad[0]}')   # one line
     if bad: raise DatasetError(f'folder dataset: {len(bad)} unreadable image(s) in {root}', _listed(bad),
                                'Fix or delete them (or move them out of the class folders).')
     if no_mask or bad_masks:

@@ -4,23 +4,25 @@
 
 # %% ../../nbs/01_data_readers.ipynb #c002
 from __future__ import annotations
-import logging
+import logging, os, re, struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Optional
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 from ..core import data_root, UserError
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'IMAGE_EXTENSIONS', 'IMAGENET_STATS', 'DATASET_STATS', 'PREPROCESSING', 'DatasetError', 'Sample', 'dilate_mask',
-           'resize_mask_uint8', 'resize_mask_to_grid', 'open_rgb', 'ImageDataset', 'locate_archive', 'CUB2011Dataset',
-           'StanfordCarsDataset', 'Preprocess', 'make_transform', 'compute_mean_std']
+__all__ = ['log', 'IMAGE_EXTENSIONS', 'IMAGE_ORIENTATION', 'IMAGENET_STATS', 'DATASET_STATS', 'PREPROCESSING', 'DatasetError',
+           'Sample', 'dilate_mask', 'resize_mask_uint8', 'resize_mask_to_grid', 'open_rgb', 'image_size', 'image_sizes',
+           'check_images', 'ImageDataset', 'locate_archive', 'CUB2011Dataset', 'StanfordCarsDataset', 'Preprocess',
+           'make_transform', 'compute_mean_std']
 
 # %% ../../nbs/01_data_readers.ipynb #c005
 class DatasetError(UserError, ValueError):
@@ -98,11 +100,15 @@ def resize_mask_to_grid(mask_uint8: np.ndarray, grid, dilate: bool = False) -> n
 
 # %% ../../nbs/01_data_readers.ipynb #c033
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff')   # the image files the package reads
+IMAGE_ORIENTATION = 'exif'     # images are used upright, turned by their EXIF orientation tag (a key of the token cache)
+_READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)   # a file PIL cannot read
 
 def open_rgb(path) -> Image.Image:
-    "The image at `path` as an 8-bit RGB `PIL.Image` (16/32-bit and float greyscale scaled, not clipped)."
+    """The image at `path` as an 8-bit RGB `PIL.Image`, turned upright by its EXIF orientation (16/32-bit and float
+    greyscale scaled, not clipped)."""
     with Image.open(path) as im:
         im.load()
+        ImageOps.exif_transpose(im, in_place=True)
         if im.mode.startswith('I;16') or im.mode in ('I', 'F'):
             a = np.asarray(im)
             if im.mode == 'F':
@@ -116,6 +122,90 @@ def open_rgb(path) -> Image.Image:
                 a = (a - lo) / (hi - lo) * 255 if hi > lo else np.zeros_like(a, dtype=np.float64)
             return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), 'L').convert('RGB')
         return im.convert('RGB')
+
+# %% ../../nbs/01_data_readers.ipynb #c036
+_EXIF_ORIENTATION = 0x0112
+_QUARTER_TURNS = (5, 6, 7, 8)                           # the orientations that swap width and height
+_NEXT_MARKER = re.compile(rb'\xff[^\x00\xd0-\xd7\xff]')   # after a JPEG scan: a marker (not a stuffed 0xFF00, a restart, a fill byte)
+_VERDICTS: dict = {}                                    # (path, size, mtime_ns) -> (width, height) upright, or why it cannot be read
+
+def _jpeg_cut_short(data: bytes) -> Optional[str]:
+    "Where the JPEG `data` ends before its end-of-image marker (its marker segments walked, nothing decoded), or `None`."
+    pos, n = 2, len(data)
+    while True:
+        pos = data.find(b'\xff', pos)                     # the next marker (libjpeg skips stray bytes, so do we)
+        while 0 <= pos < n - 1 and data[pos + 1] == 0xFF: pos += 1
+        if pos < 0 or pos + 2 > n: return f'it ends after {n} bytes, before its end-of-image marker'
+        m = data[pos + 1]
+        if m == 0xD9: return None                          # end of image: what follows is no part of it
+        if 0xD0 <= m <= 0xD7 or m in (0x00, 0x01): pos += 2; continue
+        end = pos + 2 + int.from_bytes(data[pos + 2:pos + 4], 'big')
+        if pos + 4 > n or end > n: return f'it ends after {n} bytes, inside a marker segment'
+        pos = end
+        if m == 0xDA:                                      # a scan: its entropy-coded data runs to the next marker
+            hit = _NEXT_MARKER.search(data, pos)
+            if hit is None: return f'it ends after {n} bytes, inside its image data'
+            pos = hit.start()
+
+def _orientation(im) -> int:
+    "The EXIF orientation (1 to 8) in an opened image's header; 1 when it has none. Reads no pixels."
+    if im.format == 'PNG' and 'exif' not in im.info: return 1      # PIL would decode a PNG to look behind its pixel data
+    return int(im.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+
+def _inspect(path: Path):
+    "`(width, height)` of the image upright, or why it cannot be read (its header, its size, whether the file is whole)."
+    try:
+        with Image.open(path) as im:
+            size, turn = tuple(im.size), _orientation(im)
+            if im.format == 'JPEG':
+                cut = _jpeg_cut_short(path.read_bytes())
+                if cut: return f'the file is truncated ({cut})'
+            elif im.format == 'PNG':
+                try: im.verify()                               # every chunk's CRC, to IEND; nothing inflated
+                except (OSError, SyntaxError, struct.error) as e: return f'the file is truncated or damaged ({e})'
+            else: im.load()
+    except Image.DecompressionBombError as e: return f'too large to open safely: {e}'
+    except _READ_ERRORS as e: return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0]}'
+    return size[::-1] if turn in _QUARTER_TURNS else size
+
+def _verdict(path, inspect: bool = True):
+    "The remembered `_inspect` of `path` (by path, size and modification time); `None` if not yet and not `inspect`."
+    path = Path(path)
+    try: st = path.stat()
+    except OSError as e: return f'{e.strerror or type(e).__name__}'
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _VERDICTS and inspect: _VERDICTS[key] = _inspect(path)
+    return _VERDICTS.get(key)
+
+def image_size(path) -> tuple:
+    """`(width, height)` of the image at `path` as the package uses it (upright), once it is checked to open and to be
+    whole (see above); a `DatasetError` naming the file otherwise."""
+    v = _verdict(path)
+    if isinstance(v, str): raise DatasetError(f'cannot read image {path}: {v}')
+    return v
+
+def image_sizes(paths, progress: bool = False, threads: Optional[int] = None) -> list:
+    "`image_size` of every path, checked in parallel: each `(width, height)`, or the reason the image cannot be read."
+    paths = [Path(p) for p in paths]
+    out = [_verdict(p, inspect=False) for p in paths]          # the ones checked before, unchanged since
+    todo = [i for i, v in enumerate(out) if v is None]
+    if todo:
+        with ThreadPoolExecutor(threads or min(16, 4 * (os.cpu_count() or 1))) as pool:
+            done = tqdm(pool.map(_verdict, [paths[i] for i in todo]), total=len(todo), desc='checking images',
+                        disable=not (progress or len(todo) >= 2000))
+            for i, v in zip(todo, done): out[i] = v
+    return out
+
+def check_images(paths, what: str = 'dataset', progress: bool = False) -> list:
+    """Check that every image in `paths` opens and is whole (see above), in parallel; returns their sizes. One that
+    cannot be read is a one-line `DatasetError` naming it; several are listed."""
+    paths = [Path(p) for p in paths]
+    sizes = image_sizes(paths, progress)
+    bad = [f'{p}: {v}' for p, v in zip(paths, sizes) if isinstance(v, str)]
+    if len(bad) == 1: raise DatasetError(f'{what}: cannot read image {bad[0]}')
+    if bad: raise DatasetError(f'{what}: {len(bad)} images cannot be read', bad[:20] + ([f'... and {len(bad) - 20} more'] if len(bad) > 20 else []),
+                               'Fix or delete them.')
+    return sizes
 
 # %% ../../nbs/01_data_readers.ipynb #c012
 class ImageDataset(torch.utils.data.Dataset):
@@ -140,12 +230,17 @@ class ImageDataset(torch.utils.data.Dataset):
         return np.array([s.label for s in self.samples], dtype=np.int64)
 
     def load_image(self, i: int) -> Image.Image:
-        "Sample `i` as a PIL RGB image; a corrupt or unreadable file raises `DatasetError` naming it."
+        "Sample `i` as a PIL RGB image (upright); a corrupt or unreadable file raises `DatasetError` naming it."
         p = self.samples[i].path
         try: return open_rgb(p)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            raise DatasetError(f'{self.name}: cannot read image {p} (sample {i}, image id {self.samples[i].image_id})',
-                               [f'{type(e).__name__}: {e}']) from e
+        except _READ_ERRORS as e:
+            raise DatasetError(f'{self.name}: cannot read image {p} (sample {i}, image id {self.samples[i].image_id}): '
+                               f'{type(e).__name__}: {(str(e).splitlines() or [""])[0]}') from e
+
+    def check_images(self, progress: bool = False) -> list:
+        "Check that every image of the split, and every mask, opens and is whole (`check_images`), before any work."
+        masks = [self.mask_path(i) for i in range(len(self))] if self.has_masks else []
+        return check_images([s.path for s in self.samples] + masks, f'{self.name} ({self.split} split)', progress)
 
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self): raise IndexError(f'index {i} out of range for {len(self)} samples')
@@ -167,10 +262,11 @@ class ImageDataset(torch.utils.data.Dataset):
         try:
             with Image.open(p) as im:
                 im.load()
+                ImageOps.exif_transpose(im, in_place=True)      # turned as its image is (`open_rgb`)
                 return np.asarray(im if im.mode == 'L' else im.convert('L'), dtype=np.uint8).copy()
         except FileNotFoundError as e:
             raise DatasetError(f'{self.name}: segmentation mask of sample {i} not found', [f'expected at {p}']) from e
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        except _READ_ERRORS as e:
             raise DatasetError(f'{self.name}: cannot read segmentation mask {p}', [f'{type(e).__name__}: {e}']) from e
 
     def token_masks(self, grid=(16, 16), dilate: bool = False, progress: bool = False) -> np.ndarray:

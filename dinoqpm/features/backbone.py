@@ -4,7 +4,7 @@
 
 # %% ../../nbs/02_features_backbone.ipynb #c002
 from __future__ import annotations
-import functools, logging, math, sys
+import functools, logging, math, pickle, re, sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -281,6 +281,20 @@ def resample_pos_embed_reference(pos_embed: torch.Tensor, grid: tuple, offset: f
 class WeightsError(UserError, ValueError):
     "A backbone weights file that cannot be read or does not fit the architecture."
 
+def _refused_pickle(path, e: Exception) -> bool:
+    "Whether `torch.load(weights_only=True)` refused a pickle of Python objects (not a damaged or foreign file)."
+    if not isinstance(e, pickle.UnpicklingError) or 'Weights only load failed' not in str(e): return False
+    if 'GLOBAL' in str(e) or 'Unsupported global' in str(e): return True
+    with open(path, 'rb') as f: head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5            # a pickle's PROTO opcode: it is one
+
+def _pickle_refusal(path, e: Exception) -> str:
+    "One line for a weights file that `torch.load(weights_only=True)` refuses, naming the file and what it would have run."
+    what = re.search(r'GLOBAL [\w.]+|Unsupported operand \d+|Unsupported global: [^\n]*', str(e))
+    return (f'refusing to load the weights file {path}: it holds pickled Python objects beside tensors, which could run '
+            f'code' + (f" (torch's safe loader stopped at: {what.group(0)})" if what else '') + '; save the bare state '
+            f'dict (torch.save(model.state_dict(), ...)) or a .safetensors file')
+
 def _read_state_dict(path: Path, mmap: bool = False) -> dict:
     "The state dict in a weights file (unwrapped from training checkpoints); `mmap` maps it instead of reading it."
     try:
@@ -292,7 +306,9 @@ def _read_state_dict(path: Path, mmap: bool = False) -> dict:
           except RuntimeError as e:
             if not mmap or 'mmap' not in str(e): raise
             sd = torch.load(path, map_location='cpu', weights_only=True)       # a legacy (non-zip) file cannot be mapped
-    except Exception as e: raise WeightsError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from None
+    except Exception as e:
+        if _refused_pickle(path, e): raise WeightsError(_pickle_refusal(path, e)) from None
+        raise WeightsError(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:300]})') from None
     for key in ('teacher', 'model', 'state_dict'):   # full training checkpoints wrap the weights
         if isinstance(sd, dict) and isinstance(sd.get(key), dict): sd = sd[key]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -15,7 +15,7 @@ from ..core import (data_root, atomic_write_bytes, atomic_write_json, atomic_sav
 from .. import distributed as D
 from .backbone import (FrozenBackbone, create_backbone, get_backbone_spec, weights_path,
                                        missing_weights_error)
-from ..data import DatasetError, load_dataset, make_transform, dataset_kwargs
+from ..data import DatasetError, IMAGE_ORIENTATION, load_dataset, make_transform, dataset_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,11 @@ def _json_hash(obj) -> str:
 def feature_cache_key(dataset: str, split: str, backbone: str, weights: dict, preprocessing: str, img_size: int,
                       samples_fingerprint: Optional[str] = None, masks: bool = False, precision: str = 'fp32') -> dict:
     """Everything the cached values depend on, as a JSON-able dict (`masks`: whether segmentation masks are cached too;
-    `precision`: the arithmetic of the backbone, `'fp32'` or CUDA's `'bf16'` autocast)."""
+    `precision`: the arithmetic of the backbone, `'fp32'` or CUDA's `'bf16'` autocast; `orientation`: how the images were
+    turned upright, `dinoqpm.data.IMAGE_ORIENTATION`)."""
     return dict(format=CACHE_FORMAT, dataset=dataset, split=split, samples=samples_fingerprint, backbone=backbone,
-                weights=weights, preprocessing=preprocessing, img_size=int(img_size), masks=bool(masks), precision=precision)
+                weights=weights, preprocessing=preprocessing, img_size=int(img_size), masks=bool(masks), precision=precision,
+                orientation=IMAGE_ORIENTATION)
 
 def key_hash(key: dict) -> str:
     "A short stable hash of a cache key (first 16 hex digits of SHA-256 over its sorted JSON)."

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
-from ..config import RunConfig, config_to_dict
+from ..config import RunConfig, check_config, config_to_dict
 from ..core import seed_everything, provenance, crc32_of
 from ..numerics import exact_sqrt
 from ..model import DinoQPMModel, SparseBLDDHead
@@ -34,6 +34,7 @@ def train_dense(cfg: RunConfig, train_cache, test_cache=None, run_dir=None, prog
                 on_epoch_end: Sequence[Callable] = (), eval_every: int = 5):
     """Train the dense model on `train_cache`; returns `(model, history)`. With `run_dir`, checkpoints every epoch to
     `run_dir/dense/` (resumed when present), logs to `run_dir/dense/log.csv` and writes `run_dir/dense_model.pt`."""
+    check_config(cfg)                            # every value in its range before any work
     pcfg, device = cfg.dense, D.rank_device(cfg.device)
     signature = phase_signature(cfg, 'dense', train_cache)
     final_path = Path(run_dir) / 'dense_model.pt' if run_dir is not None else None
@@ -101,6 +102,7 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
     """Finetune a copy of the dense `model` under a frozen sparse head; returns `(model, history)`. With `run_dir`,
     checkpoints go to `run_dir/<phase>/` and the result to `run_dir/<phase>_model.pt`."""
     if train_cache is None: raise ValueError("finetune needs train_cache")
+    check_config(cfg)                            # every value in its range before any work
     check_feature_cache(train_cache)
     pcfg, device = cfg.finetune, D.rank_device(cfg.device)
     if qp_result is not None: selection, weight = qp_result.selection, qp_result.weight
