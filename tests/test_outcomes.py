@@ -242,6 +242,32 @@ def test_the_explorer_shows_the_recomputed_numbers(smoke, saved, tmp_path):
         driver.quit()
 
 
+
+# ---------------------------------------------------------------- predictions on image files
+def test_predictions_name_the_predicted_class_and_its_features(smoke, saved, tmp_path):
+    """`dinoqpm inference` on the exported folder: the classes ranked by probability (the model's logits on the cached
+    tokens of the same images agree, up to the cache's float16), and the features shown are the predicted class's
+    non-zero weights, strongest first, by their ids."""
+    from dinoqpm.share import run_inference
+    s = saved
+    rep = run_inference(smoke.out, smoke.images, tmp_path / 'preds.json', weights_dir=smoke.weights, device='cpu', progress=False)
+    id_of = {v: k for k, v in s.files.items()}
+    rows = {split: {int(i): k for k, i in enumerate(c.image_ids)} for split, c in (('train', s.train), ('test', s.test))}
+    logits = {'train': s.logits_tr, 'test': s.logits_te}
+    assert len(rep['predictions']) == 4
+    for r in rep['predictions']:
+        iid = next(i for f, i in id_of.items() if f.endswith('/' + r['image_path'].rsplit('/', 1)[-1]))
+        split = 'train' if s.is_train[iid] else 'test'
+        prob = _softmax(logits[split][rows[split][iid]][None].astype(np.float64))[0]
+        c = r['pred_class']
+        assert r['topk_classes'][0] == c and r['pred_class_name'] == s.names[c]
+        assert sorted(r['topk_confidences'], reverse=True) == r['topk_confidences'] and sum(r['topk_confidences']) == pytest.approx(1, abs=1e-5)
+        assert sorted(r['topk_classes']) == list(range(len(s.names)))
+        assert r['topk_confidences'] == pytest.approx([prob[k] for k in r['topk_classes']], abs=2e-2), (r['image_path'], prob)
+        w = s.W[c]
+        assert r['features_shown'] == [int(s.sel[j]) for j in sorted(np.flatnonzero(w), key=lambda j: (-abs(w[j]), j))], r
+        assert r['features_shown'] == smoke.card['classes'][c]['features']
+
 # ---------------------------------------------------------------- DINOv2's linear evaluation
 def test_linear_eval_picks_its_learning_rate_on_images_it_did_not_train_on(monkeypatch):
     """Every classifier of the grid is trained on one part of the training split and judged on the rest: the rows it

@@ -156,13 +156,15 @@ def test_table1_feature_scores_are_those_of_the_features_each_model_uses(shared)
     per_seed = pd.read_csv(shared / 'figures' / 'table1_per_seed.csv')
     table = pd.read_csv(shared / 'figures' / 'table1.csv', index_col=0, dtype=str)
     p = paper_params(mode='smoke', runs_root=str(shared / 'runs'), out_dir=str(shared / 'figures'))
-    unused = {}
+    unused, kinds = {}, {}
     for r in per_seed.itertuples():
-        train, _ = load_caches(paper_config(p, int(r.seed)), progress=False)
+        cfg = paper_config(p, int(r.seed))
+        train, _ = load_caches(cfg, progress=False)
         model = load_model(p.runs_path / r.model_file)
         W = model.head_weight().detach().numpy()
         rel = non_zero_columns(W)
-        unused[r.row] = W.shape[1] - len(rel)
+        unused[r.row], kinds[r.row] = W.shape[1] - len(rel), model.head.kind
+        if r.row in ('sldd', 'qsenn', 'qpm'): assert (W != 0).sum() == cfg.qp.n_per_class * W.shape[0], r.row
         f = extract_features(model, train)['features'].numpy()[:, rel]
         ref = {'Class-Independence': class_independence_per_feature(f, np.asarray(train.labels), W.shape[0]).mean(),
                'Contrastiveness': contrastiveness_per_feature(f, int(r.seed)).mean(), 'Correlation': correlation_per_feature(f).mean()}
@@ -171,6 +173,8 @@ def test_table1_feature_scores_are_those_of_the_features_each_model_uses(shared)
             if k != 'Correlation': assert table.loc[r.method, k] == f'{100 * v:.1f}', (r.method, k, table.loc[r.method, k], v)
     assert unused['sldd'] > 0 and unused['qsenn'] > 0, unused        # the sparse rows leave features out: the check bites
     assert unused['qpm'] == 0, unused
+    assert kinds == {'linear_probe': 'dense', 'dense_frozen': 'dense', 'dense_qpm': 'dense', 'sldd': 'sparse', 'qsenn': 'sparse',
+                     'qpm': 'bldd'}, kinds                           # each row's model file is that row's model
 
 
 def test_global_figure_shows_each_features_most_activating_test_images(shared):
