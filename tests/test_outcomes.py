@@ -64,7 +64,7 @@ def test_prototypes_are_each_features_most_activating_training_images(smoke, sav
         assert [p['image_id'] for p in protos] == [int(s.train.image_ids[k]) for k in rows], (feat['id'], protos)
         assert [p['rank'] for p in protos] == list(range(n))
         rest = np.delete(s.f_tr[:, j], rows)
-        assert all(p['activation'] >= rest.max() - 1e-6 for p in protos)   # none of the others activates it more
+        assert all(p['activation'] >= rest.max(initial=-np.inf) - 1e-6 for p in protos)   # none of the others activates it more
         for p, k in zip(protos, rows):
             iid = p['image_id']
             assert s.is_train[iid], f'prototype image {iid} of feature {feat["id"]} is not a training image'
@@ -122,6 +122,22 @@ def test_per_feature_scores_in_the_card_are_the_training_features(smoke, saved):
         for m, v in want.items():
             assert feat['metrics'][m] == {'value': pytest.approx(float(v[j]), abs=1e-6), 'direction': direction[m]}, (feat['id'], m)
 
+
+def test_feature_levels_in_the_card_are_the_training_maps(smoke, saved):
+    """Each feature's map levels (drawn transparent at `lo`, in full colour at `hi`): `lo` the median over the training
+    images of each image's median, `hi` the 0.99-quantile (linear interpolation) of each image's maximum."""
+    def quantile(v, q):
+        v = sorted(float(x) for x in v)
+        pos = (len(v) - 1) * q
+        i = int(pos)
+        return v[i] + (v[min(i + 1, len(v) - 1)] - v[i]) * (pos - i)
+    s, card = saved, smoke.card
+    per_image = s.maps_tr.reshape(*s.maps_tr.shape[:2], -1).astype(np.float32)
+    for j, feat in enumerate(card['features']):
+        lo = quantile([quantile(m, 0.5) for m in per_image[:, j]], 0.5)
+        hi = max(quantile(per_image[:, j].max(1), 0.99), lo + 1e-6)
+        assert (feat['levels']['lo'], feat['levels']['hi']) == pytest.approx((lo, hi), abs=1e-6), feat['id']
+        assert card['style']['lo'][j] == feat['levels']['lo'] and card['style']['hi'][j] == feat['levels']['hi']
 
 def test_examples_and_comparison_images_are_the_test_predictions(smoke, saved):
     """Per class: its test images' count and accuracy; its first test images in cache order with the predicted class, its
