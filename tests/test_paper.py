@@ -144,6 +144,55 @@ def test_table1_numbers_match_an_independent_computation(shared):
     assert checked == {'Accuracy', 'Plausibility', 'SID@5'}
 
 
+def test_table1_feature_scores_are_those_of_the_features_each_model_uses(shared):
+    """Class-Independence, Contrastiveness and Correlation of every row and seed in the per-seed CSV, recomputed here on
+    the training features of the columns of its saved head that any class uses (tests/reference_metrics.py): for the sparse
+    rows (DINO-SLDD and DINO-QSENN keep some selected features without a weight) those, not every column of the head."""
+    from reference_metrics import class_independence_per_feature, contrastiveness_per_feature, correlation_per_feature, non_zero_columns
+    from dinoqpm.paper import paper_params, paper_config
+    from dinoqpm.pipeline import load_caches
+    from dinoqpm.train import load_model, extract_features
+    if not (shared / 'figures' / 'table1_per_seed.csv').exists(): _run(ROOT / 'nbs' / 'paper' / 'run_table1.ipynb', shared, seeds='0')
+    per_seed = pd.read_csv(shared / 'figures' / 'table1_per_seed.csv')
+    table = pd.read_csv(shared / 'figures' / 'table1.csv', index_col=0, dtype=str)
+    p = paper_params(mode='smoke', runs_root=str(shared / 'runs'), out_dir=str(shared / 'figures'))
+    unused, kinds = {}, {}
+    for r in per_seed.itertuples():
+        cfg = paper_config(p, int(r.seed))
+        train, _ = load_caches(cfg, progress=False)
+        model = load_model(p.runs_path / r.model_file)
+        W = model.head_weight().detach().numpy()
+        rel = non_zero_columns(W)
+        unused[r.row], kinds[r.row] = W.shape[1] - len(rel), model.head.kind
+        if r.row in ('sldd', 'qsenn', 'qpm'): assert (W != 0).sum() == cfg.qp.n_per_class * W.shape[0], r.row
+        f = extract_features(model, train)['features'].numpy()[:, rel]
+        ref = {'Class-Independence': class_independence_per_feature(f, np.asarray(train.labels), W.shape[0]).mean(),
+               'Contrastiveness': contrastiveness_per_feature(f, int(r.seed)).mean(), 'Correlation': correlation_per_feature(f).mean()}
+        for k, v in ref.items():
+            assert per_seed.loc[r.Index, k] == pytest.approx(v, abs=1e-6), (r.method, k, per_seed.loc[r.Index, k], v)
+            if k != 'Correlation': assert table.loc[r.method, k] == f'{100 * v:.1f}', (r.method, k, table.loc[r.method, k], v)
+    assert unused['sldd'] > 0 and unused['qsenn'] > 0, unused        # the sparse rows leave features out: the check bites
+    assert unused['qpm'] == 0, unused
+    assert kinds == {'linear_probe': 'dense', 'dense_frozen': 'dense', 'dense_qpm': 'dense', 'sldd': 'sparse', 'qsenn': 'sparse',
+                     'qpm': 'bldd'}, kinds                           # each row's model file is that row's model
+
+
+def test_global_figure_shows_each_features_most_activating_test_images(shared):
+    """The global-explanation figure's image patches: for every selected feature of DINO-QPM, its `n_images` test images
+    with the largest pooled activation, largest first, by an argsort written here on the saved model's test features."""
+    import matplotlib.pyplot as plt
+    from dinoqpm.paper import figure_data, paper_params, row_run_dir, assignment_overview_figure
+    from dinoqpm.train import load_model, extract_features
+    if not (shared / 'figures' / 'table1_per_seed.csv').exists(): _run(ROOT / 'nbs' / 'paper' / 'run_table1.ipynb', shared, seeds='0')
+    p = paper_params(mode='smoke', runs_root=str(shared / 'runs'), out_dir=str(shared / 'figures'))
+    d = figure_data(p, progress=False)
+    f = extract_features(load_model(row_run_dir(p, d.cfg, 'qpm') / 'finetune_model.pt'), d.test_cache)['features'].numpy()
+    shown, image = [], d.image
+    d.image = lambda k: (shown.append(int(k)), image(k))[1]
+    plt.close(assignment_overview_figure(d, n_images=3))
+    want = [k for j in range(f.shape[1]) for k in sorted(range(len(f)), key=lambda k: (-float(f[k, j]), k))[:3]]
+    assert shown == want
+
 @pytest.mark.parametrize('name,files', [('run_fig_cover', ['fig_cover']), ('run_fig_classes', ['fig_classes', 'fig_global'])])
 def test_figure_notebooks(shared, name, files):
     _run(ROOT / 'nbs' / 'paper' / f'{name}.ipynb', shared)
