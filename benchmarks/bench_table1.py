@@ -355,7 +355,8 @@ def main():
               'tokens': lambda: part_tokens(work, args.seeds)}[part]
         key = {'rejudge': 'heldout', 'restop': 'stop', 'tables': 'job'}.get(part, part)   # summarised again: the same part, kept timings
         result[key] = ({**result.get(key, {}), **fn()} if key != part else {**fn(), 'bench_seconds': round(time.perf_counter() - t0, 1)})
-        result['provenance'] = provenance(seeds=args.seeds, parts=args.parts)
+        result['provenance'] = provenance(seeds=args.seeds, parts=args.parts)       # the latest run's
+        result[key]['provenance'] = result['provenance']                             # each part keeps its own
         atomic_write_json(out, result)
         print(part, json.dumps({k: v for k, v in result[key].items() if not isinstance(v, (list, dict))}), flush=True)
 
