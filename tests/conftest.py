@@ -76,3 +76,21 @@ def synthbirds_default(tmp_path_factory):
     before = _snapshot(root)
     yield root
     assert _snapshot(root) == before, f'a test wrote into the shared SynthBirds {root}'
+
+
+@pytest.fixture
+def browser_paths():
+    """`(chromium, chromedriver)` for the tests of the explorer page in a real browser; skipped where they or selenium
+    are missing (a failure in CI, where .ci/run installs them)."""
+    import shutil
+    from pathlib import Path
+    chromium, driver = shutil.which('chromium') or '/usr/bin/chromium', shutil.which('chromedriver') or '/usr/bin/chromedriver'
+    try: import selenium  # noqa: F401
+    except ImportError: selenium = None
+    missing = [n for n, ok in (('chromium', Path(chromium).exists()), ('chromium-driver', Path(driver).exists()),
+                               ('selenium', selenium is not None)) if not ok]
+    if missing:
+        msg = f'{", ".join(missing)} missing (apt-get install chromium chromium-driver; pip install selenium)'
+        if os.environ.get('CI'): pytest.fail(msg + '; .ci/run installs them')
+        pytest.skip(msg)
+    return chromium, driver

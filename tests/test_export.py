@@ -106,21 +106,8 @@ def test_refusals_are_one_line_errors(exported, tmp_path):
     code, err = main_in_process('export', '--model-path', e.run, '--out', tmp_path / 'y', '--prototypes', '0')
     assert code == 2 and '--prototypes must be at least 1' in err, err
 
-def _browser():
-    "Chromium, its driver and selenium, or skip (fail in CI, where .ci/run installs them)."
-    chromium, driver = shutil.which('chromium') or '/usr/bin/chromium', shutil.which('chromedriver') or '/usr/bin/chromedriver'
-    try: import selenium  # noqa: F401
-    except ImportError: selenium = None
-    missing = [n for n, ok in (('chromium', Path(chromium).exists()), ('chromium-driver', Path(driver).exists()),
-                               ('selenium', selenium is not None)) if not ok]
-    if missing:
-        msg = f'{", ".join(missing)} missing (apt-get install chromium chromium-driver; pip install selenium)'
-        if os.environ.get('CI'): pytest.fail(msg + '; .ci/run installs them')
-        pytest.skip(msg)
-    return chromium, driver
-
-def test_explorer_in_a_real_browser(exported, tmp_path):
-    chromium, driver_path = _browser()
+def test_explorer_in_a_real_browser(exported, tmp_path, browser_paths):
+    chromium, driver_path = browser_paths
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By

@@ -195,26 +195,10 @@ def test_the_explorer_page_carries_the_card(smoke):
     assert json.loads(data) == smoke.card
 
 
-def _browser():
-    "Chromium, its driver and selenium, or skip (fail in CI, where .ci/run installs them)."
-    import os, shutil
-    from pathlib import Path
-    chromium, driver = shutil.which('chromium') or '/usr/bin/chromium', shutil.which('chromedriver') or '/usr/bin/chromedriver'
-    try: import selenium  # noqa: F401
-    except ImportError: selenium = None
-    missing = [n for n, ok in (('chromium', Path(chromium).exists()), ('chromium-driver', Path(driver).exists()),
-                               ('selenium', selenium is not None)) if not ok]
-    if missing:
-        msg = f'{", ".join(missing)} missing (apt-get install chromium chromium-driver; pip install selenium)'
-        if os.environ.get('CI'): pytest.fail(msg + '; .ci/run installs them')
-        pytest.skip(msg)
-    return chromium, driver
-
-
-def test_the_explorer_shows_the_recomputed_numbers(smoke, saved, tmp_path):
+def test_the_explorer_shows_the_recomputed_numbers(smoke, saved, tmp_path, browser_paths):
     """What the page shows in a real browser, against this file's recomputation: the Table 1 scores, a class's count and
     accuracy, and for every feature (picked by its id, which differs from its position) its scores and its prototypes."""
-    chromium, driver_path = _browser()
+    chromium, driver_path = browser_paths
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
