@@ -12,10 +12,11 @@ import math, typing
 from .core import UserError, MissingFileError, device_problem
 
 # %% auto #0
-__all__ = ['SEED', 'OPTIMIZERS', 'TAU_RULES', 'DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'Allowed', 'setting', 'ConfigError',
-           'DataConfig', 'BackboneConfig', 'AdapterConfig', 'PhaseConfig', 'QPConfig', 'RunConfig', 'config_to_dict',
-           'coerce_config_value', 'config_from_dict', 'update_config', 'parse_overrides', 'config_diff',
-           'config_settings', 'check_config', 'flatten_dict', 'load_config', 'demo_config']
+__all__ = ['SEED', 'OPTIMIZERS', 'TAU_RULES', 'AUGMENTATIONS', 'DENSE_DEFAULTS', 'FINETUNE_DEFAULTS', 'QPM_DENSE', 'QPM_FINETUNE',
+           'Allowed', 'setting', 'ConfigError', 'DataConfig', 'BackboneConfig', 'AdapterConfig', 'PhaseConfig',
+           'QPConfig', 'RunConfig', 'config_to_dict', 'coerce_config_value', 'config_from_dict', 'update_config',
+           'parse_overrides', 'config_diff', 'config_settings', 'check_config', 'flatten_dict', 'load_config',
+           'demo_config', 'qpm_config']
 
 # %% ../nbs/00b_config.ipynb #c004b
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ def setting(default, **allowed) -> dataclasses.Field:
 SEED = dict(lo=0, hi=2**32 - 1, why='numpy and scikit-learn take seeds from 0 to 2**32 - 1')
 OPTIMIZERS = ('adamw_schedulefree', 'adamw', 'sgd')
 TAU_RULES = ('reference', 'intended')
+AUGMENTATIONS = ('none', 'qpm')
 
 # %% ../nbs/00b_config.ipynb #c005
 class ConfigError(UserError, ValueError):
@@ -68,7 +70,7 @@ class DataConfig:
     # CUB2011 | StanfordCars | SynthBirds | folder (your own images, in data.root)
     dataset: str = setting('CUB2011', checked_by='the dataset registry')
     root: Optional[str] = setting(None, checked_by='the dataset reader')   # None: $DINOQPM_DATA, else ~/tmp/Datasets
-    # paper (dataset mean/std, then min-max to [0,1]) | imagenet
+    # paper (dataset mean/std, then min-max to [0,1]) | imagenet | dataset (dataset mean/std only, as QPM)
     preprocessing: str = setting('paper', checked_by='dinoqpm.data.make_transform')
     img_size: int = setting(224, lo=1, hi=8192)                           # input side length given to the backbone
     # SynthBirds only: classes, images per class and image size (None = the generator's defaults)
@@ -79,6 +81,9 @@ class DataConfig:
     # folder datasets without train/ and test/ or split.csv: the share of each class held out, and the seed of that split
     test_fraction: float = setting(0.2, above=0, below=1)
     split_seed: int = setting(0, **SEED)
+    # a trainable backbone's images (backbone.trainable): none | qpm (QPM's per-epoch augmentation of the training split)
+    augment: str = setting('none', choices=AUGMENTATIONS)
+    workers: Optional[int] = setting(None, lo=0, hi=256)   # image loader processes per rank; 0 = in the main process; None = automatic
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -89,6 +94,7 @@ class BackboneConfig:
     weights_file: Optional[str] = setting(None, checked_by='dinoqpm.features.check_weights')
     # token extraction on CUDA: bf16 autocast | fp32 (the CPU always computes in fp32)
     precision: str = setting('bf16', choices=('bf16', 'fp32'))
+    trainable: bool = setting(False)   # True: QPM on a CNN trained end to end on images (no token cache, no adapter)
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -111,6 +117,10 @@ class PhaseConfig:
     lambda_fv: float = setting(0.0, lo=0)              # sparsity loss on the feature vector
     head_dropout: float = setting(0.2, lo=0, below=1)  # dropout on f before the head
     optimizer: str = setting('adamw_schedulefree', choices=OPTIMIZERS)
+    momentum: float = setting(0.9, lo=0, below=1)      # SGD's momentum (optimizer sgd)
+    lr_step: int = setting(0, lo=0, hi=1_000_000)      # StepLR: the lr is multiplied by lr_gamma every lr_step epochs (0 = constant)
+    lr_gamma: float = setting(0.1, above=0, hi=1)
+    head_lr: Optional[float] = setting(None, above=0)  # the head's own learning rate (QPM's classifier group); None = lr
     recompute_bn: bool = setting(False)   # True: recompute BN statistics for the averaged schedule-free weights (the authors do not)
     stop_at_convergence: bool = setting(False)   # True: stop once dinoqpm.train's convergence rule holds (epochs is then the cap)
 
@@ -228,13 +238,25 @@ def parse_overrides(items) -> dict:
     return out
 
 def config_diff(a: dict, b: dict, prefix='') -> list:
-    "Dotted keys whose values differ between two nested dicts."
+    """Dotted keys whose values differ between two nested dicts. A setting of `RunConfig` missing on one side (a file
+    written before the setting existed) counts as its default."""
     out = []
     for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k, '<missing>'), b.get(k, '<missing>')
+        va, vb = a.get(k, _MISSING), b.get(k, _MISSING)
         if isinstance(va, dict) and isinstance(vb, dict): out += config_diff(va, vb, f'{prefix}{k}.')
-        elif va != vb: out.append(f'{prefix}{k}')
+        elif va != vb and not _default_where_missing(prefix + k, va, vb): out.append(f'{prefix}{k}')
     return out
+
+_MISSING = '<missing>'
+
+def _default_where_missing(key: str, va, vb) -> bool:
+    "Whether one side lacks the setting `key` of `RunConfig` and the other holds its default."
+    if (va is _MISSING) == (vb is _MISSING): return False
+    node = RunConfig()
+    for part in key.split('.'):
+        if not is_dataclass(node) or part not in {f.name for f in fields(node)}: return False
+        node = getattr(node, part)
+    return not is_dataclass(node) and (vb if va is _MISSING else va) == node
 
 # %% ../nbs/00b_config.ipynb #c014
 def config_settings(cls=None, prefix: str = '') -> list:
@@ -266,6 +288,11 @@ def check_config(cfg: 'RunConfig') -> 'RunConfig':
     q = cfg.qp
     if not {'qp.n_select', 'qp.n_per_class'} & set(bad) and q.n_select < q.n_per_class:
         bad['qp.n_select'] = f'qp.n_select={q.n_select!r}: must be >= qp.n_per_class ({q.n_per_class}): every class needs its features'
+    for ph in ('dense', 'finetune'):
+        p = getattr(cfg, ph)
+        if p.optimizer == 'adamw_schedulefree' and p.lr_step and f'{ph}.lr_step' not in bad:
+            bad[f'{ph}.lr_step'] = (f'{ph}.lr_step={p.lr_step}: a schedule-free optimiser has no learning-rate schedule; '
+                                    f'set {ph}.optimizer=sgd or adamw, or {ph}.lr_step=0')
     if bad: raise ConfigError(f'{len(bad)} invalid setting(s): ' + '; '.join(bad.values()))
     return cfg
 
@@ -316,4 +343,18 @@ def demo_config(**overrides) -> RunConfig:
         dense=replace(DENSE_DEFAULTS, epochs=470, stop_at_convergence=True),
         finetune=replace(FINETUNE_DEFAULTS, epochs=106, stop_at_convergence=True),
         qp=QPConfig(n_select=20, n_per_class=5, time_limit=60.0))
+    return update_config(cfg, overrides) if overrides else cfg
+
+QPM_DENSE = PhaseConfig(epochs=150, batch_size=16, lr=5e-3, head_lr=0.01, weight_decay=5e-4, beta_div=0.196, head_dropout=0.2,
+                        optimizer='sgd', momentum=0.9, lr_step=30, lr_gamma=0.4)
+QPM_FINETUNE = PhaseConfig(epochs=40, batch_size=16, lr=1e-4, weight_decay=5e-4, beta_div=0.196, head_dropout=0.1,
+                           optimizer='sgd', momentum=0.95, lr_step=10, lr_gamma=0.4)
+
+def qpm_config(**overrides) -> RunConfig:
+    """QPM's own recipe (Norrenbrock et al., ICLR 2025; `ThomasNorr/QPM`, see above): a ResNet50 with stride 1 in its
+    last two stages, trained end to end on CUB-200-2011 images with QPM's augmentation, in both phases (SGD with StepLR;
+    the classifier at its own lr 0.01), and the QP with 50 features, 5 per class."""
+    cfg = RunConfig(data=DataConfig(dataset='CUB2011', preprocessing='dataset', img_size=224, augment='qpm'),
+                    backbone=BackboneConfig(name='resnet50', trainable=True),
+                    dense=QPM_DENSE, finetune=QPM_FINETUNE, qp=QPConfig(n_select=50, n_per_class=5))
     return update_config(cfg, overrides) if overrides else cfg

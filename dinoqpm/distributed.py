@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'DistInfo', 'launched', 'is_distributed', 'rank', 'world_size', 'is_main', 'job_rank', 'job_world_size',
            'independently', 'local_world_size', 'rank_device', 'init_distributed', 'shutdown', 'job_barrier', 'barrier',
            'broadcast_object', 'all_reduce_sum', 'RankZeroError', 'decide_on_rank0', 'rank_rows', 'check_batch_size',
-           'sum_over_ranks', 'synced_batch_norm', 'GlobalBatchDropout', 'use_global_batch_dropout', 'restore_dropout']
+           'sum_over_ranks', 'synced_batch_norm', 'batch_norm_over', 'use_global_batch_norm', 'restore_batch_norm',
+           'GlobalBatchDropout', 'use_global_batch_dropout', 'restore_dropout']
 
 # %% ../nbs/00c_distributed.ipynb #c004
 @dataclass(frozen=True)
@@ -197,14 +198,20 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
 def synced_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
     "`bn` (training mode) applied to `x [M, C]` with the statistics of the rows of all ranks together."
     if not (is_distributed() and bn.training): return nn.BatchNorm1d.forward(bn, x)
-    C = x.shape[1]
-    tot = sum_over_ranks(torch.cat([x.sum(0), x.new_tensor([x.shape[0]])]))
+    return batch_norm_over(bn, x, sum_over_ranks)
+
+def batch_norm_over(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, total=lambda t: t) -> torch.Tensor:
+    """Training-mode BatchNorm of `x [M, C]` or `[B, C, h, w]` (statistics over every axis but the channels), its sums
+    taken by `total` (`sum_over_ranks`: over the ranks; the identity: this process alone); updates the running statistics."""
+    C, dims = x.shape[1], [0, *range(2, x.ndim)]
+    shape = [1, C] + [1] * (x.ndim - 2)
+    tot = total(torch.cat([x.sum(dims), x.new_tensor([x.numel() // C])]))
     n = tot[C]
     mean = tot[:C] / n
-    d = x - mean
-    var = sum_over_ranks(d.pow(2).sum(0)) / n
-    y = d * torch.rsqrt(var + bn.eps)
-    if bn.affine: y = y * bn.weight + bn.bias
+    d = x - mean.view(shape)
+    var = total(d.pow(2).sum(dims)) / n
+    y = d * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine: y = y * bn.weight.view(shape) + bn.bias.view(shape)
     if bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
@@ -212,6 +219,35 @@ def synced_batch_norm(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
             bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             bn.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)).clamp_min(0), alpha=m)
     return y
+
+# %% ../nbs/00c_distributed.ipynb #c012b
+class _GlobalBatchNorm:
+    "Mixed into the class of a `BatchNorm2d` by `use_global_batch_norm`: while training, the global batch's statistics."
+    def forward(self, x):
+        if not (self.training and is_distributed()): return super().forward(x)
+        y = batch_norm_over(self, x, sum_over_ranks)
+        for name in ('drop', 'act'):                  # timm's BatchNormAct2d: its dropout and activation follow the norm
+            m = getattr(self, name, None)
+            if isinstance(m, nn.Module): y = m(y)
+        return y
+
+_GLOBAL_BN_CLASSES: dict = {}
+
+def use_global_batch_norm(module: nn.Module) -> list:
+    "Give every `nn.BatchNorm2d` of `module` (timm's `BatchNormAct2d` too) the global batch's statistics while training."
+    out = []
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d) and not isinstance(m, _GlobalBatchNorm):
+            base = type(m)
+            if base not in _GLOBAL_BN_CLASSES:
+                _GLOBAL_BN_CLASSES[base] = type(f'GlobalBatch{base.__name__}', (_GlobalBatchNorm, base), {'base_class': base})
+            m.__class__ = _GLOBAL_BN_CLASSES[base]; out.append(m)
+    return out
+
+def restore_batch_norm(module: nn.Module):
+    "Undo `use_global_batch_norm`: every such BatchNorm gets its own class back."
+    for m in module.modules():
+        if isinstance(m, _GlobalBatchNorm): m.__class__ = m.base_class
 
 # %% ../nbs/00c_distributed.ipynb #c014
 class GlobalBatchDropout(nn.Module):

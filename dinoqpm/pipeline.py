@@ -54,7 +54,7 @@ def _read_run_config(path) -> dict:
     if not isinstance(d, dict): raise ConfigError(f'{path} does not hold a run configuration (a JSON object)')
     return d
 
-NEUTRAL_KEYS = ('device', 'qp.require_certified')   # settings that do not change any result
+NEUTRAL_KEYS = ('device', 'qp.require_certified', 'data.workers')   # settings that do not change any result
 
 def init_run_dir(cfg: RunConfig, run_dir, later_stages: Optional[dict] = None) -> Path:
     """Create `run_dir` with `config.json`, or check that an existing one was made with the same configuration.

@@ -94,3 +94,28 @@ def browser_paths():
         if os.environ.get('CI'): pytest.fail(msg + '; .ci/run installs them')
         pytest.skip(msg)
     return chromium, driver
+
+
+@pytest.fixture(scope='session')
+def cnn_world(tmp_path_factory):
+    """For the end-to-end path (a CNN trained on images): a tiny SynthBirds (4 classes, 6 images each, 64 px) in `data`, a
+    random ResNet50 in torchvision's layout in `weights` (`make_test_resnet_checkpoint`), and `config(**overrides)`: QPM's
+    recipe (`qpm_config`) shrunk to that data, the shipped EfficientNet-Lite0 at 64 px, 2 + 2 epochs of batch 4, no
+    loader process. Shared by the tests that only read the folders (checked at the end of the session)."""
+    from types import SimpleNamespace
+    from dinoqpm.config import qpm_config
+    from dinoqpm.data import load_dataset
+    from dinoqpm.features import make_test_resnet_checkpoint
+    root = tmp_path_factory.mktemp('cnn_world')
+    load_dataset('SynthBirds', 'train', root=root / 'data', n_classes=4, images_per_class=6, img_size=64, progress=False)
+    make_test_resnet_checkpoint(root / 'weights', seed=0)
+    def config(**overrides):
+        base = {'seed': 0, 'device': 'cpu', 'data.dataset': 'SynthBirds', 'data.root': str(root / 'data'), 'data.img_size': 64,
+                'data.synth_classes': 4, 'data.synth_images_per_class': 6, 'data.synth_img_size': 64, 'data.workers': 0,
+                'backbone.name': 'efficientnet_lite0_os16_act', 'backbone.weights_dir': str(root / 'weights'),
+                'dense.epochs': 2, 'dense.batch_size': 4, 'finetune.epochs': 2, 'finetune.batch_size': 4,
+                'qp.n_select': 6, 'qp.n_per_class': 2}
+        return qpm_config(**{**base, **overrides})
+    before = _snapshot(root)
+    yield SimpleNamespace(root=root, data=root / 'data', weights=root / 'weights', config=config)
+    assert _snapshot(root) == before, f'a test wrote into the shared cnn_world {root}'

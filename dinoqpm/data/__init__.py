@@ -8,7 +8,7 @@ from .readers import (IMAGE_EXTENSIONS, IMAGE_ORIENTATION, IMAGENET_STATS, DATAS
                                   DatasetError, Sample, dilate_mask, resize_mask_uint8, resize_mask_to_grid, open_rgb,
                                   image_size, image_sizes, check_images, ImageDataset,
                                   locate_archive, CUB2011Dataset, StanfordCarsDataset, Preprocess, make_transform,
-                                  compute_mean_std)
+                                  compute_mean_std, Augment, make_augmentation)
 from .synthbirds import (ensure_synthbirds, SynthBirdsDataset, PART_NAMES, COLOURS, PART_ATTRIBUTES,
                                      PAIR_PLAN, MIN_PART_PIXELS, TRUTH_FILE, attribute_list, attribute_name,
                                      spec_distance, design_classes, bird_geometry, sample_pose, make_background,

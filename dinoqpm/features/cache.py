@@ -548,6 +548,7 @@ def get_feature_cache(cfg,                    # a `dinoqpm.config.RunConfig`: it
                      ) -> FeatureCache:
     "`build_feature_cache` for the data and backbone of a `dinoqpm.config.RunConfig` (with its dataset settings)."
     kw.setdefault('dataset_kw', dataset_kwargs(cfg))
+    kw.setdefault('num_workers', cfg.data.workers)          # None: default_loader_workers()
     return build_feature_cache(cfg.data.dataset, split, cfg.backbone.name, root=cfg.data.root, weights_dir=cfg.backbone.weights_dir,
                                weights_file=cfg.backbone.weights_file,
                                preprocessing=cfg.data.preprocessing, img_size=cfg.data.img_size, cache_root=cache_root,

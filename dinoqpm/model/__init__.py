@@ -7,8 +7,9 @@ from __future__ import annotations
 from .adapter import (FEAT_VEC_TYPES, ARCH_TYPES, ACTIVATIONS, check_adapter_config, TokenBatchNorm,
                                    MLPAdapter, HEADS, register_head, create_head, DenseHead, SparseBLDDHead, SparseHead,
                                    ModelOutput, infer_grid,
-                                   DinoQPMModel, model_spec, model_from_spec)
+                                   QPMModel, MODEL_KINDS, register_model, DinoQPMModel, model_spec, model_from_spec)
 from .losses import feature_diversity_loss, sparsity_loss
+from .cnn import CNNQPMModel
 
 # %% auto #0
 __all__ = []

@@ -14,9 +14,9 @@ from ..distributed import synced_batch_norm
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'FEAT_VEC_TYPES', 'ARCH_TYPES', 'ACTIVATIONS', 'HEADS', 'check_adapter_config', 'TokenBatchNorm', 'MLPAdapter',
-           'register_head', 'create_head', 'DenseHead', 'SparseBLDDHead', 'SparseHead', 'ModelOutput', 'infer_grid',
-           'DinoQPMModel', 'model_spec', 'model_from_spec']
+__all__ = ['log', 'FEAT_VEC_TYPES', 'ARCH_TYPES', 'ACTIVATIONS', 'HEADS', 'MODEL_KINDS', 'check_adapter_config', 'TokenBatchNorm',
+           'MLPAdapter', 'register_head', 'create_head', 'DenseHead', 'SparseBLDDHead', 'SparseHead', 'ModelOutput',
+           'infer_grid', 'QPMModel', 'register_model', 'DinoQPMModel', 'model_spec', 'model_from_spec']
 
 # %% ../../nbs/03_model_adapter.ipynb #c005
 FEAT_VEC_TYPES = ('avg_pooling', 'max_pooling', 'normal', 'mean_avg_pooling')
@@ -192,8 +192,86 @@ def infer_grid(n_patches: int) -> tuple:
     return (s, s)
 
 # %% ../../nbs/03_model_adapter.ipynb #c018
-class DinoQPMModel(nn.Module):
+class QPMModel(nn.Module):
+    """What every QPM model shares, whatever makes its feature maps: the dense or sparse head on the pooled features `f`,
+    the selection, the forward pass, and a head rebuilt from a state dict. A subclass (its `kind` registered with
+    `register_model`) sets `n_classes`, `n_features`, `grid` and `head`, and defines `dense_features(x, grid)`, `feature_parameters()`
+    (what learns besides the head), `features_fixed` (only a head can learn) and `spec()` / `from_spec(spec)`, and may
+    override `diversity_features`."""
+    kind = 'base'
+    features_fixed = False
+
+    @property
+    def selection(self) -> Optional[torch.Tensor]: return self.head.selection
+
+    def dense_features(self, x, grid=None):
+        "All `J` maps `[B, J, h, w]` and the pooled vector `f [B, J]` (no selection, no head)."
+        raise NotImplementedError
+
+    def feature_parameters(self):
+        "The parameters that make the maps (everything that learns besides the head)."
+        raise NotImplementedError
+
+    def forward(self, x, grid=None) -> ModelOutput:
+        maps, f = self.dense_features(x, grid)
+        sel = self.selection
+        if sel is not None: maps, f = maps[:, sel], f[:, sel]
+        logits, final = self.head(f)
+        return ModelOutput(logits, f, maps, final)
+
+    def head_weight(self) -> torch.Tensor:
+        "The `[C, J']` head weight the losses and metrics use (the binary `W` for the BLDD head)."
+        return self.head.effective_weight()
+
+    def diversity_features(self, out: ModelOutput) -> torch.Tensor:
+        "What L_div scales each map by: DINO-QPM's pooled features after the head's dropout (method.md §3.2)."
+        return out.final_features
+
+    def set_sparse_head(self, head):
+        "Replace the head by a `SparseBLDDHead` / `SparseHead` (or a `DenseHead`); returns `self`."
+        sel = getattr(head, 'selection', None)
+        n_in = sel.numel() if sel is not None else head.linear.in_features
+        if sel is not None and int(sel.max()) >= self.n_features:
+            raise ValueError(f"selection index {int(sel.max())} out of range for {self.n_features} features")
+        if sel is None and n_in != self.n_features: raise ValueError(f"dense head expects {n_in} features, model has {self.n_features}")
+        W = head.effective_weight()
+        if W.shape != (self.n_classes, n_in): raise ValueError(f"head weight is {tuple(W.shape)}; expected ({self.n_classes}, {n_in})")
+        dev = next(self.feature_parameters(), self.head.effective_weight()).device
+        self.head = head.to(dev).train(self.training)   # the new head follows the model's train/eval mode
+        return self
+
+    def _head_fits(self, state_dict, extra) -> bool:
+        "Whether the current head has the kind, options and tensor shapes of the head in `state_dict` (then it loads in place)."
+        if extra.get('kind') != self.head.kind or getattr(self.head, 'trainable_norm', None) != extra.get('trainable_norm', getattr(self.head, 'trainable_norm', None)):
+            return False
+        own = {k: v for k, v in self.head.state_dict().items() if isinstance(v, torch.Tensor)}
+        theirs = {k[5:]: v for k, v in state_dict.items() if k.startswith('head.') and isinstance(v, torch.Tensor)}
+        return own.keys() == theirs.keys() and all(own[k].shape == theirs[k].shape for k in own)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Like `nn.Module.load_state_dict`, but first rebuilds the head when the state dict holds another one (dense, BLDD or
+        sparse, or other shapes); a head of the same structure is loaded in place, so an optimiser holding its parameters stays valid."""
+        extra = state_dict.get('head._extra_state')
+        if extra is not None and not self._head_fits(state_dict, extra):
+            kind = extra.get('kind')
+            if kind not in HEADS: raise ValueError(f"unknown head kind {kind!r} in state dict")
+            if not (kind == 'dense' and self.head.kind == 'dense'):      # (a dense head of other shapes: refused below)
+                get = lambda k: state_dict[f'head.{k}']
+                self.set_sparse_head(HEADS[kind].from_state(get, extra, self.n_classes))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+MODEL_KINDS: dict = {}
+
+def register_model(cls):
+    "Class decorator: a kind of QPM model (`cls.kind`) that `model_from_spec` builds (a class of the same name redefined replaces it)."
+    if MODEL_KINDS.get(cls.kind, cls).__qualname__ != cls.__qualname__: raise ValueError(f'model kind {cls.kind!r} is registered twice')
+    MODEL_KINDS[cls.kind] = cls
+    return cls
+
+@register_model
+class DinoQPMModel(QPMModel):
     "MLP adapter + pooling + a dense or sparse head on cached backbone tokens `[B, Np+1, D]` (CLS last)."
+    kind = 'adapter'
     def __init__(self, embed_dim: int, n_classes: int, cfg: AdapterConfig = AdapterConfig(), head_dropout: float = 0.2, grid=None):
         super().__init__()
         check_adapter_config(cfg)
@@ -204,7 +282,9 @@ class DinoQPMModel(nn.Module):
         self.head = DenseHead(self.n_features, n_classes, head_dropout)
 
     @property
-    def selection(self) -> Optional[torch.Tensor]: return self.head.selection
+    def features_fixed(self) -> bool: return self.cfg.n_layers == 0      # the identity adapter: f is fixed
+
+    def feature_parameters(self): return self.adapter.parameters()
 
     def _grid(self, n_patches, grid):
         g = tuple(grid) if grid is not None else self.grid or infer_grid(n_patches)
@@ -232,59 +312,26 @@ class DinoQPMModel(nn.Module):
         else: f = 0.5 * (G_cls + G_patch.mean(1))
         return maps, f
 
-    def forward(self, tokens, grid=None) -> ModelOutput:
-        maps, f = self.dense_features(tokens, grid)
-        sel = self.selection
-        if sel is not None: maps, f = maps[:, sel], f[:, sel]
-        logits, final = self.head(f)
-        return ModelOutput(logits, f, maps, final)
+    def spec(self) -> dict:
+        "Plain-type constructor arguments (see `model_spec`)."
+        return {'embed_dim': self.embed_dim, 'n_classes': self.n_classes, 'adapter': config_to_dict(self.cfg),
+                'head_dropout': float(self.head_dropout), 'grid': list(self.grid) if self.grid else None}
 
-    def head_weight(self) -> torch.Tensor:
-        "The `[C, J']` head weight the losses and metrics use (the binary `W` for the BLDD head)."
-        return self.head.effective_weight()
-
-    def set_sparse_head(self, head):
-        "Replace the head by a `SparseBLDDHead` / `SparseHead` (or a `DenseHead`); returns `self`."
-        sel = getattr(head, 'selection', None)
-        n_in = sel.numel() if sel is not None else head.linear.in_features
-        if sel is not None and int(sel.max()) >= self.n_features:
-            raise ValueError(f"selection index {int(sel.max())} out of range for {self.n_features} features")
-        if sel is None and n_in != self.n_features: raise ValueError(f"dense head expects {n_in} features, model has {self.n_features}")
-        W = head.effective_weight()
-        if W.shape != (self.n_classes, n_in): raise ValueError(f"head weight is {tuple(W.shape)}; expected ({self.n_classes}, {n_in})")
-        dev = next(self.adapter.parameters(), self.head.effective_weight()).device
-        self.head = head.to(dev).train(self.training)   # the new head follows the model's train/eval mode
-        return self
-
-    def _head_fits(self, state_dict, extra) -> bool:
-        "Whether the current head has the kind, options and tensor shapes of the head in `state_dict` (then it loads in place)."
-        if extra.get('kind') != self.head.kind or getattr(self.head, 'trainable_norm', None) != extra.get('trainable_norm', getattr(self.head, 'trainable_norm', None)):
-            return False
-        own = {k: v for k, v in self.head.state_dict().items() if isinstance(v, torch.Tensor)}
-        theirs = {k[5:]: v for k, v in state_dict.items() if k.startswith('head.') and isinstance(v, torch.Tensor)}
-        return own.keys() == theirs.keys() and all(own[k].shape == theirs[k].shape for k in own)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Like `nn.Module.load_state_dict`, but first rebuilds the head when the state dict holds another one (dense, BLDD or
-        sparse, or other shapes); a head of the same structure is loaded in place, so an optimiser holding its parameters stays valid."""
-        extra = state_dict.get('head._extra_state')
-        if extra is not None and not self._head_fits(state_dict, extra):
-            kind = extra.get('kind')
-            if kind not in HEADS: raise ValueError(f"unknown head kind {kind!r} in state dict")
-            if not (kind == 'dense' and self.head.kind == 'dense'):      # (a dense head of other shapes: refused below)
-                get = lambda k: state_dict[f'head.{k}']
-                self.set_sparse_head(HEADS[kind].from_state(get, extra, self.n_classes))
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+    @classmethod
+    def from_spec(cls, spec: dict) -> 'DinoQPMModel':
+        return cls(spec['embed_dim'], spec['n_classes'], config_from_dict(AdapterConfig, spec['adapter'], prefix='adapter.'),
+                   head_dropout=spec.get('head_dropout', 0.2), grid=spec.get('grid'))
 
 # %% ../../nbs/03_model_adapter.ipynb #c024
-def model_spec(model: DinoQPMModel) -> dict:
-    "Plain-type constructor arguments of `model` (safe for `torch.load(weights_only=True)`)."
-    return {'embed_dim': model.embed_dim, 'n_classes': model.n_classes, 'adapter': config_to_dict(model.cfg),
-            'head_dropout': float(model.head_dropout), 'grid': list(model.grid) if model.grid else None}
+def model_spec(model: QPMModel) -> dict:
+    "Plain-type constructor arguments of `model` (safe for `torch.load(weights_only=True)`); other kinds than the adapter name theirs."
+    return model.spec()
 
-def model_from_spec(spec: dict, state_dict=None) -> DinoQPMModel:
-    "Build a `DinoQPMModel` from `model_spec` output and optionally load a state dict (head included)."
-    m = DinoQPMModel(spec['embed_dim'], spec['n_classes'], config_from_dict(AdapterConfig, spec['adapter'], prefix='adapter.'),
-                     head_dropout=spec.get('head_dropout', 0.2), grid=spec.get('grid'))
+def model_from_spec(spec: dict, state_dict=None) -> QPMModel:
+    """Build the model of a `model_spec` (a `DinoQPMModel` for a spec without `kind`, as every file written before there
+    were other kinds) and optionally load a state dict (head included)."""
+    kind = spec.get('kind', DinoQPMModel.kind)
+    if kind not in MODEL_KINDS: raise ValueError(f"unknown model kind {kind!r} in a model spec; known: {', '.join(sorted(MODEL_KINDS))}")
+    m = MODEL_KINDS[kind].from_spec(spec)
     if state_dict is not None: m.load_state_dict(state_dict)
     return m

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 from ..config import RunConfig, ConfigError, config_to_dict, config_diff
 from ..core import atomic_write_text, disk_full_named, get_device, save_checked, load_checked, CorruptFileError, crc32_of
-from ..model import DinoQPMModel, model_spec, model_from_spec
+from ..model import QPMModel, DinoQPMModel, model_spec, model_from_spec
+from .images import ImageSplit
 from .rules import CONVERGENCE_RULES, ConvergenceRule, rule_for, convergence
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,9 @@ MODEL_FORMAT = 'dinoqpm-model/1'
 def cache_fingerprint(cache) -> dict:
     """Shape, class count, label checksum and (for a cache on disk) the cache key of a feature cache (part of a phase
     signature): the key names the dataset's samples, the backbone, its weights' SHA-256, the preprocessing and the input
-    size, so a model trained on other tokens is refused with the key that changed."""
+    size, so a model trained on other tokens is refused with the key that changed. An `ImageSplit` gives its own
+    (`ImageSplit.fingerprint`: its key names the same, and the augmentation)."""
+    if isinstance(cache, ImageSplit): return cache.fingerprint()
     N, Np, D = cache.patch.shape
     key = (getattr(cache, 'manifest', None) or {}).get('key')
     return {'n': int(N), 'n_patches': int(Np), 'dim': int(D), 'grid': [int(g) for g in cache.grid],
@@ -46,6 +49,7 @@ def phase_signature(cfg: RunConfig, phase_key: str, train_cache, **extra) -> dic
     'finetune'), the convergence rules if it stops at convergence, the training cache's fingerprint and `extra`."""
     c = config_to_dict(cfg)
     sig = {k: c[k] for k in ('seed', 'data', 'backbone', 'adapter', 'dense')}
+    sig['data'] = {k: v for k, v in c['data'].items() if k != 'workers'}   # loader processes change no bit of the result
     if phase_key == 'finetune': sig['finetune'] = c['finetune']
     if c[phase_key]['stop_at_convergence']:      # where it stops is part of what it trains: a new rule is a new phase
         sig['convergence_rules'] = {k: asdict(r) for k, r in CONVERGENCE_RULES.items()}
@@ -96,23 +100,32 @@ def read_model_file(path, what: str) -> dict:
     return ck
 
 def save_checkpoint(path, phase: str, epoch: int, model: nn.Module, opt, cfg: RunConfig, signature: dict, history,
-                    order_gen=None) -> Path:
-    """Write a phase's checkpoint after `epoch` finished epochs to `path`, atomically: the model, the optimiser, the RNG
-    states (with the data-order generator `order_gen`), the configuration, the `signature`, the architecture, the history."""
+                    order_gen=None, augment: Optional[dict] = None) -> Path:
+    """Write a phase's checkpoint after `epoch` finished epochs to `path`, atomically: the model, the optimiser (and its
+    learning-rate schedule, if any), the RNG states (with the data-order generator `order_gen` and, for augmented images,
+    the augmentation's seeding `augment`), the configuration, the `signature`, the architecture, the history."""
+    rng = {**_rng_state(order_gen), **({'augment': augment} if augment is not None else {})}
+    schedule = getattr(opt, 'lr_schedule', None)
     return save_checked({'format': CHECKPOINT_FORMAT, 'phase': phase, 'epoch': epoch, 'model': model.state_dict(),
-                         'optimizer': opt.state_dict(), 'rng': _rng_state(order_gen), 'config': config_to_dict(cfg),
-                         'signature': signature, 'spec': model_spec(model), 'history': history}, path)
+                         'optimizer': opt.state_dict(), 'rng': rng, 'config': config_to_dict(cfg),
+                         'signature': signature, 'spec': model_spec(model), 'history': history,
+                         **({'schedule': schedule.state_dict()} if schedule is not None else {})}, path)
 
-def resume_from_checkpoint(path, signature: dict, model: nn.Module, opt) -> tuple:
-    """Load the checkpoint at `path` into `model` and `opt` and restore the RNG states; returns `(history, finished
-    epochs)`. A checkpoint written under another `signature` is refused with the differing keys."""
+def resume_from_checkpoint(path, signature: dict, model: nn.Module, opt, augment: Optional[dict] = None) -> tuple:
+    """Load the checkpoint at `path` into `model` and `opt` (and its schedule) and restore the RNG states; returns
+    `(history, finished epochs)`. A checkpoint written under another `signature`, or whose images were augmented or
+    seeded otherwise than `augment` says, is refused with what differs."""
     ck = read_model_file(path, 'checkpoint')
     _refuse_mismatch(path, ck['signature'], signature)
+    if ck['rng'].get('augment') != augment:
+        raise ConfigError(f"{path} was written with another augmentation of the training images ({ck['rng'].get('augment')}; "
+                          f"now {augment}); delete it to start this phase afresh")
     model.load_state_dict(ck['model'])
     live = {id(p) for p in model.parameters()}
     if any(id(p) not in live for g in opt.param_groups for p in g['params']):
         raise RuntimeError(f"{path}: loading replaced parameters the optimiser holds (the head changed structure)")
     opt.load_state_dict(ck['optimizer'])
+    if getattr(opt, 'lr_schedule', None) is not None: opt.lr_schedule.load_state_dict(ck['schedule'])
     _set_rng_state(ck['rng'])
     return list(ck['history']), int(ck['epoch'])
 

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/05c_train_loop.ipynb #c002
 from __future__ import annotations
-import copy, logging, math, time
+import contextlib, copy, logging, math, time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 import numpy as np
@@ -15,29 +15,50 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, PhaseConfig, ConfigError
 from ..core import UserError
 from ..numerics import pinned_vector_math
-from ..model import DinoQPMModel, ModelOutput, TokenBatchNorm, feature_diversity_loss, sparsity_loss
+from ..model import QPMModel, DinoQPMModel, ModelOutput, TokenBatchNorm, feature_diversity_loss, sparsity_loss
 from .. import distributed as D
 from .tokens import TokenDataset, derive_seed, epoch_order, iter_batches
+from .images import ImageSplit, ImageLoader, image_batches
 from .rules import rule_for, stop_epoch, convergence
 from .checkpoints import (write_log, append_log, checkpoint_interval, save_checkpoint, resume_from_checkpoint)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'make_optimizer', 'model_device', 'set_optimizer_mode', 'recompute_bn_stats', 'eval_accuracy',
-           'NonFiniteLossError', 'trains_head_only', 'train_phase']
+__all__ = ['log', 'make_optimizer', 'step_schedule', 'model_device', 'set_optimizer_mode', 'training_data', 'data_batches',
+           'autocast_for', 'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'trains_head_only',
+           'train_phase']
 
 # %% ../../nbs/05c_train_loop.ipynb #c005
-def make_optimizer(pcfg: PhaseConfig, params) -> torch.optim.Optimizer:
-    "The phase's optimiser: `adamw_schedulefree` (the paper), `adamw` or `sgd` (momentum 0.9); lr and weight decay from `pcfg`."
+def make_optimizer(pcfg: PhaseConfig, params, head_params=()) -> torch.optim.Optimizer:
+    """The phase's optimiser: `adamw_schedulefree` (the paper), `adamw` or `sgd` (momentum `pcfg.momentum`); lr and weight
+    decay from `pcfg`. With `pcfg.head_lr`, the trainable parameters among `head_params` form a group of their own at that
+    lr (QPM's classifier group); with `pcfg.lr_step`, a StepLR schedule rides along as `opt.lr_schedule` (`step_schedule`
+    steps it after every epoch; a checkpoint saves and restores it)."""
     params = [p for p in params if p.requires_grad]
     if not params: raise ValueError("nothing to train: no parameter requires a gradient")
+    opt = _optimizer(pcfg, _param_groups(params, head_params, pcfg.head_lr))
+    opt.lr_schedule = torch.optim.lr_scheduler.StepLR(opt, pcfg.lr_step, pcfg.lr_gamma) if pcfg.lr_step else None
+    return opt
+
+def _param_groups(params: list, head_params, head_lr: Optional[float]):
+    "`params` as they are, or (with `head_lr`) two groups: the others at the phase's lr, those of the head at `head_lr`."
+    head = {id(p) for p in head_params}
+    if head_lr is None or not any(id(p) in head for p in params): return params
+    rest = [p for p in params if id(p) not in head]
+    return ([{'params': rest}] if rest else []) + [{'params': [p for p in params if id(p) in head], 'lr': head_lr}]
+
+def _optimizer(pcfg: PhaseConfig, groups) -> torch.optim.Optimizer:
     if pcfg.optimizer == 'adamw_schedulefree':
         import schedulefree
-        return schedulefree.AdamWScheduleFree(params, lr=pcfg.lr, weight_decay=pcfg.weight_decay)
-    if pcfg.optimizer == 'adamw': return torch.optim.AdamW(params, lr=pcfg.lr, weight_decay=pcfg.weight_decay)
-    if pcfg.optimizer == 'sgd': return torch.optim.SGD(params, lr=pcfg.lr, momentum=0.9, weight_decay=pcfg.weight_decay)
+        return schedulefree.AdamWScheduleFree(groups, lr=pcfg.lr, weight_decay=pcfg.weight_decay)
+    if pcfg.optimizer == 'adamw': return torch.optim.AdamW(groups, lr=pcfg.lr, weight_decay=pcfg.weight_decay)
+    if pcfg.optimizer == 'sgd': return torch.optim.SGD(groups, lr=pcfg.lr, momentum=pcfg.momentum, weight_decay=pcfg.weight_decay)
     raise ConfigError(f"optimizer={pcfg.optimizer!r}; expected adamw_schedulefree, adamw or sgd")
+
+def step_schedule(opt):
+    "After an epoch: one step of the optimiser's learning-rate schedule (`opt.lr_schedule`), if it has one."
+    if getattr(opt, 'lr_schedule', None) is not None: opt.lr_schedule.step()
 
 def model_device(model) -> torch.device:
     "The device of a model's first parameter (or buffer); the CPU for a model without either."
@@ -50,12 +71,30 @@ def set_optimizer_mode(opt, train: bool):
     if hasattr(opt, 'train') and hasattr(opt, 'eval'): opt.train() if train else opt.eval()
 
 # %% ../../nbs/05c_train_loop.ipynb #c006
+def training_data(data):
+    "What the loop reads: an `ImageSplit` (images) or a `TokenDataset` as they are, a feature cache as a `TokenDataset`."
+    return data if isinstance(data, (ImageSplit, TokenDataset)) else TokenDataset(data)
+
+def data_batches(ds, batch_size: int, order=None, device=None, chunks=None, augment: Optional[tuple] = None):
+    """`(inputs, labels, indices)` batches of `ds` in `order` (default: sequential), or exactly the position arrays `chunks`:
+    the tokens of a `TokenDataset` (`iter_batches`), or the images of an `ImageSplit` (`image_batches`), augmented with
+    `augment=(seed, phase, epoch)`. The one place where the two kinds of data part ways."""
+    if isinstance(ds, ImageSplit): return image_batches(ds, batch_size, order, device, chunks, augment)
+    return iter_batches(ds, batch_size, order, device=device, chunks=chunks)
+
+def autocast_for(model, device, precision: str = 'bf16'):
+    "bf16 autocast for a CNN trained end to end on CUDA (`backbone.precision`); none on the CPU, for `fp32`, or for the adapter."
+    on = getattr(model, 'kind', None) == 'cnn' and torch.device(device).type == 'cuda' and precision == 'bf16'
+    return torch.autocast('cuda', dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
 @torch.no_grad()
-def recompute_bn_stats(model: DinoQPMModel, dataset: TokenDataset, batch_size: int = 128, device=None, seed: int = 0,
+def recompute_bn_stats(model: QPMModel, dataset, batch_size: int = 128, device=None, seed: int = 0,
                        shuffle: bool = True) -> DinoQPMModel:
     """Reset every BatchNorm's running statistics and re-estimate them (cumulative average) over `dataset`, in batches of a
     seeded random order (`shuffle`; the stored order of a class-sorted cache gives class-homogeneous batches, whose
-    average variance underestimates the population variance); in place, returns `model`."""
+    average variance underestimates the population variance); in place, returns `model`. `dataset`: tokens or images
+    (unaugmented)."""
+    dataset = training_data(dataset)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns: return model
     device = device or model_device(model)
@@ -65,21 +104,22 @@ def recompute_bn_stats(model: DinoQPMModel, dataset: TokenDataset, batch_size: i
     for bn in bns: bn.reset_running_stats(); bn.momentum = None; bn.train()
     order = (torch.randperm(len(dataset), generator=torch.Generator().manual_seed(derive_seed(seed, 'bn'))).numpy()
              if shuffle else None)
-    for tokens, _, _ in iter_batches(dataset, batch_size, order, device=device): model.dense_features(tokens, dataset.grid)
+    with autocast_for(model, device):
+        for x, _, _ in data_batches(dataset, batch_size, order, device=device): model.dense_features(x, dataset.grid)
     for bn, mom in zip(bns, momenta): bn.momentum = mom
     model.train(was_training)
     return model
 
 @torch.no_grad()
-def eval_accuracy(model: DinoQPMModel, cache_or_dataset, batch_size: int = 256, device=None) -> dict:
-    "Eval-mode cross-entropy and accuracy of `model` on a cache: `{'loss', 'acc', 'n'}`."
-    ds = cache_or_dataset if isinstance(cache_or_dataset, TokenDataset) else TokenDataset(cache_or_dataset)
+def eval_accuracy(model: QPMModel, cache_or_dataset, batch_size: int = 256, device=None, precision: str = 'bf16') -> dict:
+    "Eval-mode cross-entropy and accuracy of `model` on a cache or an `ImageSplit` (unaugmented): `{'loss', 'acc', 'n'}`."
+    ds = training_data(cache_or_dataset)
     device = device or model_device(model)
     was_training = model.training
     model.eval()
     loss, correct = 0., 0
-    for tokens, labels, _ in iter_batches(ds, batch_size, device=device):
-        logits = model(tokens, ds.grid).logits
+    for x, labels, _ in data_batches(ds, batch_size, device=device):
+        with autocast_for(model, device, precision): logits = model(x, ds.grid).logits.float()
         loss += F.cross_entropy(logits, labels, reduction='sum').item()
         correct += (logits.argmax(1) == labels).sum().item()
     model.train(was_training)
@@ -91,10 +131,16 @@ class NonFiniteLossError(UserError, FloatingPointError):
     "A training loss became NaN or infinite (a learning rate too high, or NaN in the tokens); the message says where."
 
 def _phase_datasets(train_cache, test_cache) -> tuple:
-    "The phase's training and test `TokenDataset`s (no test set without `test_cache`); the test tokens must be shaped alike."
-    train_ds = TokenDataset(train_cache)
-    test_ds = TokenDataset(test_cache) if test_cache is not None else None
-    if test_ds is not None and (test_ds.dim, test_ds.grid) != (train_ds.dim, train_ds.grid):
+    "The phase's training and test data (`training_data`; no test set without `test_cache`), of one kind and shaped alike."
+    train_ds = training_data(train_cache)
+    test_ds = training_data(test_cache) if test_cache is not None else None
+    if test_ds is None: return train_ds, None
+    if isinstance(test_ds, ImageSplit) != isinstance(train_ds, ImageSplit):
+        raise ValueError('the test data must be of the training data\'s kind: images (ImageSplit) for both, or token caches for both')
+    if isinstance(train_ds, ImageSplit):
+        if (test_ds.img_size, test_ds.grid) != (train_ds.img_size, train_ds.grid):
+            raise ValueError(f"test images {(test_ds.img_size, test_ds.grid)} differ from the training images {(train_ds.img_size, train_ds.grid)}")
+    elif (test_ds.dim, test_ds.grid) != (train_ds.dim, train_ds.grid):
         raise ValueError(f"test cache tokens {(test_ds.dim, test_ds.grid)} differ from the training cache {(train_ds.dim, train_ds.grid)}")
     return train_ds, test_ds
 
@@ -104,9 +150,9 @@ def _eval_copy(model, pcfg, train_ds, device, seed: int = 0):
     m = copy.deepcopy(model)
     return recompute_bn_stats(m, train_ds, batch_size=max(pcfg.batch_size, 128), device=device, seed=seed)
 
-def trains_head_only(model: DinoQPMModel, pcfg: PhaseConfig) -> bool:
+def trains_head_only(model: QPMModel, pcfg: PhaseConfig) -> bool:
     "True when the adapter is the identity (`n_layers=0`) and no loss looks at the maps: only the head learns, on a fixed `f`."
-    return (model.cfg.n_layers == 0 and model.selection is None and not pcfg.beta_div
+    return (model.features_fixed and model.selection is None and not pcfg.beta_div
             and not (pcfg.lambda_fm or pcfg.lambda_fv))
 
 @torch.no_grad()
@@ -128,12 +174,14 @@ def _pooled_accuracy(model: DinoQPMModel, f, y) -> dict:
 
 def _data_parallel(model: DinoQPMModel, pooled: bool, pcfg: PhaseConfig, phase: str, device):
     """Wrap `model` (or only its head, for the pooled fast path) in `DistributedDataParallel` with BatchNorm statistics
-    and dropout masks of the global batch; returns `(ddp module, global-batch dropouts, undo)`."""
+    (the adapter's `TokenBatchNorm`, a CNN's `BatchNorm2d`) and dropout masks of the global batch; returns
+    `(ddp module, global-batch dropouts, undo)`."""
     from torch.nn.parallel import DistributedDataParallel
     D.check_batch_size(pcfg.batch_size, f'{phase}.batch_size')
     drops = D.use_global_batch_dropout(model)
     bns = [m for m in model.modules() if isinstance(m, TokenBatchNorm)]
     for m in bns: m.synchronized = True
+    D.use_global_batch_norm(model)
     import inspect
     sync = ({'forward_sync_buffers': False} if 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters
             else {'broadcast_buffers': False})    # every rank computes the same BatchNorm statistics: nothing to send
@@ -143,16 +191,20 @@ def _data_parallel(model: DinoQPMModel, pooled: bool, pcfg: PhaseConfig, phase: 
              pcfg.batch_size // D.world_size())
     def undo():
         for m in bns: m.synchronized = False
+        D.restore_batch_norm(model)
         D.restore_dropout(model)
     return net, drops, undo
 
 # %% ../../nbs/05c_train_loop.ipynb #c010
 class _TrainingFeed:
-    """A phase's training batches and the forward pass that fits them: through the tokens, or through the pooled vectors
+    """A phase's training batches and the forward pass that fits them: through the tokens or the images (augmented per
+    epoch, read by loader processes kept for the phase; a CNN under bf16 autocast on CUDA), or through the pooled vectors
     `f` computed once when only the head learns (`trains_head_only`); under torchrun every global batch is split over
-    the ranks and the model (or its head) runs in `DistributedDataParallel` (`undo` ends that)."""
-    def __init__(self, model: DinoQPMModel, pcfg: PhaseConfig, train_ds: TokenDataset, test_ds, phase: str, device):
+    the ranks and the model (or its head) runs in `DistributedDataParallel` (`close` ends that and the loader)."""
+    def __init__(self, model: QPMModel, pcfg: PhaseConfig, train_ds, test_ds, phase: str, device, cfg: RunConfig):
         self.model, self.pcfg, self.train_ds, self.device = model, pcfg, train_ds, device
+        self.seed, self.phase, self.precision = cfg.seed, phase, cfg.backbone.precision
+        self.loader = ImageLoader(train_ds, device, persistent=True) if isinstance(train_ds, ImageSplit) else None
         self.pooled = trains_head_only(model, pcfg)
         if self.pooled:                             # identity adapter, no map loss: f is fixed, train the head on it
             self.f_train, self.y_train = _pooled_vectors(model, train_ds, device)
@@ -168,30 +220,38 @@ class _TrainingFeed:
             c = c[np.argsort(self.train_ds.indices[c], kind='stable')]
             yield (c[D.rank_rows(len(c))] if self.ddp else c), len(c)
 
-    def batches(self, order):
-        "`(inputs, labels, rows of the global batch)` of every step of an epoch in `order`: tokens, or pooled vectors."
+    def batches(self, order, epoch: int):
+        "`(inputs, labels, rows of the global batch)` of every step of epoch `epoch` in `order`: tokens, images, or pooled vectors."
         parts = list(self.global_batches(order))
         sizes = [n for _, n in parts]
         if not self.pooled:
             chunks = [c for c, _ in parts]
-            for (t, l, _), n in zip(iter_batches(self.train_ds, self.pcfg.batch_size, device=self.device, chunks=chunks), sizes):
-                yield t, l, n
+            source = (self.loader.batches(chunks, augment=(self.seed, self.phase, epoch)) if self.loader is not None else
+                      iter_batches(self.train_ds, self.pcfg.batch_size, device=self.device, chunks=chunks))
+            for (t, l, _), n in zip(source, sizes): yield t, l, n
             return
         for c, n in parts:
             idx = torch.from_numpy(c).to(self.f_train.device)
             yield self.f_train[idx], self.y_train[idx], n
 
     def forward(self, x) -> ModelOutput:
-        if not self.pooled: return (self.net or self.model)(x, self.train_ds.grid)
+        if not self.pooled:
+            with autocast_for(self.model, self.device, self.precision): out = (self.net or self.model)(x, self.train_ds.grid)
+            return out if out.logits.dtype == torch.float32 else ModelOutput(*(t.float() for t in out))   # losses in fp32
         logits, final = (self.net or self.model.head)(x)
         return ModelOutput(logits, x, None, final)
+
+    def close(self):
+        "End data-parallel training (if any) and the loader processes (if any)."
+        self.undo()
+        if self.loader is not None: self.loader.close()
 
 # %% ../../nbs/05c_train_loop.ipynb #c011
 def _step_losses(out: ModelOutput, labels, model: DinoQPMModel, pcfg: PhaseConfig) -> tuple:
     """A step's objective CE + L_div + sparsity (a term the phase switches off is zero) and its four values, detached,
     as float64 on the CPU: `(loss, values)`."""
     ce = F.cross_entropy(out.logits, labels)
-    div = (feature_diversity_loss(out.maps, out.final_features, out.logits, model.head_weight(), pcfg.beta_div)
+    div = (feature_diversity_loss(out.maps, model.diversity_features(out), out.logits, model.head_weight(), pcfg.beta_div)
            if pcfg.beta_div else ce.new_zeros(()))
     sp = (sparsity_loss(out.maps, out.feat_vec, pcfg.lambda_fm, pcfg.lambda_fv)
           if (pcfg.lambda_fm or pcfg.lambda_fv) else ce.new_zeros(()))
@@ -216,11 +276,12 @@ def _history_row(epoch: int, steps: int, sums, correct: int, n: int) -> dict:
 class _PhaseLoop:
     """The steps of one phase's training loop, which `train_phase` runs: resume from the checkpoint, train an epoch,
     evaluate, checkpoint, decide to stop, finish."""
-    def __init__(self, phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMModel, params, train_cache, test_cache,
+    def __init__(self, phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: QPMModel, params, train_cache, test_cache,
                  run_dir, signature: dict, device):
         self.phase, self.pcfg, self.cfg, self.model, self.signature, self.device = phase, pcfg, cfg, model, signature, device
         self.train_ds, self.test_ds = _phase_datasets(train_cache, test_cache)
-        self.opt = make_optimizer(pcfg, params)
+        self.opt = make_optimizer(pcfg, params, model.head.parameters())
+        self.augment = self.train_ds.augment_record() if isinstance(self.train_ds, ImageSplit) else None
         self.ckpt_path = Path(run_dir) / phase / 'checkpoint.pt' if run_dir is not None else None
         self.log_path = Path(run_dir) / phase / 'log.csv' if run_dir is not None else None
         self.steps = math.ceil(len(self.train_ds) / pcfg.batch_size)
@@ -229,13 +290,13 @@ class _PhaseLoop:
     def resume(self):
         "Continue after the checkpoint's epoch, if there is a checkpoint (of the same signature); `log.csv` restarts from it."
         if self.ckpt_path is not None and self.ckpt_path.exists():
-            self.history, self.start = resume_from_checkpoint(self.ckpt_path, self.signature, self.model, self.opt)
+            self.history, self.start = resume_from_checkpoint(self.ckpt_path, self.signature, self.model, self.opt, self.augment)
             log.info("%s: resuming from %s after epoch %d of %d", self.phase, self.ckpt_path, self.start, self.pcfg.epochs)
         if self.log_path is not None and D.is_main(): write_log(self.log_path, self.history)   # drops lines written after the checkpoint
 
     def begin(self):
         "What the epochs need: the training feed, and the checkpoint clock started."
-        self.feed = _TrainingFeed(self.model, self.pcfg, self.train_ds, self.test_ds, self.phase, self.device)
+        self.feed = _TrainingFeed(self.model, self.pcfg, self.train_ds, self.test_ds, self.phase, self.device, self.cfg)
         self.interval, self.last_save = checkpoint_interval(), time.monotonic()
 
     def had_stopped(self) -> bool:
@@ -246,6 +307,7 @@ class _PhaseLoop:
         "Epoch `epoch` (0-based) from training to `on_epoch_end`; True when the phase stops at convergence after it."
         t0 = time.time()
         order_gen = self.train_epoch(epoch, bar)
+        step_schedule(self.opt)                              # QPM's StepLR steps after every epoch (main.py:46)
         row = self.history[-1]
         stopped = self.stops_after(epoch)
         if self.test_ds is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == self.pcfg.epochs or stopped):
@@ -280,7 +342,7 @@ class _PhaseLoop:
     def train_steps(self, epoch: int, order, bar) -> tuple:
         "The optimiser steps of one epoch in `order`: `(sums of loss, CE, L_div and sparsity over this rank's rows, correct)`."
         sums, correct = torch.zeros(4, dtype=torch.float64), 0
-        for step, (x, labels, n_global) in enumerate(self.feed.batches(order)):
+        for step, (x, labels, n_global) in enumerate(self.feed.batches(order, epoch)):
             for g in self.feed.global_drops: g.global_rows, g.rows = n_global, D.rank_rows(n_global)
             out = self.feed.forward(x)
             if len(labels) == 0:                  # a rank without rows in a short last batch still takes part
@@ -308,7 +370,7 @@ class _PhaseLoop:
         f = self.feed
         r = (_pooled_accuracy(self.model, f.f_test, f.y_test) if f.pooled else
              eval_accuracy(_eval_copy(self.model, self.pcfg, self.train_ds, self.device, self.cfg.seed), self.test_ds,
-                           device=self.device))
+                           device=self.device, precision=self.cfg.backbone.precision))
         row.update(test_loss=r['loss'], test_acc=r['acc'])
 
     def checkpoint(self, epoch: int, order_gen, last: bool) -> Optional[Path]:
@@ -318,7 +380,7 @@ class _PhaseLoop:
         append_log(self.log_path, self.history[-1])
         if not (last or time.monotonic() - self.last_save >= self.interval): return None
         save_checkpoint(self.ckpt_path, self.phase, epoch + 1, self.model, self.opt, self.cfg, self.signature, self.history,
-                        order_gen)
+                        order_gen, self.augment)
         self.last_save = time.monotonic()
         return self.ckpt_path
 
@@ -328,7 +390,7 @@ class _PhaseLoop:
                  convergence(self.history, rule_for(self.model), self.pcfg.epochs, stop_at_convergence=True)['stop'])
         bar.update((self.pcfg.epochs - epoch - 1) * self.steps)
 
-    def finish(self, t_begin: float) -> DinoQPMModel:
+    def finish(self, t_begin: float) -> QPMModel:
         """The final model, in eval mode at the averaged weights (BatchNorm recomputed on a copy, if asked), with its
         convergence record and timing (`wall_seconds`: this call; `epoch_seconds`: the epochs it trained)."""
         set_optimizer_mode(self.opt, False)
@@ -340,10 +402,10 @@ class _PhaseLoop:
         if not final.convergence['converged']: log.warning('%s: not converged (%s)', self.phase, final.convergence['reason'])
         return final
 
-def train_phase(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMModel, params, train_cache, test_cache,
+def train_phase(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: QPMModel, params, train_cache, test_cache,
                 run_dir, signature: dict, progress: bool, on_epoch_end: Sequence[Callable], eval_every: int, device):
-    """Train `params` of `model` as the phase `phase` (settings `pcfg`) on `train_cache`, testing on `test_cache` (or
-    `None`) every `eval_every` epochs and at the end; with `run_dir`, resumed from and checkpointed to `run_dir/<phase>/`
+    """Train `params` of `model` as the phase `phase` (settings `pcfg`) on `train_cache` (tokens, or an `ImageSplit`),
+    testing on `test_cache` (or `None`) every `eval_every` epochs and at the end; with `run_dir`, resumed from and checkpointed to `run_dir/<phase>/`
     (`signature`: what a checkpoint must match). `on_epoch_end` callbacks get `{'phase', 'epoch', 'model', 'history',
     'checkpoint'}`. Returns `(final model, history)`."""
     t_begin = time.time()
@@ -358,5 +420,5 @@ def train_phase(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: DinoQPMMod
             if loop.epoch(epoch, bar, on_epoch_end, eval_every): break
     finally:
         bar.close()
-        loop.feed.undo()
+        loop.feed.close()
     return loop.finish(t_begin), loop.history

@@ -9,17 +9,18 @@ from pathlib import Path
 from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
-from ..config import RunConfig, check_config, config_to_dict
+from ..config import RunConfig, ConfigError, check_config, config_to_dict
 from ..core import seed_everything, provenance, crc32_of
 from ..numerics import exact_sqrt
-from ..model import DinoQPMModel, SparseBLDDHead
+from ..model import QPMModel, DinoQPMModel, CNNQPMModel, SparseBLDDHead
 from .. import distributed as D
-from .tokens import TokenDataset, check_feature_cache, derive_seed, iter_batches
+from .tokens import TokenDataset, check_feature_cache, derive_seed
+from .images import ImageSplit
 from .checkpoints import phase_signature, state_fingerprint, save_model, load_finished_phase
-from .loop import model_device, train_phase
+from .loop import model_device, train_phase, training_data, data_batches, autocast_for
 
 # %% auto #0
-__all__ = ['train_dense', 'extract_features', 'compute_feature_stats', 'finetune']
+__all__ = ['check_training_data', 'train_dense', 'extract_features', 'compute_feature_stats', 'finetune']
 
 # %% ../../nbs/05d_train_phases.ipynb #c005
 def _save_phase_model(model: DinoQPMModel, history, final_path, cfg: RunConfig, phase: str, signature: dict):
@@ -30,20 +31,39 @@ def _save_phase_model(model: DinoQPMModel, history, final_path, cfg: RunConfig, 
                    provenance=provenance(seed=cfg.seed, phase=phase))
     D.barrier()                                  # the file exists for every rank from here on
 
+def check_training_data(cfg: RunConfig, data):
+    """Refuse training data of the wrong kind for `cfg`: images (`ImageSplit`) for a backbone trained end to end
+    (`backbone.trainable`), a feature cache otherwise (checked by `check_feature_cache`)."""
+    images = isinstance(data, ImageSplit)
+    if cfg.backbone.trainable and not images:
+        raise ConfigError('backbone.trainable is set: the CNN trains on images (dinoqpm.train.load_image_splits(cfg)), not on a token cache')
+    if images and not cfg.backbone.trainable:
+        raise ConfigError('these are images for a backbone trained end to end: set backbone.trainable=true, or train on a token cache')
+    if not images: check_feature_cache(data)
+
+def _dense_model(cfg: RunConfig, train) -> QPMModel:
+    "A new dense model for `train`: the CNN of `backbone.name` with its ImageNet weights (images), or the adapter (tokens)."
+    if isinstance(train, ImageSplit):
+        b = cfg.backbone
+        return CNNQPMModel(b.name, train.n_classes, head_dropout=cfg.dense.head_dropout, img_size=cfg.data.img_size,
+                           weights_dir=b.weights_dir, weights_file=b.weights_file)
+    return DinoQPMModel(train.patch.shape[2], int(train.n_classes), cfg.adapter, head_dropout=cfg.dense.head_dropout,
+                        grid=tuple(train.grid))
+
 def train_dense(cfg: RunConfig, train_cache, test_cache=None, run_dir=None, progress: bool = True,
                 on_epoch_end: Sequence[Callable] = (), eval_every: int = 5):
-    """Train the dense model on `train_cache`; returns `(model, history)`. With `run_dir`, checkpoints every epoch to
-    `run_dir/dense/` (resumed when present), logs to `run_dir/dense/log.csv` and writes `run_dir/dense_model.pt`."""
+    """Train the dense model on `train_cache` (a feature cache, or with `backbone.trainable` an `ImageSplit`: a CNN
+    trained end to end); returns `(model, history)`. With `run_dir`, checkpoints every epoch to `run_dir/dense/`
+    (resumed when present), logs to `run_dir/dense/log.csv` and writes `run_dir/dense_model.pt`."""
     check_config(cfg)                            # every value in its range before any work
+    check_training_data(cfg, train_cache)
     pcfg, device = cfg.dense, D.rank_device(cfg.device)
     signature = phase_signature(cfg, 'dense', train_cache)
     final_path = Path(run_dir) / 'dense_model.pt' if run_dir is not None else None
     done = load_finished_phase(final_path, signature, device)
     if done is not None: return done
-    check_feature_cache(train_cache)
     seed_everything(cfg.seed)
-    model = DinoQPMModel(train_cache.patch.shape[2], int(train_cache.n_classes), cfg.adapter,
-                         head_dropout=pcfg.head_dropout, grid=tuple(train_cache.grid)).to(device)
+    model = _dense_model(cfg, train_cache).to(device)
     model, history = train_phase('dense', pcfg, cfg, model, model.parameters(), train_cache, test_cache, run_dir,
                                  signature, progress, on_epoch_end, eval_every, device)
     _save_phase_model(model, history, final_path, cfg, 'dense', signature)
@@ -51,18 +71,18 @@ def train_dense(cfg: RunConfig, train_cache, test_cache=None, run_dir=None, prog
 
 # %% ../../nbs/05d_train_phases.ipynb #c007
 @torch.no_grad()
-def extract_features(model: DinoQPMModel, cache, batch_size: int = 256, with_maps: bool = False, device=None,
-                     maps_dtype=torch.float32, progress: bool = False) -> dict:
-    """Eval-mode outputs over a cache, in cache order, as CPU tensors: `features [N, J']` (f), `logits [N, C]`,
-    `preds [N]`, `labels [N]`, and `maps [N, J', h, w]` with `with_maps`."""
-    ds = cache if isinstance(cache, TokenDataset) else TokenDataset(cache)
+def extract_features(model: QPMModel, cache, batch_size: int = 256, with_maps: bool = False, device=None,
+                     maps_dtype=torch.float32, progress: bool = False, precision: str = 'bf16') -> dict:
+    """Eval-mode outputs over a cache or an `ImageSplit` (unaugmented), in its order, as CPU tensors: `features [N, J']`
+    (f), `logits [N, C]`, `preds [N]`, `labels [N]`, and `maps [N, J', h, w]` with `with_maps`."""
+    ds = training_data(cache)
     device = device or model_device(model)
     was_training = model.training
     model.eval()
     feats, logits, labels, maps = [], [], [], []
-    for tokens, lab, _ in tqdm(iter_batches(ds, batch_size, device=device), total=math.ceil(len(ds) / batch_size),
-                               desc='features', disable=not progress):
-        out = model(tokens, ds.grid)
+    for x, lab, _ in tqdm(data_batches(ds, batch_size, device=device), total=math.ceil(len(ds) / batch_size),
+                          desc='features', disable=not progress):
+        with autocast_for(model, device, precision): out = model(x, ds.grid)
         feats.append(out.feat_vec.float().cpu()); logits.append(out.logits.float().cpu()); labels.append(lab.cpu())
         if with_maps: maps.append(out.maps.to(maps_dtype).cpu())
     model.train(was_training)
@@ -72,15 +92,16 @@ def extract_features(model: DinoQPMModel, cache, batch_size: int = 256, with_map
     return res
 
 @torch.no_grad()
-def compute_feature_stats(model: DinoQPMModel, cache, batch_size: int = 256, device=None):
-    "Per-feature mean and population std `[J]` of the eval-mode pooled features over `cache` (all dense features, any head)."
-    ds = cache if isinstance(cache, TokenDataset) else TokenDataset(cache)
+def compute_feature_stats(model: QPMModel, cache, batch_size: int = 256, device=None, precision: str = 'bf16'):
+    """Per-feature mean and population std `[J]` of the eval-mode pooled features over `cache` (tokens, or unaugmented
+    images; all dense features, any head)."""
+    ds = training_data(cache)
     device = device or model_device(model)
     was_training = model.training
     model.eval()
     s = s2 = None
-    for tokens, _, _ in iter_batches(ds, batch_size, device=device):
-        f = model.dense_features(tokens, ds.grid)[1].double()
+    for x, _, _ in data_batches(ds, batch_size, device=device):
+        with autocast_for(model, device, precision): f = model.dense_features(x, ds.grid)[1].double()
         s = f.sum(0) if s is None else s + f.sum(0)
         s2 = (f * f).sum(0) if s2 is None else s2 + (f * f).sum(0)
     model.train(was_training)
@@ -96,21 +117,22 @@ def _sparse_head_signature(h) -> dict:
             'bias_crc': crc32_of(h.bias) if hasattr(h, 'bias') else None,
             'mean': h.mean.detach().cpu().double().tolist(), 'std': h.std.detach().cpu().double().tolist()}
 
-def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, mean=None, std=None, train_cache=None,
+def finetune(cfg: RunConfig, model: QPMModel, selection=None, weight=None, mean=None, std=None, train_cache=None,
              test_cache=None, run_dir=None, progress: bool = True, qp_result=None, head=None, phase: str = 'finetune',
              on_epoch_end: Sequence[Callable] = (), eval_every: int = 5):
-    """Finetune a copy of the dense `model` under a frozen sparse head; returns `(model, history)`. With `run_dir`,
-    checkpoints go to `run_dir/<phase>/` and the result to `run_dir/<phase>_model.pt`."""
+    """Finetune a copy of the dense `model` under a frozen sparse head (the adapter, or a CNN's every weight, keeps
+    learning); returns `(model, history)`. With `run_dir`, checkpoints go to `run_dir/<phase>/` and the result to
+    `run_dir/<phase>_model.pt`."""
     if train_cache is None: raise ValueError("finetune needs train_cache")
     check_config(cfg)                            # every value in its range before any work
-    check_feature_cache(train_cache)
+    check_training_data(cfg, train_cache)
     pcfg, device = cfg.finetune, D.rank_device(cfg.device)
     if qp_result is not None: selection, weight = qp_result.selection, qp_result.weight
     model = copy.deepcopy(model).to(device)
     if head is None:
         if selection is None or weight is None: raise ValueError("finetune needs selection and weight (or qp_result, or head)")
         if mean is None or std is None:
-            m_, s_ = compute_feature_stats(model, train_cache, device=device)
+            m_, s_ = compute_feature_stats(model, train_cache, device=device, precision=cfg.backbone.precision)
             mean = m_ if mean is None else mean
             std = s_ if std is None else std
         head = SparseBLDDHead(selection, weight, mean, std, dropout=pcfg.head_dropout)
@@ -122,7 +144,7 @@ def finetune(cfg: RunConfig, model: DinoQPMModel, selection=None, weight=None, m
     done = load_finished_phase(final_path, signature, device)
     if done is not None: return done
     seed_everything(derive_seed(cfg.seed, phase))
-    params = list(model.adapter.parameters()) + [p for p in model.head.parameters() if p.requires_grad]
+    params = list(model.feature_parameters()) + [p for p in model.head.parameters() if p.requires_grad]
     model, history = train_phase(phase, pcfg, cfg, model, params, train_cache, test_cache, run_dir, signature,
                                  progress, on_epoch_end, eval_every, device)
     _save_phase_model(model, history, final_path, cfg, phase, signature)

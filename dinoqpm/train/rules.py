@@ -45,8 +45,10 @@ CONVERGENCE_RULES = {'adapter': ConvergenceRule(),                              
                      'head': ConvergenceRule(monitor='train_ce', rtol=0.15, atol=0.003)}   # only a head, on fixed features
 
 def rule_for(model) -> ConvergenceRule:
-    "The rule a phase of `model` is judged by: `'head'` when only a linear head learns (identity adapter), else `'adapter'`."
-    return CONVERGENCE_RULES['head' if model.cfg.n_layers == 0 else 'adapter']
+    """The rule a phase of `model` is judged by: `'head'` when only a linear head learns (identity adapter), else
+    `'adapter'` (the adapter learns; a CNN trained end to end, which has no adapter configuration, learns its features too)."""
+    cfg = getattr(model, 'cfg', None)
+    return CONVERGENCE_RULES['head' if cfg is not None and cfg.n_layers == 0 else 'adapter']
 
 def convergence_criterion() -> str:
     "Both rules in words, for table notes."
