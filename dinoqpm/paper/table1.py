@@ -267,13 +267,18 @@ def run_table1_cell(p: PaperParams, cell: str, seed: int, progress=True) -> list
                                     default=_record_json, indent=1))    # NaN kept as NaN: the table is the same either way
     return recs
 
+def _one_after_the_other(tables) -> pd.DataFrame:
+    "The rows of `tables` in turn, with the columns of all (in their first order); a column a table lacks is empty there."
+    cols = list(dict.fromkeys(c for t in tables for c in t.columns))
+    return pd.concat([t.dropna(axis=1, how='all') for t in tables], ignore_index=True).reindex(columns=cols)
+
 _NOT_RESULTS = ('out_dir', 'datasets')     # where the table goes and which tables a cell joins: no part of its result
 
 def merge_table1(p: PaperParams, rows=None) -> pd.DataFrame:
     """The tidy Table 1 of `rows` (default: every registered row) from the cells' record files (trains nothing); a missing
     cell or one made with other parameters is a `ConfigError` naming it and the command that makes it. Several datasets
     (`PaperParams.datasets`): the records of each, one dataset after the other."""
-    if p.datasets: return pd.concat([merge_table1(q, rows) for q in p.per_dataset()], ignore_index=True)
+    if p.datasets: return _one_after_the_other([merge_table1(q, rows) for q in p.per_dataset()])
     rows = list_table1_rows() if rows is None else rows
     _check_rows(rows)
     recs, missing = [], []
