@@ -56,8 +56,9 @@ def _add_extract(sub):
 def _add_table1(sub):
     tb = sub.add_parser('table1', help="Table 1's runs (method x seed), spread over the processes of a torchrun job, then the table")
     tb.add_argument('--set', dest='params', action='append', default=[], metavar='NAME=VALUE',
-                    help='a parameter of nbs/paper/run_table1.ipynb: dataset, backbone, data_root, weights_dir, runs_root, '
-                         'out_dir, mode, seeds, device, probe_protocol, require_masks (repeatable)')
+                    help='a parameter of nbs/paper/run_table1.ipynb: dataset, datasets (several, comma-separated, e.g. '
+                         'datasets=CUB2011,StanfordCars: one table, a column group each), backbone, data_root, weights_dir, '
+                         'runs_root, out_dir, mode, seeds, device, probe_protocol, require_masks (repeatable)')
     tb.add_argument('--only', action='append', default=[], metavar='method=M,seed=S',
                     help='run only these cells (repeatable; e.g. one per SLURM array job), without writing the table')
     tb.add_argument('--merge', action='store_true', help='write the table from the finished cells; trains nothing')
@@ -155,11 +156,11 @@ def _paper_params(items):
 
 def cmd_table1(args) -> dict:
     from dinoqpm import distributed as D
-    from dinoqpm.paper import merge_table1, parse_cells, run_table1_cells, table1_cells, write_table1
+    from dinoqpm.paper import merge_table1, parse_cells, run_table1_datasets, write_table1
     p = _paper_params(args.params)
     if args.merge and args.only: raise ConfigError('--merge writes the table from finished cells; leave out --only')
     if not args.merge:
-        run_table1_cells(p, table1_cells(p, only=parse_cells(args.only)), progress=not args.no_progress)
+        run_table1_datasets(p, only=parse_cells(args.only), progress=not args.no_progress)     # every dataset's cells
         if args.only:
             log.info('cells done; write the table with: dinoqpm table1 --merge (and the same --set parameters)')
             return {}

@@ -110,6 +110,117 @@ def test_table1_one_cell_then_merge_names_the_missing_cells(tmp_path):
     assert '--only method=dense_frozen,seed=0' in r.stderr
 
 
+def test_table1_regenerates_the_committed_tables_from_their_records(synthbirds_default, tmp_path):
+    """A one-dataset Table 1 is written as it always was: the committed figures/table1.{csv,md,tex}, byte for byte, from
+    the committed per-seed records and parameters (nothing trained; the data root only gives the demo's training-set size)."""
+    import dataclasses
+    from dinoqpm.paper import paper_params, write_table1
+    prov = json.loads((ROOT / 'figures' / 'table1_provenance.json').read_text())
+    p = paper_params(**{**prov['params'], 'data_root': str(synthbirds_default), 'out_dir': str(tmp_path)})
+    assert not p.datasets and dataclasses.asdict(p)['dataset'] == prov['params']['dataset']
+    write_table1(pd.read_csv(ROOT / 'figures' / 'table1_per_seed.csv').drop(columns='demo'), p)
+    for f in ('table1.csv', 'table1.md', 'table1.tex'):
+        assert (tmp_path / f).read_bytes() == (ROOT / 'figures' / f).read_bytes(), f
+
+
+def _grouped_md_tables(md: str) -> list:
+    "Every table of a Markdown file written with column groups, as a DataFrame of strings with `(group, column)` columns."
+    lines, tables, i = md.splitlines(), [], 0
+    while i < len(lines):
+        if not (lines[i].startswith('|') and i + 1 < len(lines) and lines[i + 1].startswith('|---')): i += 1; continue
+        block = []
+        while i < len(lines) and lines[i].startswith('|'):
+            block.append([c.strip() for c in lines[i].strip().strip('|').split('|')]); i += 1
+        groups, g = [], ''
+        for c in block[0][1:]: g = c or g; groups.append(g)
+        names = [c.strip('*') for c in block[2][1:]]
+        tables.append(pd.DataFrame([r[1:] for r in block[3:]], index=[r[0] for r in block[3:]],
+                                   columns=pd.MultiIndex.from_arrays([groups, names])))
+    return tables
+
+
+def _shown(v) -> str:
+    "A fraction of one seed as the table shows it (in %, one decimal; '–' when missing)."
+    return '–' if v is None or pd.isna(v) else f'{100 * v:.1f}'
+
+
+def test_table1_two_datasets_side_by_side(shared, smoke, tmp_path):
+    """SynthBirds and a folder of the same kind of images without masks/ (written from the session's smoke data), in one
+    Table 1 in smoke mode (SynthBirds' cells are those the notebook test trained, reused): a column group each,
+    Plausibility in SynthBirds' group only and the folder's reason in the notes, no published numbers (said), and every
+    number that of its dataset's own cell records, read here from the cell files; `dinoqpm table1 --merge` writes the same."""
+    from dinoqpm.data import export_cub_as_folder, load_dataset
+    from dinoqpm.evaluation import TABLE1_METRICS
+    from dinoqpm.paper import cell_file, list_table1_rows, paper_params, run_table1, table1_cells, write_table1
+    birds = export_cub_as_folder(load_dataset('SynthBirds', 'train', root=smoke.data, generate=False), tmp_path / 'birds',
+                                 masks=False, progress=False)
+    sets = ('--set', 'mode=smoke', '--set', 'seeds=0', '--set', f'runs_root={shared / "runs"}', '--set', f'datasets=SynthBirds,folder:{birds}')
+    p = paper_params(mode='smoke', seeds='0', runs_root=str(shared / 'runs'), datasets=f'SynthBirds,folder:{birds}',
+                     out_dir=str(tmp_path / 'fig'))
+    write_table1(run_table1(p, progress=False), p)
+    fig = tmp_path / 'fig'
+    table = pd.read_csv(fig / 'table1.csv', header=[0, 1], index_col=0, dtype=str)
+    assert list(dict.fromkeys(table.columns.get_level_values(0))) == ['SynthBirds', 'folder-birds']
+    assert ('SynthBirds', 'Plausibility') in table and ('folder-birds', 'Plausibility') not in table
+    md = (fig / 'table1.md').read_text()
+    assert '- folder-birds: no Plausibility column (no segmentation masks: the image folder has no masks/ folder' in md
+    assert '- No published numbers for SynthBirds, folder-birds: the paper reports CUB2011 and StanfordCars only.' in md
+    assert 'Published numbers (the paper' not in md and 'Table 1 (DEMO in SynthBirds, folder-birds' in md
+    assert _grouped_md_tables(md)[0].equals(table.fillna(''))                      # the Markdown shows the CSV's cells
+    for q in p.per_dataset():                       # every number: its dataset's own records, from its cells' files
+        group = q.dataset_label
+        recs = [r for cell, seed in table1_cells(q) for r in json.loads(cell_file(q, cell, seed).read_text())['records']]
+        assert len(recs) == len(list_table1_rows()) and {r['dataset'] for r in recs} == {group}
+        for r in recs:
+            assert table.loc[r['method'], (group, 'note')].startswith('demo: not the paper'), (group, r['method'])
+            for k in TABLE1_METRICS:
+                if (group, k) not in table:
+                    assert k == 'Plausibility' and r[k] is None and 'masks/' in r['plausibility_skipped']; continue
+                assert table.loc[r['method'], (group, k)] == _shown(r[k]), (group, r['method'], k)
+    per_seed = pd.read_csv(fig / 'table1_per_seed.csv')
+    assert list(per_seed['dataset']) == ['SynthBirds'] * len(list_table1_rows()) + ['folder-birds'] * len(list_table1_rows())
+    assert per_seed['demo'].all()
+    prov = json.loads((fig / 'table1_provenance.json').read_text())
+    assert list(prov['datasets']) == ['SynthBirds', 'folder-birds'] and prov['params']['datasets'] == f'SynthBirds,folder:{birds}'
+    r = _dinoqpm_in_process('table1', '--merge', *sets, '--set', f'out_dir={tmp_path / "merged"}', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for f in ('table1.csv', 'table1.md', 'table1.tex', 'table1_per_seed.csv'):
+        assert (tmp_path / 'merged' / f).read_bytes() == (fig / f).read_bytes(), f
+
+
+def test_table1_cub_and_cars_groups_with_the_published_numbers(tmp_path):
+    """The paper's layout for `datasets=CUB2011,StanfordCars`, from made-up records (nothing trained): a CUB2011 and a
+    StanfordCars group in that order, no Cars Plausibility, and the published numbers in the same groups, each the paper's
+    column of that dataset (`published_table1`); repeated or unknown datasets are refused in one line."""
+    from dinoqpm.evaluation import published_table1
+    from dinoqpm.paper import paper_params, write_table1
+    rows = [('linear_probe', 'CLS linear probe'), ('qpm', 'DINO-QPM')]
+    recs = [{'method': m, 'row': k, 'seed': s, 'dataset': d, 'backbone': 'dinov2_vitb14_reg4', 'Accuracy': a + 0.01 * s,
+             'Plausibility': None if d == 'StanfordCars' else 0.4 + i / 10, 'SID@5': 0.5 + i / 10, 'Class-Independence': 0.9,
+             'Contrastiveness': 0.6 + i / 10, 'converged': True, 'plausibility_skipped': 'no masks' if d == 'StanfordCars' else None}
+            for d, a in (('CUB2011', 0.8), ('StanfordCars', 0.9)) for s in (0, 1) for i, (k, m) in enumerate(rows)]
+    p = paper_params(mode='full', seeds='0,1', datasets='CUB2011,StanfordCars', out_dir=str(tmp_path))
+    write_table1(pd.DataFrame(recs), p)
+    ours, published = _grouped_md_tables((tmp_path / 'table1.md').read_text())
+    for t in (ours, published): assert list(dict.fromkeys(t.columns.get_level_values(0))) == ['CUB2011', 'StanfordCars']
+    assert ('CUB2011', 'Plausibility') in ours and ('StanfordCars', 'Plausibility') not in ours
+    assert ours.loc['DINO-QPM', ('CUB2011', 'Accuracy')] == '80.5 ± 0.7' and ours.loc['DINO-QPM', ('StanfordCars', 'Accuracy')] == '90.5 ± 0.7'
+    assert ours.loc['DINO-QPM', ('CUB2011', 'Plausibility')] == '50.0 ± 0.0'
+    assert ('CUB2011', 'Plausibility') in published and ('StanfordCars', 'Plausibility') not in published
+    for d in ('CUB2011', 'StanfordCars'):
+        paper = published_table1(d)
+        assert list(published.index) == list(paper.index)
+        for m in paper.index:
+            for k in paper.columns:
+                if (d, k) in published: assert published.loc[m, (d, k)] == ('–' if pd.isna(paper.loc[m, k]) else str(paper.loc[m, k])), (d, m, k)
+    assert published.loc['DINO-QPM', ('CUB2011', 'Accuracy')] == '88.3' and published.loc['DINO-QPM', ('StanfordCars', 'Accuracy')] == '94.0'
+    assert published.loc['ResNet50 QPM (QPM paper)', ('StanfordCars', 'SID@5')] == '88.2'
+    assert r'\multicolumn{5}{c}{CUB2011} & \multicolumn{4}{c}{StanfordCars} \\' in (tmp_path / 'table1.tex').read_text()
+    for bad, msg in (('CUB2011,StanfordCars,CUB2011', 'name CUB2011 twice'), ('CUB2011,Cars', "unknown dataset 'Cars'")):
+        r = _dinoqpm_in_process('table1', '--merge', '--set', f'datasets={bad}', cwd=tmp_path)
+        assert r.returncode == 2 and msg in r.stderr and r.stderr.count('\n') == 1, r.stderr
+
+
 def test_table1_numbers_match_an_independent_computation(shared):
     """The wiring from evaluate to the table files: Accuracy, Plausibility and SID@5 of every row, recomputed here from the
     saved model file's maps and weights with the plain-numpy metrics of tests/reference_metrics.py, equal the per-seed CSV,

@@ -216,6 +216,15 @@ MUTANTS = {
     'figure_prototypes_least_activating': ('10c_paper_figures', 'paper/figures', "top = np.argsort(-f[:, j], kind='stable')[:n_images]",
                                            "top = np.argsort(f[:, j], kind='stable')[:n_images]",
                                            ['tests/test_paper.py::test_global_figure_shows_each_features_most_activating_test_images']),
+    'published_groups_swapped': ('10b_paper_notes', 'paper/notes', "    tables = {d: published_table1(d).dropna(axis=1, how='all') for d in datasets if d in PUBLISHED_DATASETS}",
+                                 "    tables = {d: published_table1({'CUB2011': 'StanfordCars'}.get(d, 'CUB2011')).dropna(axis=1, how='all') for d in datasets if d in PUBLISHED_DATASETS}",
+                                 ['tests/test_paper.py::test_table1_cub_and_cars_groups_with_the_published_numbers']),
+    'maskless_group_keeps_plausibility': ('10b_paper_notes', 'paper/notes', "        if why: t, no_plausibility[label] = t.drop(columns='Plausibility'), why",
+                                          "        if why: no_plausibility[label] = why",
+                                          ['tests/test_paper.py::test_table1_cub_and_cars_groups_with_the_published_numbers']),
+    'datasets_group_of_the_first_dataset': ('10b_paper_notes', 'paper/notes', "    groups = {q.dataset_label: (q, tidy[tidy['dataset'] == q.dataset_label]) for q in p.per_dataset()}",
+                                            "    groups = {q.dataset_label: (q, tidy[tidy['dataset'] == p.dataset_label]) for q in p.per_dataset()}",
+                                            ['tests/test_paper.py::test_table1_cub_and_cars_groups_with_the_published_numbers']),
 }
 
 

@@ -84,9 +84,30 @@ def summarise_runs(tidy: pd.DataFrame, metrics=TABLE1_METRICS, method_order=None
     return pd.DataFrame(rows).set_index('method')
 
 # %% ../../nbs/06d_evaluation_viz.ipynb #c013
+def _column_groups(df: pd.DataFrame) -> list:
+    "`[(group, its number of columns)]` of a table with `(group, column)` columns, in order; `[]` for plain columns."
+    if not isinstance(df.columns, pd.MultiIndex): return []
+    groups = []
+    for g, _ in df.columns:
+        if groups and groups[-1][0] == g: groups[-1][1] += 1
+        else: groups.append([g, 1])
+    return [tuple(g) for g in groups]
+
+def _column_names(df: pd.DataFrame) -> list:
+    "The header of the index and of every column (the column's own name within its group)."
+    return [df.index.name or ''] + [str(c[-1] if isinstance(c, tuple) else c) for c in df.columns]
+
+def _md_header(df: pd.DataFrame) -> list:
+    "The Markdown header: the column names, or with column groups the group names above them (the names in bold)."
+    cols = _column_names(df)
+    rule = '|' + '|'.join(['---'] * len(cols)) + '|'
+    groups = _column_groups(df)
+    if not groups: return ['| ' + ' | '.join(cols) + ' |', rule]
+    top = [''] + [str(g) if i == 0 else '' for g, n in groups for i in range(n)]
+    return ['| ' + ' | '.join(top) + ' |', rule, '| ' + ' | '.join(f'**{c}**' if c else '' for c in cols) + ' |']
+
 def _md_table(df: pd.DataFrame) -> str:
-    cols = [df.index.name or ''] + [str(c) for c in df.columns]
-    lines = ['| ' + ' | '.join(cols) + ' |', '|' + '|'.join(['---'] * len(cols)) + '|']
+    lines = _md_header(df)
     for idx, row in df.iterrows():
         lines.append('| ' + ' | '.join([str(idx)] + ['' if (isinstance(v, float) and math.isnan(v)) else str(v) for v in row]) + ' |')
     return '\n'.join(lines)
@@ -97,10 +118,21 @@ def _tex_escape(s) -> str:
         s = s.replace(a, b)
     return s
 
+def _tex_groups(df: pd.DataFrame) -> list:
+    "The LaTeX lines above the column names: a `\\multicolumn` per column group and a rule under each (none without groups)."
+    groups = _column_groups(df)
+    if not groups: return []
+    heads, rules, first = [''], [], 2
+    for g, n in groups:
+        heads.append(r'\multicolumn{%d}{c}{%s}' % (n, _tex_escape(g)))
+        rules.append(r'\cmidrule(lr){%d-%d}' % (first, first + n - 1))
+        first += n
+    return [' & '.join(heads) + r' \\', ' '.join(rules)]
+
 def _tex_table(df: pd.DataFrame, caption: str) -> str:
-    cols = [df.index.name or ''] + [str(c) for c in df.columns]
+    cols = _column_names(df)
     out = [r'\begin{table}[t]', r'\centering', r'\small', r'\begin{tabular}{l' + 'c' * len(df.columns) + '}', r'\toprule',
-           ' & '.join(_tex_escape(c) for c in cols) + r' \\', r'\midrule']
+           *_tex_groups(df), ' & '.join(_tex_escape(c) for c in cols) + r' \\', r'\midrule']
     for idx, row in df.iterrows():
         out.append(' & '.join([_tex_escape(idx)] + ['' if (isinstance(v, float) and math.isnan(v)) else _tex_escape(v) for v in row]) + r' \\')
     out += [r'\bottomrule', r'\end{tabular}', r'\caption{' + _tex_escape(caption) + '}', r'\end{table}']

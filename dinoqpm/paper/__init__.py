@@ -7,13 +7,17 @@ from __future__ import annotations
 from .params import (MODES, PAPER_DATASETS, QUICK_STEPS, PaperParams, paper_params, steps_to_epochs,
                                   baseline_recipes, paper_config, quick_budget, run_backbone, is_demo,
                                   params_from_namespace)
+from .params import FOLDER_PREFIX, folder_of, paper_dataset_label, check_dataset_names    # several datasets
 from .table1 import (TABLE1_ROW_REGISTRY, TABLE1_QP_FIELDS, TABLE1_ROWS, ROW_METHOD, PUBLISHED_ROW,
                                   ROW_MODEL_FILE, TABLE1_CELLS, CELL_OF_ROW, CELL_COST, Table1Row, register_table1_row,
                                   list_table1_rows, get_table1_row, table1_cell_rows, table1_cell_cost, row_run_dir,
                                   SeedRun, run_qpm_row, run_qpm_dense_row, run_baseline_row, run_qsenn_row,
                                   run_probe_row, run_table1_seed, parse_cells, table1_cells, cell_file,
                                   one_thread_per_cell, run_table1_cell, merge_table1, run_table1_cells, run_table1)
+from .table1 import run_table1_datasets
 from .notes import (PROBE_CHECK_POINTS, stop_summary, row_notes, table1_notes, write_table1)
+from .notes import (PUBLISHED_DATASETS, table1_summary, dataset_groups, plausibility_missing, datasets_table,
+                                 published_side_by_side, datasets_notes, write_table1_datasets)
 from .figures import (FigureData, figure_data, pick_examples, class_label, model_style, figure_style,
                                    cover_figure, sharing_pairs, class_comparison_figure, assignment_overview_figure)
 

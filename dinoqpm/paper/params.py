@@ -13,22 +13,55 @@ from ..core import repo_root
 from ..config import RunConfig, ConfigError, demo_config, update_config
 from ..data import load_dataset, dataset_kwargs
 from ..baselines import GLMConfig
-from ..pipeline import smoke_config
+from ..pipeline import smoke_config, dataset_label
 from ..features import get_backbone_spec
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MODES', 'PAPER_DATASETS', 'QUICK_STEPS', 'PaperParams', 'paper_params', 'steps_to_epochs', 'baseline_recipes',
-           'paper_config', 'quick_budget', 'run_backbone', 'is_demo', 'params_from_namespace']
+__all__ = ['log', 'MODES', 'PAPER_DATASETS', 'FOLDER_PREFIX', 'QUICK_STEPS', 'folder_of', 'paper_dataset_label',
+           'check_dataset_names', 'PaperParams', 'paper_params', 'steps_to_epochs', 'baseline_recipes', 'paper_config',
+           'quick_budget', 'run_backbone', 'is_demo', 'params_from_namespace']
 
 # %% ../../nbs/10_paper_params.ipynb #c005
 MODES = ('quick', 'full', 'smoke')
 PAPER_DATASETS = ('SynthBirds', 'CUB2011', 'StanfordCars')
+FOLDER_PREFIX = 'folder:'      # `folder:<path>`: your own images, one sub-folder per class (`dinoqpm.data.FolderDataset`)
+
+def folder_of(name: str) -> Optional[str]:
+    "The path of a `folder:<path>` dataset, `None` for one of the paper's datasets."
+    return name[len(FOLDER_PREFIX):] if name.startswith(FOLDER_PREFIX) else None
+
+def paper_dataset_label(name: str) -> str:
+    """A dataset's name in run folders, records and the table's column groups: its own, or `folder-<its folder's name>`
+    for `folder:<path>` (`dinoqpm.pipeline.dataset_label`, which names the runs)."""
+    folder = folder_of(name)
+    if folder is None: return name
+    return dataset_label(update_config(RunConfig(), {'data.dataset': 'folder', 'data.root': folder}))
+
+def check_dataset_names(names) -> list:
+    """`names` if each is one of `PAPER_DATASETS` or `folder:<path>` and none comes twice (two folders of the same name
+    do: their runs would share `<runs>/folder-<name>/`); else a one-line `ConfigError`."""
+    for n in names:
+        if n not in PAPER_DATASETS and not (folder_of(n) or '').strip():
+            raise ConfigError(f"unknown dataset {n!r}: expected one of {', '.join(PAPER_DATASETS)} or folder:<path>")
+    labels = [paper_dataset_label(n) for n in names]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice: raise ConfigError(f"datasets {','.join(names)!r} name {', '.join(twice)} twice; give each dataset once")
+    return list(names)
+
+def _one_form(dataset: str, datasets: str) -> tuple:
+    "`(dataset, datasets)` checked, in one form: several datasets in `datasets` (`dataset` the first), one in `dataset`."
+    names = [n.strip() for n in str(datasets).split(',') if n.strip()]
+    if names and dataset not in ('SynthBirds', names[0]):            # 'SynthBirds': `dataset` left at its default
+        raise ConfigError(f"give dataset or datasets, not both (dataset={dataset!r}, datasets={datasets!r})")
+    check_dataset_names(names or [dataset])
+    return (names[0], ','.join(names) if len(names) > 1 else '') if names else (dataset, '')
 
 @dataclass(frozen=True)
 class PaperParams:
-    dataset: str = 'SynthBirds'    # SynthBirds (embedded demo) | CUB2011 | StanfordCars
+    dataset: str = 'SynthBirds'    # SynthBirds (embedded demo) | CUB2011 | StanfordCars | folder:<path> (your own images)
+    datasets: str = ''             # several, comma-separated (CUB2011,StanfordCars): one table, a column group each; '' = dataset
     backbone: str = ''             # '' = efficientnet_lite0_os16 for SynthBirds, dinov2_vitb14_reg4 otherwise
     data_root: str = ''            # '' = $DINOQPM_DATA or ~/tmp/Datasets
     weights_dir: str = ''          # '' = $DINOQPM_WEIGHTS or ~/tmp/model_weights
@@ -48,7 +81,8 @@ class PaperParams:
             raise ConfigError(f"probe_protocol must be 'authors' or 'dinov2', got {self.probe_protocol!r}")
         if self.workers < 0: raise ConfigError(f"workers must be >= 0 (0: as many as CPU cores, at most 4), got {self.workers}")
         if self.stop not in ('auto', 'on', 'off'): raise ConfigError(f"stop must be auto, on or off, got {self.stop!r}")
-        if self.dataset not in PAPER_DATASETS: raise ConfigError(f"dataset must be one of {PAPER_DATASETS}, got {self.dataset!r}")
+        dataset, datasets = _one_form(self.dataset, self.datasets)
+        object.__setattr__(self, 'dataset', dataset); object.__setattr__(self, 'datasets', datasets)
         try: self.seed_list
         except ValueError: raise ConfigError(f"seeds must be comma-separated integers, got {self.seeds!r}") from None
 
@@ -61,6 +95,17 @@ class PaperParams:
     @property
     def backbone_name(self) -> str:
         return self.backbone or ('efficientnet_lite0_os16' if self.dataset == 'SynthBirds' else 'dinov2_vitb14_reg4')
+    @property
+    def dataset_list(self) -> list:
+        "The datasets of the table, in the order of its column groups (one for a one-dataset table)."
+        return self.datasets.split(',') if self.datasets else [self.dataset]
+    @property
+    def dataset_label(self) -> str: return paper_dataset_label(self.dataset)
+    @property
+    def folder(self) -> Optional[str]: return folder_of(self.dataset)
+    def per_dataset(self) -> list:
+        "One `PaperParams` per dataset (`[self]` for one): each runs, and is recorded, as a one-dataset Table 1."
+        return [dataclasses.replace(self, dataset=d, datasets='') for d in self.dataset_list] if self.datasets else [self]
     @property
     def runs_path(self) -> Path:
         return Path(self.runs_root).expanduser() if self.runs_root else repo_root() / 'runs' / 'paper' / self.mode
@@ -103,15 +148,18 @@ def baseline_recipes(mode: str, cfg: Optional[RunConfig] = None, n_train: Option
             'qsenn': {'dense_epochs': 3, 'finetune_epochs': 2, 'later_epochs': 1, 'iterations': 2, 'glm': glm}}
 
 def paper_config(p: PaperParams, seed: int) -> RunConfig:
-    "The DINO-QPM `RunConfig` of one seed for these parameters."
-    data = {'data.dataset': p.dataset, 'data.root': p.data_root or None, 'backbone.name': p.backbone_name,
+    "The DINO-QPM `RunConfig` of one seed for these parameters (of one dataset: see `PaperParams.per_dataset`)."
+    if p.datasets: raise ConfigError(f'a run is of one dataset, and datasets={p.datasets!r} names several: '
+                                     'take them one at a time (PaperParams.per_dataset)')
+    folder = str(Path(p.folder).expanduser().resolve()) if p.folder else None      # as `dinoqpm train --data FOLDER`
+    data = {'data.dataset': 'folder' if folder else p.dataset, 'data.root': folder or p.data_root or None, 'backbone.name': p.backbone_name,
             'backbone.weights_dir': p.weights_dir or None, 'seed': seed, 'device': p.device, 'data.require_masks': p.require_masks}
     if p.mode == 'full': cfg = RunConfig()
     elif p.mode == 'quick': cfg = demo_config()
     else:
         wd = p.weights_dir or str(p.runs_path / 'weights')
         cfg = smoke_config(p.data_root or p.runs_path / 'data', wd)
-        data.update({'backbone.weights_dir': wd, 'data.root': p.data_root or str(p.runs_path / 'data')})
+        data.update({'backbone.weights_dir': wd, 'data.root': folder or p.data_root or str(p.runs_path / 'data')})
         if p.backbone: data['backbone.name'] = p.backbone
         else: del data['backbone.name']
     if p.mode != 'smoke':          # the backbone's own input size: 224 px for DINOv2 (a 16x16 grid, as in the paper)

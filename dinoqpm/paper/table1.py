@@ -14,7 +14,7 @@ from ..core import atomic_write_text, CorruptFileError
 from ..config import RunConfig, ConfigError
 from ..baselines import BaselineResult, run_baseline, logistic_regression_check
 from ..qp import qp_record
-from ..pipeline import default_run_dir, run_qpm, load_caches, extract_caches
+from ..pipeline import default_run_dir, run_qpm, load_caches, extract_caches, dataset_label
 from ..numerics import numerics_mode
 from .. import distributed as D
 from ..evaluation import TABLE1_METRICS
@@ -28,7 +28,7 @@ __all__ = ['log', 'TABLE1_ROW_REGISTRY', 'TABLE1_QP_FIELDS', 'TABLE1_ROWS', 'ROW
            'get_table1_row', 'table1_cell_rows', 'table1_cell_cost', 'row_run_dir', 'SeedRun', 'run_qpm_row',
            'run_qpm_dense_row', 'run_baseline_row', 'run_qsenn_row', 'run_probe_row', 'run_table1_seed', 'parse_cells',
            'table1_cells', 'cell_file', 'one_thread_per_cell', 'run_table1_cell', 'merge_table1', 'run_table1_cells',
-           'run_table1']
+           'run_table1_datasets', 'run_table1']
 
 # %% ../../nbs/10a_paper_table1.ipynb #c005
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ def _under(path, root) -> str:
 def _record(s: SeedRun, seed: int, row: Table1Row, metrics: dict, model_file, extra: dict) -> dict:
     "The tidy record of `row` for `seed`, logged: metrics, convergence, the model file and the row's own fields."
     plaus_skip = (metrics.get('skipped') or {}).get('plausibility') if metrics.get('Plausibility') is None else None
-    rec = {'method': row.method, 'row': row.key, 'seed': seed, 'dataset': s.cfg.data.dataset, 'backbone': s.cfg.backbone.name,
+    rec = {'method': row.method, 'row': row.key, 'seed': seed, 'dataset': dataset_label(s.cfg), 'backbone': s.cfg.backbone.name,
            **{k: metrics.get(k) for k in _KEEP}, **_convergence_fields(metrics), 'plausibility_skipped': plaus_skip,
            'model_file': _under(model_file, s.p.runs_path), **extra}
     log.info('%s seed %d: %s; converged: %s', row.method, seed, {k: rec[k] for k in ('Accuracy', 'Plausibility', 'SID@5')},
@@ -267,9 +267,18 @@ def run_table1_cell(p: PaperParams, cell: str, seed: int, progress=True) -> list
                                     default=_record_json, indent=1))    # NaN kept as NaN: the table is the same either way
     return recs
 
+def _one_after_the_other(tables) -> pd.DataFrame:
+    "The rows of `tables` in turn, with the columns of all (in their first order); a column a table lacks is empty there."
+    cols = list(dict.fromkeys(c for t in tables for c in t.columns))
+    return pd.concat([t.dropna(axis=1, how='all') for t in tables], ignore_index=True).reindex(columns=cols)
+
+_NOT_RESULTS = ('out_dir', 'datasets')     # where the table goes and which tables a cell joins: no part of its result
+
 def merge_table1(p: PaperParams, rows=None) -> pd.DataFrame:
     """The tidy Table 1 of `rows` (default: every registered row) from the cells' record files (trains nothing); a missing
-    cell or one made with other parameters is a `ConfigError` naming it and the command that makes it."""
+    cell or one made with other parameters is a `ConfigError` naming it and the command that makes it. Several datasets
+    (`PaperParams.datasets`): the records of each, one dataset after the other."""
+    if p.datasets: return _one_after_the_other([merge_table1(q, rows) for q in p.per_dataset()])
     rows = list_table1_rows() if rows is None else rows
     _check_rows(rows)
     recs, missing = [], []
@@ -282,8 +291,8 @@ def merge_table1(p: PaperParams, rows=None) -> pd.DataFrame:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise CorruptFileError(f'{f} is damaged ({type(e).__name__}: {e}); delete it and run its cell again: '
                                        f'dinoqpm table1 --only method={cell},seed={seed}') from None
-            mine = {k: v for k, v in dataclasses.asdict(p).items() if k != 'out_dir'}     # where the table goes is no result
-            theirs = {k: v for k, v in (d.get('params') or {}).items() if k != 'out_dir'}
+            mine = {k: v for k, v in dataclasses.asdict(p).items() if k not in _NOT_RESULTS}
+            theirs = {k: v for k, v in (d.get('params') or {}).items() if k not in _NOT_RESULTS}
             if theirs != mine:
                 diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
                 raise ConfigError(f'{f} was made with other parameters: ' + ', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items()))
@@ -327,9 +336,16 @@ def _run_cells_in_processes(p: PaperParams, cells, progress=True):
             for f in as_completed(futures):
                 log.info('Table 1 cell %s finished', f.result()); bar.update(1)
 
+def run_table1_datasets(p: PaperParams, rows=None, only=(), progress=True):
+    """Run (or reuse) the cells of `rows` (`table1_cells`, restricted by `only`) of every dataset of `p`, one dataset after
+    the other, each as its one-dataset Table 1 (`PaperParams.per_dataset`, `run_table1_cells`)."""
+    for q in p.per_dataset():
+        if p.datasets: log.info('Table 1 on %s', q.dataset_label)
+        run_table1_cells(q, table1_cells(q, rows, only), progress)
+
 def run_table1(p: PaperParams, rows=None, progress=True) -> pd.DataFrame:
     """The tidy Table 1 results of every seed (one row per method and seed) for `rows` (default: every registered row):
-    every cell run (or reused), then merged."""
-    run_table1_cells(p, table1_cells(p, rows), progress)
+    every cell of every dataset run (or reused), then merged."""
+    run_table1_datasets(p, rows, progress=progress)
     return merge_table1(p, rows)
 
