@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse, errno, logging, os, sys, traceback
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, check_config, demo_config, load_config, parse_overrides, update_config
+from .config import ConfigError, RunConfig, check_config, demo_config, qpm_config, load_config, parse_overrides, update_config
 from .core import setup_logging, UserError, describe_os_error
 # Each command imports the rooms it uses when it runs, so that `dinoqpm --help` answers without importing torch or any
 # room (tests/test_layers.py allows imports inside functions here and in the package's top only).
@@ -33,6 +33,9 @@ def _add_config_args(t: argparse.ArgumentParser):
     "The arguments that make a run configuration (`train_config`), shared by `train` and `extract`."
     t.add_argument('--config', help='YAML or JSON file with configuration overrides (default: the paper configuration)')
     t.add_argument('--demo', action='store_true', help='start from the quick embedded demo (SynthBirds + EfficientNet-Lite0)')
+    t.add_argument('--qpm', action='store_true', help="start from QPM's own recipe (qpm_config: a ResNet50 trained end to end on "
+                   "CUB-200-2011, resnet50-19c8e357.pth in the weights folder); with --demo: the demo's CNN rows (EfficientNet-Lite0 "
+                   "trained end to end on SynthBirds)")
     t.add_argument('--data', metavar='FOLDER', help='train on your own images: a folder with one sub-folder per class '
                    '(sets data.dataset=folder and data.root=FOLDER; see the folder dataset in the docs)')
     t.add_argument('--set', dest='overrides', action='append', default=[], metavar='KEY=VALUE',
@@ -80,7 +83,7 @@ def _add_inference(sub):
     i.add_argument('--no-progress', action='store_true')
 
 def _add_evaluate(sub):
-    e = sub.add_parser('evaluate', help="compute the metrics of a trained model on its dataset's cached features")
+    e = sub.add_parser('evaluate', help="compute the metrics of a trained model on its dataset's cached features (a CNN trained end to end: its images)")
     e.add_argument('--model-path', required=True, help='a run directory or a model file (.pt); not an exported folder')
     e.add_argument('--mode', default='finetune', choices=['finetune', 'dense'])
     e.add_argument('--eval-mode', default='all', help="all | fast | comma list of metric ids (e.g. accuracy,sid)")
@@ -114,10 +117,19 @@ def _eval_mode(s: str):
     resolve_eval_mode(mode)
     return mode
 
+def _start_config(args) -> RunConfig:
+    "What `--demo` and `--qpm` start from: the paper's `RunConfig()`, `demo_config()`, `qpm_config()`, or the demo's CNN rows."
+    if getattr(args, 'qpm', False) and args.demo:
+        from dinoqpm.paper import demo_cnn_config
+        return demo_cnn_config()
+    if getattr(args, 'qpm', False): return qpm_config()
+    return demo_config() if args.demo else RunConfig()
+
 def train_config(args) -> RunConfig:
-    """The run configuration of `dinoqpm train`: paper defaults (or `--demo`), then `--config`, then `--data`, then
-    `--set`, then `--seed`; every value checked against what its setting accepts (`check_config`) before any work."""
-    cfg = demo_config() if args.demo else RunConfig()
+    """The run configuration of `dinoqpm train`: paper defaults (or `--demo`, `--qpm`: QPM's recipe on a CNN trained end to
+    end, both: the demo's CNN rows), then `--config`, then `--data`, then `--set`, then `--seed`; every value checked
+    against what its setting accepts (`check_config`) before any work."""
+    cfg = _start_config(args)
     if args.config: cfg = load_config(args.config, base=cfg)
     if getattr(args, 'data', None):                 # your own images: every phase stops at convergence
         cfg = update_config(cfg, {'data.dataset': 'folder', 'data.root': str(Path(args.data).expanduser().resolve()),
@@ -179,12 +191,12 @@ def cmd_inference(args) -> dict:
 
 def cmd_evaluate(args) -> dict:
     from dinoqpm.share import resolve_model_path
-    from dinoqpm.pipeline import find_run_config, load_caches
+    from dinoqpm.pipeline import find_run_config, load_run_data
     from dinoqpm.evaluation import evaluate
     eval_mode = _eval_mode(args.eval_mode)
     path = resolve_model_path(args.model_path, args.mode)
     cfg, run_dir = find_run_config(path)
-    train_c, test_c = load_caches(cfg, args.cache_root, progress=not args.no_progress)
+    train_c, test_c = load_run_data(cfg, args.cache_root, progress=not args.no_progress)   # tokens, or a CNN's images
     out = Path(args.output_json) if args.output_json else run_dir / f'Results_EvalOnly_{args.mode}.json'
     res = evaluate(str(path), train_c, test_c, data_root=cfg.data.root, seed=cfg.seed, eval_mode=eval_mode,
                    output_json=out, run_info={'run_dir': str(run_dir), 'mode': args.mode})

@@ -139,6 +139,7 @@ class QPConfig:
     tau_rule: str = setting('reference', choices=TAU_RULES)   # reference (R >= t, as the authors' code) | intended (R >= t/2)
     threads: Optional[int] = setting(None, lo=1)
     require_certified: bool = setting(False)   # True: a solution that misses mip_gap within time_limit is an error, not a warning
+    locality_bias: bool = setting(False)   # QPM's locality bias B in the objective (True in qpm_config, as QPM; False: DINO-QPM's no_b: True)
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -356,5 +357,5 @@ def qpm_config(**overrides) -> RunConfig:
     the classifier at its own lr 0.01), and the QP with 50 features, 5 per class."""
     cfg = RunConfig(data=DataConfig(dataset='CUB2011', preprocessing='dataset', img_size=224, augment='qpm'),
                     backbone=BackboneConfig(name='resnet50', trainable=True),
-                    dense=QPM_DENSE, finetune=QPM_FINETUNE, qp=QPConfig(n_select=50, n_per_class=5))
+                    dense=QPM_DENSE, finetune=QPM_FINETUNE, qp=QPConfig(n_select=50, n_per_class=5, locality_bias=True))
     return update_config(cfg, overrides) if overrides else cfg

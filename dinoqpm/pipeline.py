@@ -8,30 +8,34 @@ import contextlib, datetime, json, logging, math, os, time
 from pathlib import Path
 from typing import Optional
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from .core import (atomic_save_npy, atomic_write_json, json_safe, runs_dir, RunLockedError, MissingFileError,
                           CorruptFileError, UserError, sha256_file, file_lock)
 from .config import (RunConfig, DataConfig, BackboneConfig, AdapterConfig, QPConfig, DENSE_DEFAULTS,
                             FINETUNE_DEFAULTS, ConfigError, config_to_dict, config_from_dict, config_diff,
-                            check_config, update_config)
+                            check_config, update_config, qpm_config)
 from dataclasses import replace
 from .features import (safe_name, get_feature_cache, get_backbone_spec, check_weights, make_test_checkpoint,
-                              weights_path)
+                              weights_path, trainable_spec, cnn_grid, make_test_resnet_checkpoint)
 from .model import check_adapter_config
 from .data import DATASETS, dataset_kwargs, load_dataset, make_transform, scan_folder, write_split_file
 from .evaluation import resolve_eval_mode, evaluate
-from .qp import require_solver, QPResult, QPNotCertifiedError, qp_constants, solve_qp, qp_record
-from .train import load_model, extract_features, train_dense, finetune, convergence_info
+from .qp import (require_solver, QPResult, QPNotCertifiedError, qp_constants, solve_qp, qp_record,
+                        locality_statistics, locality_bias)
+from .train import (load_model, extract_features, train_dense, finetune, convergence_info, load_image_splits,
+                           training_data, data_batches, autocast_for, model_device)
 from . import distributed as D
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'QP_INFO_FIELDS', 'QPM_LATER_STAGES', 'SMOKE_RUN_ENV',
-           'default_run_dir', 'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches', 'load_caches',
-           'validate_run_config', 'run_dir_lock', 'results_for_model', 'saved_results', 'evaluate_once',
-           'solve_qp_once', 'write_class_names', 'write_split_provenance', 'qp_info', 'run_qpm', 'smoke_config',
-           'smoke_run']
+__all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'LOCALITY_CHUNK', 'QP_INFO_FIELDS', 'QPM_LATER_STAGES',
+           'SMOKE_RUN_ENV', 'default_run_dir', 'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches',
+           'load_caches', 'load_run_data', 'validate_run_config', 'run_dir_lock', 'results_for_model', 'saved_results',
+           'evaluate_once', 'qp_inputs', 'solve_qp_once', 'write_class_names', 'write_split_provenance', 'qp_info',
+           'run_method', 'run_qpm', 'smoke_config', 'cnn_smoke_config', 'smoke_run']
 
 # %% ../nbs/07_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -102,7 +106,11 @@ def find_run_config(path) -> tuple:
 # %% ../nbs/07_pipeline.ipynb #c008
 def extract_caches(cfg: RunConfig, cache_root=None, progress=True) -> tuple:
     """`dinoqpm extract`: check the configuration's data and backbone, then build (or resume) its train and test caches
-    and stop: the step to run once on a GPU node. Under torchrun every rank extracts its share of the chunks."""
+    and stop: the step to run once on a GPU node. Under torchrun every rank extracts its share of the chunks. A CNN
+    trained end to end (`backbone.trainable`) has no token cache: refused."""
+    if cfg.backbone.trainable:
+        raise ConfigError(f'backbone.trainable is set: {cfg.backbone.name} trains end to end on the images, so there is no token '
+                          f'cache to extract; run `dinoqpm train` with this configuration')
     _validate_on_every_rank(cfg, 'all')
     return load_caches(cfg, cache_root, progress)
 
@@ -112,7 +120,30 @@ def load_caches(cfg: RunConfig, cache_root=None, progress=True) -> tuple:
     return (get_feature_cache(cfg, 'train', cache_root=cache_root, progress=progress, **kw),
             get_feature_cache(cfg, 'test', cache_root=cache_root, progress=progress, **kw))
 
+def load_run_data(cfg: RunConfig, cache_root=None, progress=True) -> tuple:
+    """The train and test data a run of `cfg` trains and is evaluated on: its token caches (`load_caches`), or with
+    `backbone.trainable` its image splits (`dinoqpm.train.load_image_splits`: the CNN reads the images, no token cache)."""
+    return load_image_splits(cfg) if cfg.backbone.trainable else load_caches(cfg, cache_root, progress)
+
 # %% ../nbs/07_pipeline.ipynb #c019
+def _qp_features(cfg: RunConfig) -> int:
+    """Check the backbone of `cfg` (its name, the input size against its patch size, its weights file: a missing one is
+    one line naming the expected path) and return the number of features the QP chooses from: the adapter's, or with
+    `backbone.trainable` the maps of the CNN (which must give a grid of at least 2x2 maps)."""
+    d, b, a = cfg.data, cfg.backbone, cfg.adapter
+    spec = trainable_spec(b.name) if b.trainable else get_backbone_spec(b.name)
+    if d.img_size % spec.patch_size or d.img_size < spec.patch_size:
+        raise ConfigError(f'data.img_size={d.img_size} is not a multiple of the patch size {spec.patch_size} of {b.name}; '
+                          f'e.g. {spec.default_img_size}')
+    check_weights(b.name, b.weights_dir, d.img_size, weights_file=b.weights_file)
+    if not b.trainable: return a.n_features if a.n_layers > 0 else spec.embed_dim * (2 if a.arch_type == 'concat' else 1)
+    try: grid = cnn_grid(b.name, d.img_size); size = f'{grid[0]}x{grid[1]}'
+    except (RuntimeError, ValueError): grid, size = (0, 0), 'under 1x1'     # too small for its convolutions (or BatchNorm)
+    if min(grid) < 2:
+        raise ConfigError(f'data.img_size={d.img_size} is too small for {b.name}: its maps would be {size}, '
+                          f'at least 2x2 are needed; e.g. {spec.default_img_size}')
+    return int(spec.embed_dim)
+
 def validate_run_config(cfg: RunConfig, eval_mode='all') -> dict:
     """Raise a `UserError` (naming the key, value or file) for anything in `cfg` that cannot run, every image of both splits
     included (`dinoqpm.data.check_images`); returns what it read: `{'n_classes', 'n_train'}`. SynthBirds is generated if missing (the data root is the data's, not the run's)."""
@@ -121,20 +152,15 @@ def validate_run_config(cfg: RunConfig, eval_mode='all') -> dict:
     resolve_eval_mode(eval_mode)
     d, b, q = cfg.data, cfg.backbone, cfg.qp
     if d.dataset not in DATASETS: raise ConfigError(f"unknown dataset {d.dataset!r} (data.dataset); known: {', '.join(DATASETS)}")
-    spec = get_backbone_spec(b.name)
-    if d.img_size % spec.patch_size or d.img_size < spec.patch_size:
-        raise ConfigError(f'data.img_size={d.img_size} is not a multiple of the patch size {spec.patch_size} of {b.name}; '
-                          f'e.g. {spec.default_img_size}')
+    J = _qp_features(cfg)
     make_transform(d.preprocessing, d.dataset, d.img_size)
-    check_weights(b.name, b.weights_dir, d.img_size, weights_file=b.weights_file)
     ds = load_dataset(d.dataset, 'train', root=d.root, **dataset_kwargs(cfg))
     for split in (ds, load_dataset(d.dataset, 'test', root=d.root, **dataset_kwargs(cfg))):
         split.check_images()                               # every image (and mask) opens and is whole
     C = ds.n_classes
-    a = cfg.adapter
-    J = a.n_features if a.n_layers > 0 else spec.embed_dim * (2 if a.arch_type == 'concat' else 1)
     if q.n_select > J:
-        raise ConfigError(f'qp.n_select={q.n_select} exceeds the {J} features the adapter makes (adapter.n_features)')
+        made = f'feature maps of {b.name} (backbone.trainable)' if b.trainable else 'features the adapter makes (adapter.n_features)'
+        raise ConfigError(f'qp.n_select={q.n_select} exceeds the {J} {made}')
     if math.comb(q.n_select, q.n_per_class) < C:
         raise ConfigError(f'{C} classes cannot each get their own set of qp.n_per_class={q.n_per_class} out of qp.n_select='
                           f'{q.n_select} features: there are only {math.comb(q.n_select, q.n_per_class)} such sets; '
@@ -201,37 +227,72 @@ def evaluate_once(model_path, train_cache, test_cache, output_json, *, seed=0, e
     atomic_write_json(out, res)
     return json.loads(out.read_text())
 
-def _solution_settings(qp_config: dict) -> dict:
-    "The QP settings a solution depends on (`require_certified` only decides what happens with it)."
-    return {k: v for k, v in qp_config.items() if k != 'require_certified'}
+# %% ../nbs/07_pipeline.ipynb #c010q
+LOCALITY_CHUNK = 16       # images whose maps `qp.locality_statistics` takes at once (in float64): 16 x 2048 x 28 x 28 x 8 B = 206 MB
+
+@torch.no_grad()
+def qp_inputs(model, data, locality: bool = False, batch_size: int = 256, progress: bool = False) -> dict:
+    """What the QP reads of the dense `model` on the training `data` (a token cache, or images: unaugmented), in its
+    order: `features [N, J]` and `labels [N]` (exactly `extract_features`'s) and, with `locality`, QPM's locality
+    statistics of every image and feature, `softmax_max` and `on_edge` `[N, J]` (`qp.locality_statistics`), computed in
+    the same pass batch by batch: no more than one batch of maps is ever held."""
+    if not locality:
+        out = extract_features(model, data, batch_size=batch_size, progress=progress)
+        return {'features': out['features'].numpy(), 'labels': out['labels'].numpy()}
+    ds, device, was_training = training_data(data), model_device(model), model.training
+    model.eval()
+    parts = {k: [] for k in ('features', 'labels', 'softmax_max', 'on_edge')}
+    for x, lab, _ in tqdm(data_batches(ds, batch_size, device=device), total=math.ceil(len(ds) / batch_size),
+                          desc='QP features and locality', disable=not progress):
+        with autocast_for(model, device): out = model(x, ds.grid)
+        parts['features'].append(out.feat_vec.float().cpu().numpy()); parts['labels'].append(lab.cpu().numpy())
+        maps = out.maps.float().cpu().numpy()
+        for s in range(0, len(maps), LOCALITY_CHUNK):
+            sm, edge = locality_statistics(maps[s:s + LOCALITY_CHUNK])
+            parts['softmax_max'].append(sm); parts['on_edge'].append(edge)
+    model.train(was_training)
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+def _same_solution_settings(saved: dict, current: dict) -> bool:
+    """Whether a saved solution's QP settings are the current ones (a setting the file predates counts as its default;
+    `require_certified` only decides what happens with a solution)."""
+    return not [k for k in config_diff({'qp': saved}, {'qp': current}) if k != 'qp.require_certified']
+
+def _saved_solution(cfg: RunConfig, sha: str, qp_dir: Path) -> Optional[QPResult]:
+    "The solution in `qp_dir` if it was solved for the dense model `sha` with `cfg.qp`'s settings (a WARNING if not certified)."
+    if not (qp_dir / 'qp_result.json').exists(): return None
+    try: meta = json.loads((qp_dir / 'qp_result.json').read_text())
+    except (OSError, ValueError) as e:
+        log.warning('%s is unreadable (%s): solving the QP again', qp_dir / 'qp_result.json', e)
+        return None
+    prov = meta.get('provenance', {}) if isinstance(meta, dict) else {}
+    if prov.get('dense_model_sha256') != sha or not _same_solution_settings(prov.get('qp_config') or {}, config_to_dict(cfg.qp)):
+        return None
+    log.info('QP solution in %s exists for this dense model: reusing it', qp_dir)
+    res = QPResult.load(qp_dir)
+    if not res.certified:
+        msg = f'the saved QP solution in {qp_dir} is {res.certificate()}'
+        if cfg.qp.require_certified: raise QPNotCertifiedError(msg + ' and qp.require_certified is set')
+        log.warning('%s; every table using it says so', msg)
+    return res
 
 def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progress=False):
-    """The QP solution of `cfg.qp` on the dense model's training features, solved once and stored in `qp_dir`. A solution
-    that misses `qp.mip_gap` is a WARNING (fresh or reused), or `QPNotCertifiedError` with `qp.require_certified`."""
-    sha = sha256_file(dense_model_path)
-    qp_dir = Path(qp_dir)
-    if (qp_dir / 'qp_result.json').exists():
-        try: meta = json.loads((qp_dir / 'qp_result.json').read_text())
-        except (OSError, ValueError) as e:
-            log.warning('%s is unreadable (%s): solving the QP again', qp_dir / 'qp_result.json', e)
-            meta = {}
-        if meta.get('provenance', {}).get('dense_model_sha256') == sha and _solution_settings(meta.get('provenance', {}).get('qp_config') or {}) == _solution_settings(config_to_dict(cfg.qp)):
-            log.info('QP solution in %s exists for this dense model: reusing it', qp_dir)
-            res = QPResult.load(qp_dir)
-            if not res.certified:
-                msg = f'the saved QP solution in {qp_dir} is {res.certificate()}'
-                if cfg.qp.require_certified: raise QPNotCertifiedError(msg + ' and qp.require_certified is set')
-                log.warning('%s; every table using it says so', msg)
-            return res
-    model = load_model(dense_model_path)
-    out = extract_features(model, train_cache, progress=progress)
-    A, R = qp_constants(out['features'].numpy(), out['labels'].numpy(), int(train_cache.n_classes))
-    q = cfg.qp
-    res = solve_qp(A, R, q.n_select, q.n_per_class, tau=q.tau, tau_rule=q.tau_rule, solver=q.solver, time_limit=q.time_limit,
-                   mip_gap=q.mip_gap, threads=q.threads, seed=cfg.seed, progress=progress, require_certified=q.require_certified)
-    log.info('QP: %s', res.summary())
+    """The QP solution of `cfg.qp` on the dense model's training features (with `qp.locality_bias`, QPM's bias B from
+    their maps), solved once and stored in `qp_dir` (with `A.npy`, `R.npy` and `B.npy`). A solution that misses
+    `qp.mip_gap` is a WARNING (fresh or reused), or `QPNotCertifiedError` with `qp.require_certified`."""
+    sha, qp_dir, q = sha256_file(dense_model_path), Path(qp_dir), cfg.qp
+    res = _saved_solution(cfg, sha, qp_dir)
+    if res is not None: return res
+    x = qp_inputs(load_model(dense_model_path), train_cache, locality=q.locality_bias, progress=progress)
+    A, R = qp_constants(x['features'], x['labels'], int(train_cache.n_classes))
+    B = locality_bias(x['softmax_max'], x['on_edge'], x['features']) if q.locality_bias else None
+    res = solve_qp(A, R, q.n_select, q.n_per_class, tau=q.tau, tau_rule=q.tau_rule, bias=B, solver=q.solver,
+                   time_limit=q.time_limit, mip_gap=q.mip_gap, threads=q.threads, seed=cfg.seed, progress=progress,
+                   require_certified=q.require_certified)
+    log.info('QP%s: %s', ' with the locality bias B' if B is not None else '', res.summary())
     qp_dir.mkdir(parents=True, exist_ok=True)
-    for name, arr in (('A', A), ('R', R)): atomic_save_npy(qp_dir / f'{name}.npy', arr)
+    for name, arr in (('A', A), ('R', R), ('B', B)):
+        if arr is not None: atomic_save_npy(qp_dir / f'{name}.npy', arr)
     res.save(qp_dir, dense_model_sha256=sha, qp_config=config_to_dict(cfg.qp), seed=cfg.seed)
     return res
 
@@ -250,11 +311,15 @@ def write_split_provenance(cfg: RunConfig, run_dir) -> Optional[Path]:
     d = cfg.data
     return write_split_file(scan_folder(d.root, d.test_fraction, d.split_seed), Path(run_dir) / 'split.csv')
 
-QP_INFO_FIELDS = ('status', 'gap', 'mip_gap', 'seconds', 'solver', 'tau', 'certified', 'certificate')
+QP_INFO_FIELDS = ('status', 'gap', 'mip_gap', 'seconds', 'solver', 'tau', 'certified', 'certificate', 'locality_bias')
 
 def qp_info(qp) -> dict:
     "The QP certificate fields of a result JSON: `qp_record`'s `QP_INFO_FIELDS`, each named `qp_<field>`."
     return qp_record(qp, QP_INFO_FIELDS, 'qp_')
+
+def run_method(cfg: RunConfig) -> str:
+    "What a run of `cfg` trains: 'DINO-QPM' (the adapter on a frozen backbone's tokens), or 'QPM' (a CNN trained end to end)."
+    return 'QPM' if cfg.backbone.trainable else 'DINO-QPM'
 
 def run_qpm(cfg: RunConfig,                    # the run configuration (`RunConfig()`, `demo_config()`, `load_config(...)`)
             run_dir=None,                      # the run directory (default `default_run_dir(cfg)`)
@@ -265,8 +330,9 @@ def run_qpm(cfg: RunConfig,                    # the run configuration (`RunConf
             progress=True,                     # progress bars (on rank 0)
             stop_after: Optional[str] = None   # 'dense' or 'qp': stop after that stage; None: run every stage
            ) -> dict:
-    """Train DINO-QPM end to end in `run_dir` (default `default_run_dir(cfg)`); every finished stage is skipped on rerun.
-    Returns the paths and results: `run_dir`, `dense_model`, `results_dense`, `qp`, `model`, `results`."""
+    """Train DINO-QPM end to end in `run_dir` (default `default_run_dir(cfg)`), or with `backbone.trainable` QPM on a CNN
+    trained end to end on the images (no token cache); every finished stage is skipped on rerun. Returns the paths and
+    results: `run_dir`, `dense_model`, `results_dense`, `qp`, `model`, `results`."""
     _validate_on_every_rank(cfg, eval_mode)                         # before anything is written
     run_dir = Path(run_dir or default_run_dir(cfg, 'qpm', runs_root))
     if run_dir.exists() and not run_dir.is_dir(): raise ConfigError(f'the run directory {run_dir} is a file, not a folder')
@@ -283,15 +349,17 @@ QPM_LATER_STAGES = {'qp': ['qp', 'finetune', 'finetune_model.pt', 'results_finet
                     'finetune': ['finetune', 'finetune_model.pt', 'results_finetune.json']}
 
 def _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after) -> dict:
-    """The stages of `run_qpm`. Under torchrun every rank extracts its share of the tokens and trains its share of every
-    batch; rank 0 alone writes the run directory, evaluates and solves the QP (whose solution it broadcasts)."""
+    """The stages of `run_qpm`. Under torchrun every rank extracts its share of the tokens (or reads its share of the
+    images) and trains its share of every batch; rank 0 alone writes the run directory, evaluates and solves the QP
+    (whose solution it broadcasts)."""
     main = D.is_main()
     if main: init_run_dir(cfg, run_dir, QPM_LATER_STAGES)
     D.barrier()
-    info = {'method': 'DINO-QPM', 'run_dir': str(run_dir), 'seed': cfg.seed, 'backbone': cfg.backbone.name, 'dataset': cfg.data.dataset}
+    method = run_method(cfg)
+    info = {'method': method, 'run_dir': str(run_dir), 'seed': cfg.seed, 'backbone': cfg.backbone.name, 'dataset': cfg.data.dataset}
     if D.is_distributed(): info['processes'] = D.world_size()
     t0 = time.perf_counter()
-    train_c, test_c = load_caches(cfg, cache_root, progress)
+    train_c, test_c = load_run_data(cfg, cache_root, progress)
     if main:
         if getattr(train_c, 'class_names', None): write_class_names(run_dir, train_c.class_names)
         write_split_provenance(cfg, run_dir)
@@ -300,7 +368,7 @@ def _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after) -> dict:
     out['dense_model'] = run_dir / 'dense_model.pt'
     conv = {'dense': dense.convergence}
     out['results_dense'] = evaluate_once(out['dense_model'], train_c, test_c, run_dir / 'results_dense.json', seed=cfg.seed,
-                                         eval_mode=eval_mode, run_info={**info, 'method': 'DINO-QPM dense', **convergence_info(conv)},
+                                         eval_mode=eval_mode, run_info={**info, 'method': f'{method} dense', **convergence_info(conv)},
                                          data_root=cfg.data.root) if main else None
     if stop_after == 'dense': D.barrier(); return out
     qp = solve_qp_once(cfg, out['dense_model'], train_c, run_dir / 'qp', progress=progress) if main else None
@@ -315,7 +383,7 @@ def _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after) -> dict:
                                    eval_mode=eval_mode, run_info={**info, **qp_info(qp), **convergence_info(conv)},
                                    data_root=cfg.data.root) if main else None
     D.barrier()
-    log.info('DINO-QPM run finished in %.0f s: %s', time.perf_counter() - t0, run_dir)
+    log.info('%s run finished in %.0f s: %s', method, time.perf_counter() - t0, run_dir)
     return out
 
 # %% ../nbs/07_pipeline.ipynb #c014
@@ -330,6 +398,20 @@ def smoke_config(data_root, weights_dir, **overrides) -> RunConfig:
                     dense=replace(DENSE_DEFAULTS, epochs=3, batch_size=8),
                     finetune=replace(FINETUNE_DEFAULTS, epochs=2, batch_size=8),
                     qp=QPConfig(n_select=6, n_per_class=2, time_limit=20.0))
+    return update_config(cfg, overrides) if overrides else cfg
+
+def cnn_smoke_config(data_root, weights_dir, **overrides) -> RunConfig:
+    """QPM's recipe (`qpm_config`: a ResNet50 trained end to end, the QP with the locality bias B) shrunk to seconds, for
+    tests: a *random* ResNet50 in torchvision's layout (`make_test_resnet_checkpoint`, written if missing) on a 4-class
+    SynthBirds at 32 px (4x4 maps), 2 + 1 epochs of batch 4, no loader process, 8 features with 5 per class (SID@5 needs
+    5), τ = 1 (no pair penalised: 12 images of 4 classes make nearly every pair of 2048 random maps alike, and the clique
+    rule for 8 of them penalises them all); its numbers mean nothing."""
+    if not weights_path('resnet50', weights_dir).exists(): make_test_resnet_checkpoint(weights_dir)
+    cfg = qpm_config(**{'seed': 0, 'data.dataset': 'SynthBirds', 'data.root': str(data_root), 'data.img_size': 32,
+                        'data.synth_classes': 4, 'data.synth_images_per_class': 6, 'data.synth_img_size': 64,
+                        'data.workers': 0, 'backbone.weights_dir': str(weights_dir),
+                        'dense.epochs': 2, 'dense.batch_size': 4, 'finetune.epochs': 1, 'finetune.batch_size': 4,
+                        'qp.n_select': 8, 'qp.n_per_class': 5, 'qp.tau': 1.0, 'qp.time_limit': 20.0})
     return update_config(cfg, overrides) if overrides else cfg
 
 # %% ../nbs/07_pipeline.ipynb #c025

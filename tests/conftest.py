@@ -119,3 +119,25 @@ def cnn_world(tmp_path_factory):
     before = _snapshot(root)
     yield SimpleNamespace(root=root, data=root / 'data', weights=root / 'weights', config=config)
     assert _snapshot(root) == before, f'a test wrote into the shared cnn_world {root}'
+
+
+@pytest.fixture(scope='session')
+def cnn_qpm_run(cnn_world, tmp_path_factory):
+    """One finished QPM run on a CNN trained end to end, for the session (`dinoqpm.pipeline.cnn_smoke_config`: the random
+    ResNet50 of `cnn_world` in torchvision's layout at 32 px, QPM's recipe, the QP with the locality bias B, every metric
+    on both models), with its export (`model/`) and four test images (`images/`). Shared by the tests that only read them
+    (checked at the end of the session); a test that changes one works on a copy."""
+    import shutil
+    from types import SimpleNamespace
+    from dinoqpm.pipeline import cnn_smoke_config, run_qpm
+    from dinoqpm.share import export_model
+    root = tmp_path_factory.mktemp('cnn_qpm')
+    cfg = cnn_smoke_config(cnn_world.data, cnn_world.weights, device='cpu')
+    out = run_qpm(cfg, root / 'run', eval_mode='all', progress=False)
+    export = export_model(root / 'run', root / 'model', n_prototypes=2, n_examples=1, progress=False)
+    images = root / 'images'; images.mkdir()
+    for p in sorted((cnn_world.data / 'SynthBirds' / 'CUB_200_2011' / 'images').rglob('*.png'))[:4]: shutil.copy(p, images / p.name)
+    before = _snapshot(root)
+    yield SimpleNamespace(root=root, cfg=cfg, run=root / 'run', out=out, export=export, images=images, world=cnn_world)
+    assert _snapshot(root) == before, f'a test wrote into the shared CNN QPM run {root}: ' + \
+        ', '.join(sorted(k for k in set(before) | set(_snapshot(root)) if before.get(k) != _snapshot(root).get(k)))

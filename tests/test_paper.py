@@ -37,13 +37,17 @@ def test_table1_notebook(shared):
     fig = shared / 'figures'
     t = pd.read_csv(fig / 'table1.csv', index_col=0)
     assert list(t.index) == ['CLS linear probe', 'Dense F^froz (avg-pooled frozen tokens)', 'Dense (DINO-QPM dense phase)',
-                             'DINO-SLDD', 'DINO-QSENN', 'DINO-QPM']
+                             'DINO-SLDD', 'DINO-QSENN', 'DINO-QPM', 'CNN baseline (EfficientNet-Lite0, end to end)',
+                             'CNN QPM (EfficientNet-Lite0, end to end)']
+    assert (t['backbone'] == ['dinov2_test_tiny'] * 6 + ['efficientnet_lite0_os16_act'] * 2).all()
     assert {'Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness', 'converged'} <= set(t.columns)
     assert t['note'].str.startswith('demo: not the paper').all()
     # smoke runs train for 2-3 epochs: no row can be judged converged, and every table says so
     assert t['note'].str.contains('not converged').all() and (t['converged'] == '0/1').all()
     md = (fig / 'table1.md').read_text()
     assert 'NOT THE PAPER' in md and 'dinov2_test_tiny' in md and 'QP (DINO-QPM): seed 0: ' in md
+    assert "- CNN baseline (EfficientNet-Lite0, end to end) / CNN QPM (EfficientNet-Lite0, end to end): DEMO STAND-IN for the QPM paper's ResNet50 rows" in md
+    assert 'QP (CNN QPM (EfficientNet-Lite0, end to end)): seed 0: ' in md and ', with B' in md
     assert 'NOT CONVERGED (converged: the mean epoch train error' in md and 'DINO-SLDD seed 0: dense: only 3 epoch(s)' in md
     assert 'Where each row stopped: CLS linear probe: dense ran ' in md and '(0/1 seeds stopped)' in md
     assert "CLS linear probe: the authors' recipe" in md and '1 seed (0)' in md
@@ -52,10 +56,11 @@ def test_table1_notebook(shared):
     assert 'demo' in (fig / 'table1.tex').read_text().lower()
     prov = json.loads((fig / 'table1_provenance.json').read_text())
     assert prov['demo'] is True and prov['seeds'] == [0] and prov['qp'][0]['qp_status'] in ('optimal', 'feasible')
+    assert prov['cnn_qp'][0]['qp_locality_bias'] is True and prov['cnn_configs']['0']['backbone']['trainable'] is True
     assert prov['qp'][0]['qp_certificate'].startswith(('certified', 'not certified'))
     assert 'git_commit' in prov and prov['versions']['torch']
     per_seed = pd.read_csv(fig / 'table1_per_seed.csv')
-    assert len(per_seed) == 6 and per_seed['demo'].all() and per_seed['Accuracy'].between(0, 1).all()
+    assert len(per_seed) == 8 and per_seed['demo'].all() and per_seed['Accuracy'].between(0, 1).all()
     assert not per_seed['converged'].any() and per_seed['not_converged'].str.contains('epoch').all()
 
 
@@ -100,7 +105,8 @@ def test_table1_one_cell_then_merge_names_the_missing_cells(tmp_path):
     assert runs == ['dense_frozen']                                         # only that cell's run directory
     assert not (tmp_path / 'fig').exists()
     r = _dinoqpm_in_process('table1', '--merge', *args, cwd=tmp_path)
-    assert r.returncode == 2 and '3 Table 1 cell(s) are not finished' in r.stderr and 'method=qpm,seed=0' in r.stderr
+    assert r.returncode == 2 and '4 Table 1 cell(s) are not finished' in r.stderr and 'method=qpm,seed=0' in r.stderr
+    assert 'method=cnn_qpm,seed=0' in r.stderr
     r = _dinoqpm_in_process('table1', '--only', 'method=svm', *args, cwd=tmp_path)
     assert r.returncode == 2 and "unknown method 'svm'" in r.stderr
     cell = next((tmp_path / 'runs').rglob('table1_dense_frozen.json'))
@@ -221,6 +227,14 @@ def test_table1_cub_and_cars_groups_with_the_published_numbers(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and r.stderr.count('\n') == 1, r.stderr
 
 
+def _row_data(p, row: str, seed: int) -> tuple:
+    "The (train, test) data a Table 1 row was trained and evaluated on: the token caches, or the CNN rows' images."
+    from dinoqpm.paper import paper_config, paper_cnn_config
+    from dinoqpm.paper.table1 import CNN_ROWS
+    from dinoqpm.pipeline import load_run_data
+    return load_run_data((paper_cnn_config if row in CNN_ROWS else paper_config)(p, seed), progress=False)
+
+
 def test_table1_numbers_match_an_independent_computation(shared):
     """The wiring from evaluate to the table files: Accuracy, Plausibility and SID@5 of every row, recomputed here from the
     saved model file's maps and weights with the plain-numpy metrics of tests/reference_metrics.py, equal the per-seed CSV,
@@ -234,10 +248,10 @@ def test_table1_numbers_match_an_independent_computation(shared):
     per_seed = pd.read_csv(shared / 'figures' / 'table1_per_seed.csv')
     table = pd.read_csv(shared / 'figures' / 'table1.csv', index_col=0, dtype=str)
     p = paper_params(mode='smoke', runs_root=str(shared / 'runs'), out_dir=str(shared / 'figures'))
-    _, test = load_caches(paper_config(p, 0), progress=False)
-    y = np.asarray(test.labels)
     checked = set()
     for r in per_seed.itertuples():
+        _, test = _row_data(p, r.row, int(r.seed))                      # tokens, or the CNN rows' images
+        y = np.asarray(test.labels)
         model = load_model(p.runs_path / r.model_file)            # relative to the runs folder
         out = extract_features(model, test, with_maps=True)
         W = model.head_weight().detach().numpy()
@@ -260,7 +274,8 @@ def test_table1_feature_scores_are_those_of_the_features_each_model_uses(shared)
     the training features of the columns of its saved head that any class uses (tests/reference_metrics.py): for the sparse
     rows (DINO-SLDD and DINO-QSENN keep some selected features without a weight) those, not every column of the head."""
     from reference_metrics import class_independence_per_feature, contrastiveness_per_feature, correlation_per_feature, non_zero_columns
-    from dinoqpm.paper import paper_params, paper_config
+    from dinoqpm.paper import paper_params, paper_config, paper_cnn_config
+    from dinoqpm.paper.table1 import CNN_ROWS
     from dinoqpm.pipeline import load_caches
     from dinoqpm.train import load_model, extract_features
     if not (shared / 'figures' / 'table1_per_seed.csv').exists(): _run(ROOT / 'nbs' / 'paper' / 'run_table1.ipynb', shared, seeds='0')
@@ -269,13 +284,13 @@ def test_table1_feature_scores_are_those_of_the_features_each_model_uses(shared)
     p = paper_params(mode='smoke', runs_root=str(shared / 'runs'), out_dir=str(shared / 'figures'))
     unused, kinds = {}, {}
     for r in per_seed.itertuples():
-        cfg = paper_config(p, int(r.seed))
-        train, _ = load_caches(cfg, progress=False)
+        cfg = (paper_cnn_config if r.row in CNN_ROWS else paper_config)(p, int(r.seed))
+        train, _ = _row_data(p, r.row, int(r.seed))
         model = load_model(p.runs_path / r.model_file)
         W = model.head_weight().detach().numpy()
         rel = non_zero_columns(W)
         unused[r.row], kinds[r.row] = W.shape[1] - len(rel), model.head.kind
-        if r.row in ('sldd', 'qsenn', 'qpm'): assert (W != 0).sum() == cfg.qp.n_per_class * W.shape[0], r.row
+        if r.row in ('sldd', 'qsenn', 'qpm', 'cnn_qpm'): assert (W != 0).sum() == cfg.qp.n_per_class * W.shape[0], r.row
         f = extract_features(model, train)['features'].numpy()[:, rel]
         ref = {'Class-Independence': class_independence_per_feature(f, np.asarray(train.labels), W.shape[0]).mean(),
                'Contrastiveness': contrastiveness_per_feature(f, int(r.seed)).mean(), 'Correlation': correlation_per_feature(f).mean()}
@@ -283,9 +298,9 @@ def test_table1_feature_scores_are_those_of_the_features_each_model_uses(shared)
             assert per_seed.loc[r.Index, k] == pytest.approx(v, abs=1e-6), (r.method, k, per_seed.loc[r.Index, k], v)
             if k != 'Correlation': assert table.loc[r.method, k] == f'{100 * v:.1f}', (r.method, k, table.loc[r.method, k], v)
     assert unused['sldd'] > 0 and unused['qsenn'] > 0, unused        # the sparse rows leave features out: the check bites
-    assert unused['qpm'] == 0, unused
+    assert unused['qpm'] == 0 and unused['cnn_qpm'] == 0, unused
     assert kinds == {'linear_probe': 'dense', 'dense_frozen': 'dense', 'dense_qpm': 'dense', 'sldd': 'sparse', 'qsenn': 'sparse',
-                     'qpm': 'bldd'}, kinds                           # each row's model file is that row's model
+                     'qpm': 'bldd', 'cnn_dense': 'dense', 'cnn_qpm': 'bldd'}, kinds   # each row's model file is that row's model
 
 
 def test_global_figure_shows_each_features_most_activating_test_images(shared):

@@ -15,6 +15,9 @@ from .table1 import (TABLE1_ROW_REGISTRY, TABLE1_QP_FIELDS, TABLE1_ROWS, ROW_MET
                                   run_probe_row, run_table1_seed, parse_cells, table1_cells, cell_file,
                                   one_thread_per_cell, run_table1_cell, merge_table1, run_table1_cells, run_table1)
 from .table1 import run_table1_datasets
+from .params import QUICK_CNN, DEMO_CNN, QPM_CNN, cnn_is_stand_in, paper_cnn_config, demo_cnn_config   # the CNN rows
+from .table1 import CNN_QP_FIELDS, CNN_ROWS, row_method, run_cnn_qpm_row, run_cnn_dense_row, needs_tokens
+from .notes import cnn_notes
 from .notes import (PROBE_CHECK_POINTS, stop_summary, row_notes, table1_notes, write_table1)
 from .notes import (PUBLISHED_DATASETS, table1_summary, dataset_groups, plausibility_missing, datasets_table,
                                  published_side_by_side, datasets_notes, write_table1_datasets)

@@ -16,15 +16,16 @@ from ..baselines import DINOV2_PROBE_LABEL
 from ..features import get_backbone_spec
 from ..train import convergence_criterion
 from ..evaluation import TABLE1_METRICS, summarise_runs, write_table, published_table1
-from .params import PaperParams, QUICK_STEPS, paper_config, run_backbone, is_demo
-from .table1 import TABLE1_QP_FIELDS
+from .params import (PaperParams, QUICK_STEPS, QUICK_CNN, paper_config, paper_cnn_config, cnn_is_stand_in,
+                                  run_backbone, is_demo)
+from .table1 import TABLE1_QP_FIELDS, CNN_QP_FIELDS, CNN_ROWS
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PROBE_CHECK_POINTS', 'PUBLISHED_DATASETS', 'stop_summary', 'row_notes', 'table1_notes', 'table1_summary',
-           'write_table1', 'dataset_groups', 'plausibility_missing', 'datasets_table', 'published_side_by_side',
-           'datasets_notes', 'write_table1_datasets']
+__all__ = ['log', 'PROBE_CHECK_POINTS', 'PUBLISHED_DATASETS', 'stop_summary', 'row_notes', 'table1_notes', 'cnn_notes',
+           'table1_summary', 'write_table1', 'dataset_groups', 'plausibility_missing', 'datasets_table',
+           'published_side_by_side', 'datasets_notes', 'write_table1_datasets']
 
 # %% ../../nbs/10b_paper_notes.ipynb #c005
 def stop_summary(tidy: pd.DataFrame) -> list:
@@ -97,6 +98,7 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     q = tidy[tidy['row'] == 'qpm'] if 'row' in tidy else tidy.iloc[:0]
     if len(q) and 'qp_certificate' in q:
         notes.append('QP (DINO-QPM): ' + '; '.join(f'seed {int(r.seed)}: {r.qp_certificate}' for r in q.itertuples()))
+    notes += cnn_notes(p, tidy)
     if 'plausibility_skipped' in tidy and tidy['plausibility_skipped'].notna().any():
         why = sorted(set(tidy['plausibility_skipped'].dropna()))
         notes.append('Plausibility skipped: ' + '; '.join(why))
@@ -122,13 +124,46 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     return notes
 
 
+# %% ../../nbs/10b_paper_notes.ipynb #c006c
+def _cnn_size(cfg, p: PaperParams) -> str:
+    "How the CNN rows were sized in mode `p.mode`: input side and steps (quick), epochs (smoke), QPM's (full)."
+    if p.mode == 'quick':
+        return (f" at {cfg.data.img_size} px, at most {QUICK_CNN['dense']:,} dense and {QUICK_CNN['finetune']:,} finetune steps of "
+                f"batch {cfg.dense.batch_size} (quick mode, dinoqpm.paper.QUICK_CNN; QPM trains 150 + 40 epochs at 224 px)")
+    if p.mode == 'smoke': return f' at {cfg.data.img_size} px for {cfg.dense.epochs} + {cfg.finetune.epochs} epochs (smoke mode)'
+    return f' at {cfg.data.img_size} px for {cfg.dense.epochs} + {cfg.finetune.epochs} epochs'
+
+def cnn_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
+    """The lines under Table 1 about its CNN rows (none without them): what the CNN is (QPM's ResNet50, or the demo's
+    EfficientNet-Lite0 standing in for it), QPM's recipe and the rows' size, and the QP certificate of every seed with
+    whether QPM's locality bias B was in it."""
+    if 'row' not in tidy or not tidy['row'].isin(CNN_ROWS).any(): return []
+    cfg, sub = paper_cnn_config(p, p.seed_list[0]), tidy[tidy['row'].isin(CNN_ROWS)]
+    names = ' / '.join(dict.fromkeys(sub['method']))
+    recipe = (f"QPM's recipe (qpm_config: SGD with StepLR, the classifier at lr {cfg.dense.head_lr:g}, QPM's augmentation in every "
+              f"epoch, the QP on the unaugmented training images with QPM's locality bias B, {cfg.qp.n_select} features, "
+              f"{cfg.qp.n_per_class} per class){_cnn_size(cfg, p)}")
+    spec = get_backbone_spec(cfg.backbone.name)
+    if cnn_is_stand_in(p):
+        lines = [f"{names}: DEMO STAND-IN for the QPM paper's ResNet50 rows: {cfg.backbone.name} ({spec.description}) trained "
+                 f"end to end in both phases with {recipe}; the published ResNet50 numbers are not comparable."]
+    else:
+        lines = [f"{names}: {cfg.backbone.name} ({spec.description}) trained end to end in both phases with {recipe}; DINO-QPM's "
+                 f"port of QPM drops B (no_b)."]
+    q = sub[sub['row'] == 'cnn_qpm']
+    if len(q) and 'qp_certificate' in q:
+        bias = lambda r: ', with B' if bool(getattr(r, 'qp_locality_bias', False)) else ', without B'
+        lines.append(f'QP ({q["method"].iloc[0]}): ' + '; '.join(f'seed {int(r.seed)}: {r.qp_certificate}{bias(r)}' for r in q.itertuples()))
+    return lines
+
 # %% ../../nbs/10b_paper_notes.ipynb #c008
 PUBLISHED_DATASETS = ('CUB2011', 'StanfordCars')     # the datasets of the paper's Table 1 (`published_table1`)
 
 def table1_summary(tidy: pd.DataFrame, p: PaperParams) -> pd.DataFrame:
     "Table 1 of one dataset: mean ± std over seeds of every row, with its backbone, dataset, note and converged seeds."
     summary = summarise_runs(tidy)
-    summary.insert(0, 'backbone', run_backbone(p))
+    own = tidy.groupby('method', sort=False)['backbone'].first() if 'backbone' in tidy else {}   # the CNN rows' is their CNN
+    summary.insert(0, 'backbone', [own.get(m, None) or run_backbone(p) for m in summary.index])
     summary.insert(1, 'dataset', p.dataset_label)
     notes = row_notes(tidy, is_demo(p))
     summary.insert(3, 'note', [notes.get(m, '') for m in summary.index])
@@ -139,10 +174,13 @@ def table1_summary(tidy: pd.DataFrame, p: PaperParams) -> pd.DataFrame:
 
 def _provenance_fields(p: PaperParams, tidy: pd.DataFrame) -> dict:
     "The provenance of one dataset's table: demo or not, seeds, every seed's configuration, quick steps, QP certificates."
-    qcols = [c for c in ('seed', *(f'qp_{f}' for f in TABLE1_QP_FIELDS)) if c in tidy]
+    qcols = [c for c in ('seed', *(f'qp_{f}' for f in CNN_QP_FIELDS)) if c in tidy]
+    qp = lambda row: tidy[tidy['row'] == row][qcols].dropna(axis=1, how='all').to_dict('records') if 'qp_status' in tidy else []
+    cnn = 'row' in tidy and tidy['row'].isin(CNN_ROWS).any()
     return dict(demo=is_demo(p), seeds=p.seed_list, configs={s: config_to_dict(paper_config(p, s)) for s in p.seed_list},
-                quick_steps=QUICK_STEPS if p.mode == 'quick' else None,
-                qp=tidy[tidy['row'] == 'qpm'][qcols].to_dict('records') if 'qp_status' in tidy else [])
+                quick_steps=QUICK_STEPS if p.mode == 'quick' else None, qp=qp('qpm'),
+                **({'cnn_configs': {s: config_to_dict(paper_cnn_config(p, s)) for s in p.seed_list}, 'cnn_quick': QUICK_CNN
+                    if p.mode == 'quick' else None, 'cnn_qp': qp('cnn_qpm')} if cnn else {}))
 
 def _write_records(tidy: pd.DataFrame, path) -> Path:
     "The tidy per-seed records as a CSV, written atomically."

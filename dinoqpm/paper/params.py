@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core import repo_root
-from ..config import RunConfig, ConfigError, demo_config, update_config
+from ..config import RunConfig, ConfigError, demo_config, qpm_config, update_config
 from ..data import load_dataset, dataset_kwargs
 from ..baselines import GLMConfig
 from ..pipeline import smoke_config, dataset_label
@@ -19,9 +19,10 @@ from ..features import get_backbone_spec
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MODES', 'PAPER_DATASETS', 'FOLDER_PREFIX', 'QUICK_STEPS', 'folder_of', 'paper_dataset_label',
-           'check_dataset_names', 'PaperParams', 'paper_params', 'steps_to_epochs', 'baseline_recipes', 'paper_config',
-           'quick_budget', 'run_backbone', 'is_demo', 'params_from_namespace']
+__all__ = ['log', 'MODES', 'PAPER_DATASETS', 'FOLDER_PREFIX', 'QUICK_STEPS', 'QUICK_CNN', 'DEMO_CNN', 'QPM_CNN', 'folder_of',
+           'paper_dataset_label', 'check_dataset_names', 'PaperParams', 'paper_params', 'steps_to_epochs',
+           'baseline_recipes', 'paper_config', 'quick_budget', 'cnn_is_stand_in', 'paper_cnn_config', 'demo_cnn_config',
+           'run_backbone', 'is_demo', 'params_from_namespace']
 
 # %% ../../nbs/10_paper_params.ipynb #c005
 MODES = ('quick', 'full', 'smoke')
@@ -176,6 +177,48 @@ def quick_budget(cfg: RunConfig) -> RunConfig:
     n = _n_train(cfg)
     return update_config(cfg, {'dense.epochs': steps_to_epochs(QUICK_STEPS['dense'], n, cfg.dense.batch_size),
                                'finetune.epochs': steps_to_epochs(QUICK_STEPS['finetune'], n, cfg.finetune.batch_size)})
+
+# %% ../../nbs/10_paper_params.ipynb #c009d
+QUICK_CNN = {'img_size': 64, 'batch_size': 8, 'dense': 300, 'finetune': 300}   # quick mode's CNN rows: input side (px), batch, step caps
+DEMO_CNN, QPM_CNN = 'efficientnet_lite0_os16_act', 'resnet50'    # the CNN trained end to end on the demo, and QPM's own
+
+def cnn_is_stand_in(p: PaperParams) -> bool:
+    """Whether Table 1's CNN rows train the demo's EfficientNet-Lite0 (SynthBirds, or DINO rows on a stand-in backbone,
+    the smoke mode's included) rather than QPM's ResNet50 (the DINO rows on one of the paper's backbones)."""
+    dino = p.backbone or ('dinov2_test_tiny' if p.mode == 'smoke' else p.backbone_name)
+    return p.dataset == 'SynthBirds' or not get_backbone_spec(dino).is_paper_backbone
+
+def _cnn_budget(cfg: RunConfig, p: PaperParams) -> dict:
+    "The settings of a mode for the CNN rows: quick mode's `QUICK_CNN` (QPM's StepLR scaled to the epochs), smoke mode's seconds."
+    if p.mode == 'smoke':
+        return {'data.img_size': 64, 'dense.epochs': 2, 'dense.batch_size': 8, 'finetune.epochs': 1, 'finetune.batch_size': 8,
+                'qp.n_select': 6, 'qp.n_per_class': 2, 'qp.tau': 1.0, 'qp.time_limit': 20.0, 'data.workers': 0}   # τ: see cnn_smoke_config
+    if p.mode != 'quick': return {}
+    n, bs = _n_train(cfg), QUICK_CNN['batch_size']
+    dense, ft = steps_to_epochs(QUICK_CNN['dense'], n, bs), steps_to_epochs(QUICK_CNN['finetune'], n, bs)
+    return {'data.img_size': QUICK_CNN['img_size'], 'data.workers': 0,          # one thread per cell: images read in it
+            'dense.batch_size': bs, 'finetune.batch_size': bs,
+            'dense.epochs': dense, 'dense.lr_step': max(1, round(dense * cfg.dense.lr_step / cfg.dense.epochs)),
+            'finetune.epochs': ft, 'finetune.lr_step': max(1, round(ft * cfg.finetune.lr_step / cfg.finetune.epochs))}
+
+def paper_cnn_config(p: PaperParams, seed: int) -> RunConfig:
+    """The QPM run of one seed behind Table 1's CNN rows (`paper_config`'s counterpart): QPM's recipe (`qpm_config`) on
+    the data, seed and device of the DINO rows, with QPM's ResNet50 or the demo's EfficientNet-Lite0 (`cnn_is_stand_in`),
+    trained end to end; sized by the mode (quick: `QUICK_CNN`; smoke: seconds; full: QPM's epochs)."""
+    dino = paper_config(p, seed)
+    d = dino.data
+    base = {'seed': seed, 'device': dino.device, 'backbone.name': DEMO_CNN if cnn_is_stand_in(p) else QPM_CNN,
+            'backbone.weights_dir': dino.backbone.weights_dir,
+            **{f'data.{k}': getattr(d, k) for k in ('dataset', 'root', 'require_masks', 'synth_classes', 'synth_images_per_class',
+                                                    'synth_img_size', 'test_fraction', 'split_seed')},
+            'dense.stop_at_convergence': p.stops, 'finetune.stop_at_convergence': p.stops}
+    cfg = qpm_config(**base)
+    return update_config(cfg, _cnn_budget(cfg, p))
+
+def demo_cnn_config(**overrides) -> RunConfig:
+    "The demo's CNN rows as one run (`dinoqpm train --demo --qpm`): `paper_cnn_config` of quick mode on SynthBirds, seed 0."
+    cfg = paper_cnn_config(PaperParams(), 0)
+    return update_config(cfg, overrides) if overrides else cfg
 
 # %% ../../nbs/10_paper_params.ipynb #c011
 def run_backbone(p: PaperParams) -> str:

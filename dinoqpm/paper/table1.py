@@ -18,17 +18,18 @@ from ..pipeline import default_run_dir, run_qpm, load_caches, extract_caches, da
 from ..numerics import numerics_mode
 from .. import distributed as D
 from ..evaluation import TABLE1_METRICS
-from .params import PaperParams, paper_config, baseline_recipes
+from .params import PaperParams, paper_config, paper_cnn_config, cnn_is_stand_in, baseline_recipes
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TABLE1_ROW_REGISTRY', 'TABLE1_QP_FIELDS', 'TABLE1_ROWS', 'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE',
-           'TABLE1_CELLS', 'CELL_OF_ROW', 'CELL_COST', 'Table1Row', 'register_table1_row', 'list_table1_rows',
-           'get_table1_row', 'table1_cell_rows', 'table1_cell_cost', 'row_run_dir', 'SeedRun', 'run_qpm_row',
-           'run_qpm_dense_row', 'run_baseline_row', 'run_qsenn_row', 'run_probe_row', 'run_table1_seed', 'parse_cells',
-           'table1_cells', 'cell_file', 'one_thread_per_cell', 'run_table1_cell', 'merge_table1', 'run_table1_cells',
-           'run_table1_datasets', 'run_table1']
+__all__ = ['log', 'TABLE1_ROW_REGISTRY', 'TABLE1_QP_FIELDS', 'CNN_QP_FIELDS', 'CNN_ROWS', 'TABLE1_ROWS', 'ROW_METHOD',
+           'PUBLISHED_ROW', 'ROW_MODEL_FILE', 'TABLE1_CELLS', 'CELL_OF_ROW', 'CELL_COST', 'Table1Row',
+           'register_table1_row', 'list_table1_rows', 'get_table1_row', 'table1_cell_rows', 'table1_cell_cost',
+           'row_run_dir', 'row_method', 'SeedRun', 'run_qpm_row', 'run_qpm_dense_row', 'run_cnn_qpm_row',
+           'run_cnn_dense_row', 'run_baseline_row', 'run_qsenn_row', 'run_probe_row', 'needs_tokens', 'run_table1_seed',
+           'parse_cells', 'table1_cells', 'cell_file', 'one_thread_per_cell', 'run_table1_cell', 'merge_table1',
+           'run_table1_cells', 'run_table1_datasets', 'run_table1']
 
 # %% ../../nbs/10a_paper_table1.ipynb #c005
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Table1Row:
     cost: float                 # rough relative training time; a cell's is its rows' sum (the costliest cells start first)
     model_file: Optional[str]   # its model in the run directory (None: its run names the file)
     run: Callable               # run(seed_run, row) -> (metrics, model file, extra record fields): train (or reuse), evaluate
+    demo_method: Optional[str] = None   # its name where it trains a demo stand-in (the CNN rows' EfficientNet-Lite0)
+    config: Optional[Callable] = None   # config(p, seed): the configuration of its run, if not `paper_config`'s (the CNN rows')
 
 TABLE1_ROW_REGISTRY: dict = {}
 
@@ -72,29 +75,40 @@ def table1_cell_cost(cell: str) -> float:
     return sum(row.cost for row in TABLE1_ROW_REGISTRY.values() if row.cell == cell)
 
 def row_run_dir(p: PaperParams, cfg: RunConfig, name: str) -> Path:
-    """The run directory of Table 1 row `name`: its cell's (DINO-SLDD and DINO-QSENN share one, the same dense phase,
-    features and selection trained once; DINO-QPM and its dense phase another), the probe under DINOv2's protocol its own."""
-    sub = get_table1_row(name).cell
+    """The run directory of Table 1 row `name` for the seed of `cfg` (the DINO rows' configuration): its cell's (DINO-SLDD
+    and DINO-QSENN share one, the same dense phase, features and selection trained once; DINO-QPM and its dense phase
+    another; the CNN rows one under their CNN's name), the probe under DINOv2's protocol its own."""
+    row = get_table1_row(name)
+    sub = row.cell
     if name == 'linear_probe' and p.probe_protocol != 'authors': sub = 'linear_probe_dinov2'
+    if row.config is not None: cfg = row.config(p, cfg.seed)
     return default_run_dir(cfg, sub, p.runs_path)
+
+def row_method(row: Table1Row, p: PaperParams) -> str:
+    "The row's name in the tables of `p`: its demo name where it trains a stand-in (`cnn_is_stand_in`), else its own."
+    return row.demo_method if row.demo_method and cnn_is_stand_in(p) else row.method
 
 # %% ../../nbs/10a_paper_table1.ipynb #c008
 TABLE1_QP_FIELDS = ('status', 'gap', 'mip_gap', 'seconds', 'solver', 'certified', 'certificate')   # `qp_record`'s, as `qp_<field>`
+CNN_QP_FIELDS = (*TABLE1_QP_FIELDS, 'locality_bias')     # the CNN rows' QP also says whether QPM's locality bias B was in it
+CNN_ROWS = ('cnn_dense', 'cnn_qpm')                        # the rows of QPM's run on a CNN trained end to end
 
 @dataclass
 class SeedRun:
-    "What the rows of one seed share: the parameters, the seed's configuration, caches and recipes, and DINO-QPM's run."
+    "What the rows of one seed share: the parameters, the seed's configuration, caches and recipes, DINO-QPM's and QPM's runs."
     p: PaperParams
     cfg: RunConfig
-    caches: tuple                     # the (train, test) token caches
+    caches: tuple                     # the (train, test) token caches (none for rows that read only images: the CNN rows)
     recipes: dict                     # `baseline_recipes` of the mode: every baseline's arguments
     progress: bool = True
     qpm_run: Optional[dict] = None    # `run_qpm`'s result, made by the first row that reads it
+    cnn_run: Optional[dict] = None    # the same of QPM on a CNN trained end to end (`paper_cnn_config`)
 
     @classmethod
-    def start(cls, p: PaperParams, seed: int, progress: bool = True) -> SeedRun:
-        "The seed's configuration, its caches (extracted if needed) and the mode's recipes."
+    def start(cls, p: PaperParams, seed: int, progress: bool = True, tokens: bool = True) -> SeedRun:
+        "The seed's configuration, its caches (extracted if needed; not read without `tokens`) and the mode's recipes."
         cfg = paper_config(p, seed)
+        if not tokens: return cls(p, cfg, (), {}, progress)
         caches = load_caches(cfg, progress=progress)
         return cls(p, cfg, caches, baseline_recipes(p.mode, cfg, len(caches[0].labels)), progress)
 
@@ -102,6 +116,13 @@ class SeedRun:
         "DINO-QPM's run of this seed (`run_qpm` in row `qpm`'s run directory), trained or reused once."
         if self.qpm_run is None: self.qpm_run = run_qpm(self.cfg, row_run_dir(self.p, self.cfg, 'qpm'), progress=self.progress)
         return self.qpm_run
+
+    def cnn(self) -> dict:
+        "QPM's run on a CNN trained end to end of this seed (`paper_cnn_config`, in row `cnn_qpm`'s run directory), once."
+        if self.cnn_run is None:
+            cfg = paper_cnn_config(self.p, self.cfg.seed)
+            self.cnn_run = {**run_qpm(cfg, row_run_dir(self.p, self.cfg, 'cnn_qpm'), progress=self.progress), 'cfg': cfg}
+        return self.cnn_run
 
     def baseline(self, name: str, **kw) -> BaselineResult:
         "Baseline `name` (`dinoqpm.baselines`) trained or reused in its row's run directory with the mode's recipe and `kw`."
@@ -117,6 +138,16 @@ def run_qpm_dense_row(s: SeedRun, row: Table1Row) -> tuple:
     "Dense F^froz, reading 2: the dense phase of the same DINO-QPM run, evaluated when the run evaluated it."
     out = s.qpm()
     return out['results_dense'], out['dense_model'], {}
+
+def run_cnn_qpm_row(s: SeedRun, row: Table1Row) -> tuple:
+    "ResNet50 QPM (or its demo stand-in): the finetuned CNN of the seed's QPM run, with its QP's certificate and its locality bias."
+    out = s.cnn()
+    return out['results'], out['model'], {'backbone': out['cfg'].backbone.name, **qp_record(out['qp'], CNN_QP_FIELDS, 'qp_')}
+
+def run_cnn_dense_row(s: SeedRun, row: Table1Row) -> tuple:
+    "ResNet50 Baseline (or its demo stand-in): the dense CNN of the same QPM run, trained end to end, evaluated when the run evaluated it."
+    out = s.cnn()
+    return out['results_dense'], out['dense_model'], {'backbone': out['cfg'].backbone.name}
 
 def run_baseline_row(s: SeedRun, row: Table1Row) -> tuple:
     "The baseline of the row's key; its model is `row.model_file` in the run directory."
@@ -150,6 +181,14 @@ register_table1_row(Table1Row('qsenn', 'DINO-QSENN', 'DINO-QSENN', cell='sldd_qs
                               run=run_qsenn_row))
 register_table1_row(Table1Row('qpm', 'DINO-QPM', 'DINO-QPM', cell='qpm', cost=1.0, model_file='finetune_model.pt',
                               run=run_qpm_row))
+
+# %% ../../nbs/10a_paper_table1.ipynb #c011c
+register_table1_row(Table1Row('cnn_dense', 'ResNet50 Baseline', 'ResNet50 baseline (QPM paper)', cell='cnn_qpm', cost=3.0,
+                              model_file='dense_model.pt', run=run_cnn_dense_row,
+                              demo_method='CNN baseline (EfficientNet-Lite0, end to end)', config=paper_cnn_config))
+register_table1_row(Table1Row('cnn_qpm', 'ResNet50 QPM', 'ResNet50 QPM (QPM paper)', cell='cnn_qpm', cost=3.0,
+                              model_file='finetune_model.pt', run=run_cnn_qpm_row,
+                              demo_method='CNN QPM (EfficientNet-Lite0, end to end)', config=paper_cnn_config))
 
 # the tables read off the registry (its built-in rows)
 TABLE1_ROWS = tuple(TABLE1_ROW_REGISTRY)
@@ -185,19 +224,24 @@ def _under(path, root) -> str:
 def _record(s: SeedRun, seed: int, row: Table1Row, metrics: dict, model_file, extra: dict) -> dict:
     "The tidy record of `row` for `seed`, logged: metrics, convergence, the model file and the row's own fields."
     plaus_skip = (metrics.get('skipped') or {}).get('plausibility') if metrics.get('Plausibility') is None else None
-    rec = {'method': row.method, 'row': row.key, 'seed': seed, 'dataset': dataset_label(s.cfg), 'backbone': s.cfg.backbone.name,
+    rec = {'method': row_method(row, s.p), 'row': row.key, 'seed': seed, 'dataset': dataset_label(s.cfg), 'backbone': s.cfg.backbone.name,
            **{k: metrics.get(k) for k in _KEEP}, **_convergence_fields(metrics), 'plausibility_skipped': plaus_skip,
            'model_file': _under(model_file, s.p.runs_path), **extra}
     log.info('%s seed %d: %s; converged: %s', row.method, seed, {k: rec[k] for k in ('Accuracy', 'Plausibility', 'SID@5')},
              rec['converged'] or rec['not_converged'])
     return rec
 
+def needs_tokens(rows) -> bool:
+    "Whether any of `rows` reads the token caches (every row but those with a configuration of their own: the CNN rows)."
+    return any(get_table1_row(k).config is None for k in rows)
+
 def run_table1_seed(p: PaperParams, seed: int, rows=None, progress=True) -> list:
     """Train/evaluate `rows` (default: every registered row) for one seed; returns tidy records (metric fractions plus
     provenance fields)."""
-    s = SeedRun.start(p, seed, progress)
+    keys = list_table1_rows() if rows is None else list(rows)
+    s = SeedRun.start(p, seed, progress, tokens=needs_tokens(keys))
     records = []
-    for key in (list_table1_rows() if rows is None else rows):
+    for key in keys:
         row = get_table1_row(key)
         metrics, model_file, extra = row.run(s, row)
         records.append(_record(s, seed, row, metrics, model_file, extra))
@@ -307,7 +351,8 @@ def run_table1_cells(p: PaperParams, cells, progress=True):
     """Run `cells` (`table1_cells`). Under torchrun the job first builds the feature caches together (every rank its
     share), then rank `r` of `N` runs cells `r, r + N, ...`, each as an independent single-process run in its own run
     directory; returns when every rank has finished."""
-    if cells: extract_caches(paper_config(p, cells[0][1]), progress=progress and D.is_main())   # the caches do not depend on the seed
+    if needs_tokens([r for cell, _ in cells for r in table1_cell_rows()[cell]]):            # the caches do not depend on the seed
+        extract_caches(paper_config(p, cells[0][1]), progress=progress and D.is_main())
     if D.job_world_size() == 1 and p.n_workers > 1 and len(cells) > 1: return _run_cells_in_processes(p, cells, progress)
     with D.independently():
         for cell, seed in cells[D.job_rank()::D.job_world_size()]:

@@ -4,7 +4,8 @@
 
 # %% ../../nbs/04g_qp.ipynb #c003
 from __future__ import annotations
-from .constants import qp_constants, locality_statistics, locality_bias, scaled_similarity, penalised_pairs
+from .constants import (qp_constants, locality_statistics, mean_shift_labels, locality_bias, scaled_similarity,
+                                  penalised_pairs)
 from .synthetic import synthetic_qp_features
 from .tau import TauChoice, choose_tau
 from .search import best_unique_assignment, qp_objective, SelectionSearch

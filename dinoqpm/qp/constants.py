@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 # %% auto #0
-__all__ = ['qp_constants', 'locality_statistics', 'locality_bias', 'scaled_similarity', 'penalised_pairs']
+__all__ = ['qp_constants', 'mean_shift_labels', 'locality_statistics', 'locality_bias', 'scaled_similarity', 'penalised_pairs']
 
 # %% ../../nbs/04_qp_constants.ipynb #c006
 def qp_constants(features, labels, n_classes: int):
@@ -34,6 +34,45 @@ def qp_constants(features, labels, n_classes: int):
     np.fill_diagonal(R, 0.0)
     return A, R
 
+# %% ../../nbs/04_qp_constants.ipynb #c009m
+def _shift_to_modes(x, bandwidth: float, max_iter: int) -> tuple:
+    """Every point of `x` (1-D) shifted as a seed of scikit-learn's flat-kernel mean shift, all seeds at once: each step
+    takes the mean of the points within `bandwidth` (a window of the sorted points, summed by prefix sums) until it moves
+    by at most 1e-3·bandwidth or after `max_iter` steps; a seed with no point in reach stops. `(modes, points in reach)`."""
+    xs = np.sort(x)
+    cs = np.concatenate([[0.0], np.cumsum(xs)])
+    mean, count, active = x.copy(), np.zeros(len(x), np.int64), np.ones(len(x), bool)
+    for it in range(max_iter + 1):
+        idx = np.flatnonzero(active)
+        if not len(idx): break
+        m = mean[idx]
+        lo, hi = np.searchsorted(xs, m - bandwidth, 'left'), np.searchsorted(xs, m + bandwidth, 'right')
+        c = hi - lo
+        count[idx] = c
+        active[idx[c == 0]] = False                            # nothing in reach: it stops where it is
+        idx, m, lo, hi, c = idx[c > 0], m[c > 0], lo[c > 0], hi[c > 0], c[c > 0]
+        new = (cs[hi] - cs[lo]) / c
+        mean[idx] = new
+        active[idx[(np.abs(new - m) <= 1e-3 * bandwidth) | (it == max_iter)]] = False
+    return mean, count
+
+def mean_shift_labels(x, max_iter: int = 300) -> np.ndarray:
+    """The cluster labels that `sklearn.cluster.MeanShift()` (flat kernel, bandwidth from `estimate_bandwidth`, every point a
+    seed) gives the 1-D data `x`, computed on sorted windows instead of a neighbour search per seed and step (milliseconds,
+    where scikit-learn takes about 40 s for a ResNet50's 2048 scores): the modes with their point counts, the weaker of any
+    two within the bandwidth of each other dropped, every point labelled by its nearest mode, the modes in scikit-learn's
+    order (most points first, then the larger)."""
+    from sklearn.cluster import estimate_bandwidth
+    x = np.asarray(x, dtype=np.float64).ravel()
+    bandwidth = estimate_bandwidth(x.reshape(-1, 1))
+    modes, count = _shift_to_modes(x, bandwidth, max_iter)
+    reached = {float(m): int(c) for m, c in zip(modes, count) if c > 0}
+    centers = np.array([m for m, _ in sorted(reached.items(), key=lambda mc: (mc[1], mc[0]), reverse=True)])
+    keep = np.ones(len(centers), bool)
+    for i, c in enumerate(centers):
+        if keep[i]: keep[np.abs(centers - c) <= bandwidth] = False; keep[i] = True
+    return np.abs(x[:, None] - centers[keep][None]).argmin(1)
+
 # %% ../../nbs/04_qp_constants.ipynb #c010
 def locality_statistics(feature_maps):
     "Per image and feature of `feature_maps [N, J, H, W]`: the maximum of the spatial softmax `[N, J]` and whether its argmax lies on the border `[N, J]`."
@@ -50,10 +89,9 @@ def locality_statistics(feature_maps):
 
 def _clip_main_cluster_and_scale(x, scale=np.sqrt(10) * 0.1):
     "Clip to the range of the largest 1-D MeanShift cluster (the reference's `|bound|·sign(x)`), centre, scale to max |·| = `scale`."
-    from sklearn.cluster import MeanShift
     x = np.asarray(x, dtype=np.float64).copy()
     if np.ptp(x) > 0:
-        lab = MeanShift().fit(x.reshape(-1, 1)).labels_
+        lab = mean_shift_labels(x)
         u, cnt = np.unique(lab, return_counts=True)
         big = x[lab == u[np.argmax(cnt)]]
         lo, hi = big.min(), big.max()

@@ -46,6 +46,7 @@ class QPResult:
     n_clique_cuts: int = 0
     mip_rounds: int = 0
     history: list = field(default_factory=list)
+    locality_bias: bool = False    # whether the objective held the locality bias B (QPM's compute_B; `qp.locality_bias`)
 
     @property
     def n_classes(self) -> int: return int(self.weight.shape[0])
@@ -109,16 +110,16 @@ class QPResult:
 
 # %% ../../nbs/04d_qp_result.ipynb #c030s
 QP_RECORD_FIELDS = ('solver', 'status', 'gap', 'mip_gap', 'seconds', 'certified', 'certificate', 'objective', 'bound', 'tau',
-                    'n_select', 'n_per_class', 'formulation')
+                    'n_select', 'n_per_class', 'formulation', 'locality_bias')
 
 def qp_record(result: QPResult, fields=QP_RECORD_FIELDS, prefix: str = '') -> dict:
-    """The QP result's record: solver, status, gap, time, certificate and selection size (`QP_RECORD_FIELDS`), the
+    """The QP result's record: solver, status, gap, time, certificate, selection size and whether the locality bias B was in the objective (`QP_RECORD_FIELDS`), the
     `fields` asked for, in that order, each named `prefix + field`."""
     q = result
     record = {'solver': q.solver, 'status': q.status, 'gap': q.gap, 'mip_gap': q.mip_gap, 'seconds': q.seconds,
               'certified': bool(q.certified), 'certificate': q.certificate(), 'objective': q.objective, 'bound': q.bound,
               'tau': q.tau, 'n_select': int(q.n_select or len(q.selection)), 'n_per_class': int(q.n_per_class),
-              'formulation': q.formulation}
+              'formulation': q.formulation, 'locality_bias': bool(q.locality_bias)}
     unknown = [f for f in fields if f not in record]
     if unknown: raise ValueError(f'unknown QP record field(s) {unknown}; choose from {QP_RECORD_FIELDS}')
     return {prefix + f: record[f] for f in fields}

@@ -202,7 +202,7 @@ def _solution_result(A, R, tau, bias, selection, weight, bound: float, *, mip_ga
     gap = _rel_gap(parts['objective'], bound)
     return QPResult(selection=selection, weight=weight, tau=float(tau), objective=parts['objective'], bound=float(bound),
                     gap=float(gap), status='optimal' if gap <= mip_gap else 'feasible', z_a=parts['z_a'], z_r=parts['z_r'],
-                    z_b=parts['z_b'], mip_gap=mip_gap, **fields)
+                    z_b=parts['z_b'], mip_gap=mip_gap, locality_bias=bias is not None, **fields)
 
 def _solve_qp(A, R, n_select: int, n_per_class: int, *, tau, tau_rule, bias, solver, time_limit, mip_gap, threads, seed,
               warm_start, cliques, heuristic_seconds, solver_options, progress) -> QPResult:

@@ -11,7 +11,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TauChoice', 'choose_tau']
+__all__ = ['log', 'LARGE_J', 'TauChoice', 'choose_tau']
 
 # %% ../../nbs/04b_qp_tau.ipynb #c016
 @dataclass(frozen=True, eq=False)
@@ -55,6 +55,47 @@ def _clique_by_removal_early_stop(G, k):
         if len(max(isets, key=len)) >= k: break
     return max(isets, key=len)
 
+LARGE_J = 1024     # above this many features (a CNN's 1280 or 2048 maps) the clique rule runs on boolean matrices, not networkx
+
+def _large_clique_size_np(adj, k):
+    "`_large_clique_size_early_stop` on a boolean adjacency matrix (ties broken by the lower index, not by networkx's set order)."
+    deg = adj.sum(1)
+    best = 0
+    for u in np.flatnonzero(deg >= k):
+        U, size = adj[u] & (deg >= k), 1
+        while U.any():
+            cand = np.flatnonzero(U)
+            w = cand[np.argmax(deg[cand])]
+            U[w] = False
+            U &= adj[w] & (deg >= best)
+            size += 1
+        best = max(best, size)
+        if best >= k: return best
+    return best
+
+def _ramsey_np(adj, nodes) -> tuple:
+    "networkx's `ramsey_R2` on the subgraph of `adj` induced by `nodes` (its first node the pivot): `(a clique, an independent set)`."
+    if not len(nodes): return [], []
+    v, rest = int(nodes[0]), nodes[1:]
+    near = adj[v, rest]
+    c1, i1 = _ramsey_np(adj, rest[near])
+    c2, i2 = _ramsey_np(adj, rest[~near])
+    return max(c1 + [v], c2, key=len), max(i1, i2 + [v], key=len)
+
+def _clique_by_removal_np(adj, k):
+    "`_clique_by_removal_early_stop` on a boolean adjacency matrix: independent sets of the complement by repeated Ramsey removal."
+    H = ~adj
+    np.fill_diagonal(H, False)
+    nodes = np.arange(len(adj))
+    c, i = _ramsey_np(H, nodes)
+    isets = [i]
+    while len(nodes):
+        nodes = nodes[~np.isin(nodes, c)]
+        c, i = _ramsey_np(H, nodes)
+        if i: isets.append(i)
+        if len(max(isets, key=len)) >= k: break
+    return max(isets, key=len)
+
 def _turan_ladder(C, k: int, steps: int):
     "Step i's threshold: from Turán's index ⌊J²(k−2)/(k−1)⌋ of C's sorted entries down in `steps` equal steps to its zeros."
     vals = np.sort(C.ravel())
@@ -75,14 +116,17 @@ def _scan_clique_sizes(C, k: int, threshold_at, steps: int, progress: bool):
     import networkx as nx
     from tqdm.auto import tqdm
     chosen, last_n_edges, G, last_adj, predicted = steps - 1, -1, None, None, 0
+    large = len(C) > LARGE_J
     for i in tqdm(range(steps), desc='tau: clique scan', disable=not progress, leave=False):
         t = threshold_at(i)
         adj = _dissimilar(C, t)
         if (n_edges := int(adj.sum())) == last_n_edges: continue
         last_n_edges = n_edges
-        if G is None: G = nx.from_numpy_array(adj.astype(np.uint8))
-        else: G.remove_edges_from(np.argwhere(last_adj & ~adj).tolist())
-        size = _large_clique_size_early_stop(G, k)
+        if large: size = _large_clique_size_np(adj, k)
+        else:
+            if G is None: G = nx.from_numpy_array(adj.astype(np.uint8))
+            else: G.remove_edges_from(np.argwhere(last_adj & ~adj).tolist())
+            size = _large_clique_size_early_stop(G, k)
         log.debug('clique scan step %d: t=%.5f size=%d', i, t, size)
         if size < k:
             chosen = max(i - 1, 0)
@@ -101,7 +145,9 @@ def _walk_back_to_clique(C, k: int, threshold_at, chosen: int, steps: int, progr
     clique = []
     for i in tqdm(range(steps), desc='tau: clique walk-back', disable=not progress, leave=False):
         t = threshold_at(chosen - i)
-        clique = sorted(_clique_by_removal_early_stop(nx.from_numpy_array(_dissimilar(C, t).astype(np.uint8)), k))
+        adj = _dissimilar(C, t)
+        clique = sorted(_clique_by_removal_np(adj, k) if len(C) > LARGE_J else
+                        _clique_by_removal_early_stop(nx.from_numpy_array(adj.astype(np.uint8)), k))
         log.debug('clique walk-back step %d: t=%.5f clique=%d', i, t, len(clique))
         if len(clique) >= k: break
     return t, clique

@@ -10,8 +10,9 @@ from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FI
                                   PAGE_FILE, MANIFEST_FILE, PENDING_FILE, EXPORT_LIMITS, EXPORT_SCHEMA, ExportError,
                                   is_exported, read_export, read_export_json, check_export_config, export_manifest,
                                   pending_export, inside_folder, verify_export_files)
+from .format import EXPORT_SCHEMA_CNN, EXPORT_SCHEMAS, MODEL_KIND_FORMAT, export_kind    # a CNN trained end to end
 from .export import (class_label, build_card, model_card, export_lock, write_folder, export_model,
-                                  PretrainedModel, load_pretrained)
+                                  PretrainedModel, load_pretrained, method_backbone)
 from .inference import (MAX_VIZ_SIDE, MODEL_FILES, resolve_model_path, find_images, Predictor,
                                      save_explanations, run_inference)
 

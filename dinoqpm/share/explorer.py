@@ -88,12 +88,12 @@ function panel(rep, fid, size) {
 function image(src, alt, size) { return el('img', {src: src, alt: alt, width: size, height: size}); }
 
 function header() {
-  $('title').textContent = `DINO-QPM on ${card.dataset} (${card.backbone} backbone)`;
+  $('title').textContent = `${card.method || 'DINO-QPM'} on ${card.dataset} (${card.backbone}${card.trained_end_to_end ? ', trained end to end' : ' backbone'})`;
   $('summary').textContent = `${card.n_classes} classes, each explained by exactly ${card.n_per_class} of ${card.n_selected} ` +
     `selected features (of ${card.n_features}); QP: ${card.qp.certificate}.`;
   if (card.demo) { const d = $('demo'); d.hidden = false;
     d.textContent = 'Demo model, not the paper\'s: ' + (card.dataset === 'SynthBirds' ? 'synthetic SynthBirds data' : card.dataset) +
-      (card.is_paper_backbone ? '' : `, ${card.backbone} standing in for DINOv2`) + '. Its numbers say nothing about the method on real data.'; }
+      (card.is_paper_backbone ? '' : `, ${card.backbone} standing in for ${card.stands_in_for || 'DINOv2'}`) + '. Its numbers say nothing about the method on real data.'; }
   const T1 = JSON.parse($('table1').textContent), M = card.metrics;   // Table 1's columns, from the metric registry
   const t1 = T1.filter(k => k in M), rest = Object.keys(M).filter(k => !T1.includes(k)).sort();
   const t = $('metrics');
@@ -277,7 +277,8 @@ def explorer_page(card: dict) -> str:
     relative paths (beside the page), plain CSS and JavaScript, nothing fetched from a network."""
     data = json.dumps(json_safe(card), sort_keys=True, ensure_ascii=False, separators=(',', ':'), allow_nan=False)
     data = data.replace('<', '\\u003c')                  # no '</script>' or '<!--' can end the data early
-    title = html.escape(f"DINO-QPM on {card['dataset']} ({card['backbone']} backbone)")
+    title = html.escape(f"{card.get('method', 'DINO-QPM')} on {card['dataset']} ({card['backbone']}"
+                        f"{', trained end to end' if card.get('trained_end_to_end') else ' backbone'})")
     parts = {'{title}': title, '{css}': PAGE_CSS, '{js}': PAGE_JS, '{data}': data, '{table1}': json.dumps(list(TABLE1_METRICS))}
     return re.sub('|'.join(map(re.escape, parts)), lambda m: parts[m.group(0)], PAGE_TEMPLATE)
 

@@ -18,8 +18,8 @@ from ..config import RunConfig, config_to_dict
 from .inference import Predictor
 from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FILE, README_FILE, PAGE_FILE,
                                   MANIFEST_FILE, PENDING_FILE, ExportError, is_exported, read_export_json, export_manifest,
-                                  pending_export, inside_folder)
-from ..pipeline import LOCK_FILE, find_run_config, load_caches
+                                  pending_export, inside_folder, MODEL_KIND_FORMAT)
+from ..pipeline import LOCK_FILE, find_run_config, load_caches, load_run_data, run_method
 from ..features import get_backbone_spec, weights_path, weights_fingerprint
 from ..evaluation import (ClassIndependence, Contrastiveness, Correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
                                 feature_style, render_layers, compose, square_image, FeatureStyle, local_explanation)
@@ -32,8 +32,8 @@ from .explorer import explorer_page
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'class_label', 'build_card', 'model_card', 'export_lock', 'write_folder', 'export_model', 'PretrainedModel',
-           'load_pretrained']
+__all__ = ['log', 'method_backbone', 'class_label', 'build_card', 'model_card', 'export_lock', 'write_folder', 'export_model',
+           'PretrainedModel', 'load_pretrained']
 
 # %% ../../nbs/09c_share_export.ipynb #c006
 def _json_bytes(obj) -> bytes:
@@ -82,7 +82,15 @@ def _backbone_record(cfg: RunConfig, train_cache) -> dict:
                           f'{rec["sha256"]}: these are not the weights the model was trained on')
     return {'name': spec.name, 'timm_arch': spec.timm_arch, 'weights_file': rec['file'], 'weights_bytes': int(rec['bytes']),
             'weights_sha256': rec['sha256'], 'is_paper_backbone': bool(spec.is_paper_backbone), 'description': spec.description,
-            'published_at': spec.published_at, 'img_size': int(cfg.data.img_size), 'grid': [int(g) for g in train_cache.grid]}
+            'published_at': spec.published_at, 'img_size': int(cfg.data.img_size), 'grid': [int(g) for g in train_cache.grid],
+            **({'trainable': True} if cfg.backbone.trainable else {})}   # then: the weights it started from, all in model.safetensors
+
+def method_backbone(cfg: RunConfig) -> tuple:
+    """`(is the method's own backbone, what a stand-in stands in for)` of a run: DINO-QPM's DINOv2 backbones, or for QPM
+    on a CNN trained end to end (`backbone.trainable`) QPM's ResNet50 (the EfficientNet-Lite0 of the demo stands in for it)."""
+    spec = get_backbone_spec(cfg.backbone.name)
+    if cfg.backbone.trainable: return spec.family == 'torchvision_resnet', "QPM's ResNet50"
+    return bool(spec.is_paper_backbone), 'DINOv2'
 
 # %% ../../nbs/09c_share_export.ipynb #c010
 def _weights_bytes(model) -> tuple:
@@ -269,12 +277,13 @@ def _card_record(files: dict, model, cfg: RunConfig, x: SimpleNamespace, feature
     training verdict, the designed pairs, how the pictures were chosen (`images`) and the provenance of the run's files."""
     results = read_export_json(files['results'], 'the run results')
     qp = QPResult.load(files['qp'])
-    spec = get_backbone_spec(cfg.backbone.name)
+    paper_backbone, stands_in_for = method_backbone(cfg)
     ck = read_model_file(files['model'], 'model file')
-    demo = cfg.data.dataset == 'SynthBirds' or not spec.is_paper_backbone
+    demo = cfg.data.dataset == 'SynthBirds' or not paper_backbone
     C, J = x.W.shape
-    return {'format': EXPORT_FORMAT, 'method': 'DINO-QPM', 'dataset': cfg.data.dataset, 'backbone': cfg.backbone.name,
-            'is_paper_backbone': bool(spec.is_paper_backbone), 'demo': bool(demo),
+    return {'format': MODEL_KIND_FORMAT[model.kind], 'method': run_method(cfg), 'dataset': cfg.data.dataset, 'backbone': cfg.backbone.name,
+            'is_paper_backbone': bool(paper_backbone), 'demo': bool(demo),
+            **({'trained_end_to_end': True, 'stands_in_for': stands_in_for} if cfg.backbone.trainable else {}),
             'n_classes': C, 'n_features': int(model.n_features), 'n_selected': J, 'n_per_class': int((x.W != 0).sum(1).max()),
             'selected_features': [int(s) for s in x.sel], 'style': x.style.to_dict(), 'features': features, 'classes': classes,
             'metrics': _model_metrics(results), 'skipped_metrics': results.get('skipped') or {},
@@ -315,14 +324,10 @@ def build_card(files: dict,              # the files of the finished run, as `ex
 # %% ../../nbs/09c_share_export.ipynb #c016
 def _pct(v) -> str: return f'{100 * v:.1f}'
 
-def model_card(config: dict, card: dict) -> str:
-    """The `README.md` of an exported folder (a Hugging Face model card: YAML front matter, then Markdown), written from
-    the explanation card: what the model is, the dataset, the backbone, the Table 1 metrics, the QP certificate, how to
-    load, explore and share it, and the demo warning where it applies."""
-    bb, m = config['backbone'], card['metrics']
-    tags = ['dinoqpm', 'interpretability', 'image-classification', 'safetensors'] + (['demo'] if card['demo'] else [])
-    lines = ['---', 'library_name: dinoqpm', 'pipeline_tag: image-classification', 'tags:'] + [f'- {t}' for t in tags] + ['---', '']
-    lines += [f"# DINO-QPM on {card['dataset']} ({bb['name']} backbone)", '']
+def _adapter_intro(config: dict, card: dict) -> list:
+    "The model card's title, demo warning, description and model table of DINO-QPM (an adapter on a frozen backbone)."
+    bb = config['backbone']
+    lines = [f"# DINO-QPM on {card['dataset']} ({bb['name']} backbone)", '']
     if card['demo']:
         lines += ['> **Demo model, not the paper\'s.** ' + (f"It was trained on {card['dataset']}, the synthetic bird dataset "
                   'that dinoqpm generates, ' if card['dataset'] == 'SynthBirds' else f"It was trained on {card['dataset']} ")
@@ -342,6 +347,48 @@ def model_card(config: dict, card: dict) -> str:
               f"| adapter | {config['run_config']['adapter']['n_layers']} layers, {card['n_features']} features |",
               f"| head | binary, {card['n_selected']} selected features, {card['n_per_class']} per class |",
               f"| weights | `{MODEL_FILE}` (safetensors), SHA-256 `{config['model']['sha256']}` |", '']
+    return lines
+
+def _cnn_intro(config: dict, card: dict) -> list:
+    "The model card's title, demo warning, description and model table of QPM on a CNN trained end to end."
+    bb = config['backbone']
+    lines = [f"# QPM on {card['dataset']} ({bb['name']}, trained end to end)", '']
+    if card['demo']:
+        lines += ['> **Demo model, not the paper\'s.** ' + (f"It was trained on {card['dataset']}, the synthetic bird dataset "
+                  'that dinoqpm generates, ' if card['dataset'] == 'SynthBirds' else f"It was trained on {card['dataset']} ")
+                  + (f"with {bb['name']} standing in for {card.get('stands_in_for')} ({bb['description']}). " if not card['is_paper_backbone'] else '')
+                  + 'Its numbers say nothing about the method on real data.', '']
+    lines += [f"A globally interpretable image classifier (QPM: Norrenbrock, Hahn, Rosenhahn, ICLR 2025): the CNN {bb['name']}, "
+              f"trained end to end, whose {card['n_features']} feature maps after its final activation are averaged into a "
+              f"feature vector, and a sparse binary head in which every one of the {card['n_classes']} classes uses exactly "
+              f"{card['n_per_class']} of {card['n_selected']} selected feature maps, chosen by a quadratic program; after the "
+              f"selection the CNN was finetuned under that head. The whole model is explained by `explanation.json` (every "
+              f"class's features, every feature's prototypes) and can be looked at in `index.html`.", '']
+    lines += ['## Model', '', '| | |', '|---|---|',
+              f"| dataset | {card['dataset']} ({card['n_classes']} classes) |",
+              f"| CNN (trained end to end) | {bb['name']} (`{bb['timm_arch']}`), started from `{bb['weights_file']}` (SHA-256 `{bb['weights_sha256']}`) |",
+              f"| input | {config['preprocessing']['img_size']} px, `{config['preprocessing']['mode']}` preprocessing, {bb['grid'][0]}×{bb['grid'][1]} maps |",
+              f"| head | binary, {card['n_selected']} of {card['n_features']} feature maps selected, {card['n_per_class']} per class |",
+              f"| weights | `{MODEL_FILE}` (safetensors: the CNN and the head), SHA-256 `{config['model']['sha256']}` |", '']
+    return lines
+
+def _weights_note(bb: dict, card: dict) -> str:
+    "Where the backbone's weights come from when the folder is loaded (a CNN trained end to end brings its own)."
+    if card.get('trained_end_to_end'):
+        return (f"Every weight of the CNN is in `{MODEL_FILE}`: `load_pretrained` reads no weights folder (the ImageNet file "
+                f"`{bb['weights_file']}` it started from is recorded above for provenance only).")
+    return (f"The backbone weights are not part of this folder: `load_pretrained` reads `{bb['weights_file']}` from your weights "
+            f"folder (`$DINOQPM_WEIGHTS`, `~/tmp/model_weights`, or `weights_dir=` / `--weights-dir`) and refuses a file whose "
+            f"SHA-256 is not the one above" + (f"; it comes from {bb['published_at']}." if bb.get('published_at') else '.'))
+
+def model_card(config: dict, card: dict) -> str:
+    """The `README.md` of an exported folder (a Hugging Face model card: YAML front matter, then Markdown), written from
+    the explanation card: what the model is, the dataset, the backbone, the Table 1 metrics, the QP certificate, how to
+    load, explore and share it, and the demo warning where it applies."""
+    bb, m = config['backbone'], card['metrics']
+    tags = ['dinoqpm', 'interpretability', 'image-classification', 'safetensors'] + (['demo'] if card['demo'] else [])
+    lines = ['---', 'library_name: dinoqpm', 'pipeline_tag: image-classification', 'tags:'] + [f'- {t}' for t in tags] + ['---', '']
+    lines += (_cnn_intro if card.get('trained_end_to_end') else _adapter_intro)(config, card)
     t1 = [k for k in TABLE1_METRICS if k in m]
     rest = [k for k in sorted(m) if k not in t1]
     lines += ['## Metrics', '', 'Table 1 of the paper, on the test split (in %):', '',
@@ -354,16 +401,14 @@ def model_card(config: dict, card: dict) -> str:
               f"Training: {'converged' if tr['converged'] else 'NOT converged'} "
               + '(' + '; '.join(f"{ph}: {'converged' if r['converged'] else r['reason'] or 'not converged'}" for ph, r in tr['phases'].items()) + ').', '']
     lines += ['## Use', '', 'Nothing here needs the network, and loading runs no code from the folder (safetensors and JSON only).', '',
-              '```python', 'import dinoqpm', "model = dinoqpm.load_pretrained('path/to/this/folder')   # backbone weights from your weights folder",
+              '```python', 'import dinoqpm', "model = dinoqpm.load_pretrained('path/to/this/folder')" + ('' if card.get('trained_end_to_end') else '   # backbone weights from your weights folder'),
               "out = model.explain('bird.jpg')   # predicted class, its features and their picture", '```', '',
               '```bash', 'dinoqpm inference --model-path path/to/this/folder --image-path photos/ --output-json preds.json', '```', '',
-              f"The backbone weights are not part of this folder: `load_pretrained` reads `{bb['weights_file']}` from your weights "
-              f"folder (`$DINOQPM_WEIGHTS`, `~/tmp/model_weights`, or `weights_dir=` / `--weights-dir`) and refuses a file whose "
-              f"SHA-256 is not the one above" + (f"; it comes from {bb['published_at']}." if bb.get('published_at') else '.'), '',
+              _weights_note(bb, card), '',
               '## Explore', '', '`index.html` opens from the file system in any browser (no server, no network): the class × feature '
               'assignment, every feature\'s prototypes, the classes that use it and its scores, a comparison of any two classes, and '
               'test images with their local explanations.', '',
-              '## Files', '', f'- `{MODEL_FILE}`: adapter and head weights', f'- `{CONFIG_FILE}`: architecture, run configuration, backbone and checksums',
+              '## Files', '', f"- `{MODEL_FILE}`: {'the weights of the whole CNN and the head' if card.get('trained_end_to_end') else 'adapter and head weights'}", f'- `{CONFIG_FILE}`: architecture, run configuration, backbone and checksums',
               f'- `{NAMES_FILE}`: class names', f'- `{CARD_FILE}`: the global explanation card', '- `index.html`, `prototypes/`, `examples/`, `compare/`: the explorer page and its pictures',
               f'- `{MANIFEST_FILE}`: every other file with its SHA-256 (written last: `load_pretrained` checks them all)', '',
               '## Share', '', 'The folder has the Hugging Face Hub layout (`config.json` + `model.safetensors` + this model card). '
@@ -477,8 +522,8 @@ def _export_files(files: dict, cache_root, *, n_prototypes: int, n_examples: int
     cfg = files['cfg']
     model = load_model(files['model'], 'cpu').eval()
     if getattr(model.head, 'kind', None) != 'bldd':
-        raise ExportError(f'{files["model"]} has a {model.head.kind!r} head; only DINO-QPM models (binary sparse head) are exported')
-    train_c, test_c = load_caches(cfg, cache_root, progress)
+        raise ExportError(f'{files["model"]} has a {model.head.kind!r} head; only QPM models (DINO-QPM, or QPM on a CNN: binary sparse head) are exported')
+    train_c, test_c = load_run_data(cfg, cache_root, progress)
     trained_on = (read_model_file(files['model'], 'model file').get('signature') or {}).get('train_cache')
     if trained_on is not None and trained_on != cache_fingerprint(train_c):
         raise ExportError(f'the training feature cache of {files["run_dir"]} differs from the one the model was trained on '
@@ -487,7 +532,7 @@ def _export_files(files: dict, cache_root, *, n_prototypes: int, n_examples: int
     card, assets = build_card(files, model, cfg, train_c, test_c, n_prototypes=n_prototypes, n_examples=n_examples, progress=progress)
     card['provenance']['exported_with'] = {'dinoqpm': dinoqpm_version()}
     names = [c['name'] for c in card['classes']]
-    config = {'model_type': 'dinoqpm', 'dinoqpm_export_format': EXPORT_FORMAT, 'method': 'DINO-QPM', 'dataset': cfg.data.dataset,
+    config = {'model_type': 'dinoqpm', 'dinoqpm_export_format': MODEL_KIND_FORMAT[model.kind], 'method': run_method(cfg), 'dataset': cfg.data.dataset,
               'n_classes': card['n_classes'], 'selected_features': card['selected_features'], 'n_per_class': card['n_per_class'],
               'model': {'file': MODEL_FILE, 'sha256': sha256_bytes(weights), 'spec': model_spec(model), 'state': extra},
               'backbone': _backbone_record(cfg, train_c),

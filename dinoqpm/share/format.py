@@ -18,13 +18,14 @@ from ..data import make_transform
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'EXPORT_FORMAT', 'MODEL_FILE', 'CONFIG_FILE', 'NAMES_FILE', 'CARD_FILE', 'README_FILE', 'PAGE_FILE',
-           'MANIFEST_FILE', 'PENDING_FILE', 'EXPORT_LIMITS', 'EXPORT_SCHEMA', 'ExportError', 'is_exported',
-           'read_export_json', 'check_export_config', 'export_manifest', 'pending_export', 'inside_folder',
-           'verify_export_files', 'read_export']
+__all__ = ['log', 'EXPORT_FORMAT', 'MODEL_KIND_FORMAT', 'MODEL_FILE', 'CONFIG_FILE', 'NAMES_FILE', 'CARD_FILE', 'README_FILE',
+           'PAGE_FILE', 'MANIFEST_FILE', 'PENDING_FILE', 'EXPORT_LIMITS', 'EXPORT_SCHEMA', 'EXPORT_SCHEMA_CNN',
+           'EXPORT_SCHEMAS', 'ExportError', 'is_exported', 'read_export_json', 'export_kind', 'check_export_config',
+           'export_manifest', 'pending_export', 'inside_folder', 'verify_export_files', 'read_export']
 
 # %% ../../nbs/09_share_format.ipynb #c006
-EXPORT_FORMAT = 2          # 2: the completion manifest; 1 (older dinoqpm): without it, still read
+EXPORT_FORMAT = 3          # 3: a CNN trained end to end (model.spec.kind 'cnn'); 2: the completion manifest; 1: without it
+MODEL_KIND_FORMAT = {'adapter': 2, 'cnn': 3}   # the format an export of each model kind is written in (the oldest that reads it)
 MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FILE, README_FILE, PAGE_FILE = (
     'model.safetensors', 'config.json', 'class_names.json', 'explanation.json', 'README.md', 'index.html')
 MANIFEST_FILE = 'manifest.json'                       # written last: every other file with its SHA-256
@@ -58,6 +59,13 @@ EXPORT_SCHEMA = {       # key: a type, (int or float, lowest, highest), 'sha256'
     'backbone': {'name': str, 'weights_file': str, 'weights_sha256': 'sha256'},
     'preprocessing': {'mode': str, 'dataset': str, 'img_size': (int, 1, _L['img_size'])},
     'run_config': dict}
+EXPORT_SCHEMA_CNN = {   # a CNN trained end to end: the spec names the CNN, model.safetensors holds every weight of it
+    **{k: v for k, v in EXPORT_SCHEMA.items() if k not in ('model', 'backbone')},
+    'model': {'file': str, 'sha256': 'sha256', 'state': dict,
+              'spec': {'kind': str, 'backbone': str, 'n_classes': (int, 1, _L['classes']), 'head_dropout': (float, 0, 1),
+                       'img_size': (int, 1, _L['img_size']), 'grid': 'grid', 'n_features': (int, 1, _L['width'])}},
+    'backbone': {'name': str}}
+EXPORT_SCHEMAS = {'adapter': EXPORT_SCHEMA, 'cnn': EXPORT_SCHEMA_CNN}    # by `model.spec.kind` (none: the adapter, as format 1 and 2)
 _TYPE_NAMES = {str: 'a string', dict: 'a mapping', list: 'a list', bool: 'true or false', int: 'an integer', float: 'a number'}
 
 def _short(v) -> str:
@@ -91,15 +99,27 @@ def _schema_problem(d: dict, schema: dict, prefix: str = ''):
         if found: return found
     return None
 
+def export_kind(config: dict) -> str:
+    "The model kind of an export's configuration: `model.spec.kind` (an export without one holds the adapter)."
+    spec = config.get('model', {}).get('spec') if isinstance(config.get('model'), dict) else None
+    return spec.get('kind', 'adapter') if isinstance(spec, dict) else 'adapter'
+
 def check_export_config(config, path) -> dict:
-    """`config` (read from the file `path`), checked against `EXPORT_SCHEMA`: a `dinoqpm` export of a format this
-    package reads, every used key present with its type and within `EXPORT_LIMITS`; else one `ExportError` naming the file and the key."""
+    """`config` (read from the file `path`), checked against the schema of its model kind (`EXPORT_SCHEMAS`): a `dinoqpm`
+    export of a format this package reads, every used key present with its type and within `EXPORT_LIMITS`; else one
+    `ExportError` naming the file and the key."""
     if not isinstance(config, dict) or config.get('model_type') != 'dinoqpm':
         raise ExportError(f'{path} is not the configuration of a dinoqpm export (no model_type "dinoqpm")')
-    found = _schema_problem(config, EXPORT_SCHEMA)
+    fmt, kind = config.get('dinoqpm_export_format'), export_kind(config)
+    if type(fmt) is int and fmt > EXPORT_FORMAT:
+        raise ExportError(f'{Path(path).parent} was exported in format {fmt}; this dinoqpm reads format {EXPORT_FORMAT} or older')
+    if kind not in EXPORT_SCHEMAS:
+        raise ExportError(f"{path}: key 'model.spec.kind' is {_short(kind)}; this dinoqpm reads {', '.join(EXPORT_SCHEMAS)}")
+    found = _schema_problem(config, EXPORT_SCHEMAS[kind])
     if found: raise ExportError(f"{path}: key '{found[0]}' {found[1]}; the file is damaged or was edited: export the model again")
-    if config['dinoqpm_export_format'] > EXPORT_FORMAT:
-        raise ExportError(f'{Path(path).parent} was exported in format {config["dinoqpm_export_format"]}; this dinoqpm reads format {EXPORT_FORMAT} or older')
+    if kind != 'adapter' and fmt < MODEL_KIND_FORMAT[kind]:          # (an adapter reads from format 1 on)
+        raise ExportError(f"{path}: key 'dinoqpm_export_format' is {fmt}, but a {kind} model is written in format "
+                          f"{MODEL_KIND_FORMAT[kind]}; the file is damaged or was edited: export the model again")
     return config
 
 # %% ../../nbs/09_share_format.ipynb #c007e
@@ -208,7 +228,8 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
     """The parts of a finished export, each checked before anything is built: the configuration (schema and limits),
     every file (the manifest's SHA-256), the model (`model.safetensors`: its SHA-256 and its tensors' shapes), the run
     configuration, the class names, the explanation card, and the frozen backbone from the user's weights folder
-    (`weights_dir`, else `$DINOQPM_WEIGHTS` or `~/tmp/model_weights`), whose SHA-256 must be the recorded one. An
+    (`weights_dir`, else `$DINOQPM_WEIGHTS` or `~/tmp/model_weights`), whose SHA-256 must be the recorded one; a CNN
+    trained end to end (`model.spec.kind` 'cnn') is its own backbone, with every weight in `model.safetensors`. An
     unfinished export is refused. No pickle is read."""
     p = Path(path)
     if mode != 'finetune': raise ExportError(f'{p} is an exported model, which holds the finetuned model only; use mode finetune, not {mode!r}')
@@ -219,7 +240,8 @@ def read_export(path, device='cpu', weights_dir=None, mode: str = 'finetune') ->
     transform = _checked(p / CONFIG_FILE, 'preprocessing', make_transform, mode=pre['mode'], dataset=pre['dataset'], img_size=pre['img_size'])
     cfg = _checked(p / CONFIG_FILE, 'run_config', config_from_dict, RunConfig, config['run_config'])
     model = _export_model(p, config, device)
-    backbone = _export_backbone(p, config, weights_dir, device)
+    cnn = export_kind(config) == 'cnn'               # a CNN trained end to end is its own backbone: no weights folder read
+    backbone = model.backbone if cnn else _export_backbone(p, config, weights_dir, device)
     names = read_export_json(p / NAMES_FILE, 'the class names') if (p / NAMES_FILE).is_file() else None
     card = read_export_json(p / CARD_FILE, 'the explanation card') if (p / CARD_FILE).is_file() else None
     return SimpleNamespace(path=p, config=config, cfg=cfg, model=model, backbone=backbone, class_names=names, card=card,

@@ -77,8 +77,9 @@ class Predictor:
         self.model = load_model(self.model_path, self.device).eval()      # first: a wrong file is named for what it is
         self.cfg, self.run_dir = find_run_config(self.model_path)
         c = self.cfg
-        self.backbone = create_backbone(c.backbone.name, weights_dir=weights_dir or c.backbone.weights_dir, img_size=c.data.img_size,
-                                        weights_file=c.backbone.weights_file).to(self.device)
+        self.backbone = self.model.backbone if self.end_to_end else create_backbone(
+            c.backbone.name, weights_dir=weights_dir or c.backbone.weights_dir, img_size=c.data.img_size,
+            weights_file=c.backbone.weights_file).to(self.device)
         self.transform = make_transform(mode=c.data.preprocessing, dataset=c.data.dataset, img_size=c.data.img_size)
         names = self.run_dir / 'class_names.json'
         self.class_names = None
@@ -93,15 +94,22 @@ class Predictor:
     def class_name(self, c: int) -> str:
         return self.class_names[c] if self.class_names else str(c)
 
+    @property
+    def end_to_end(self) -> bool:
+        "Whether the model is a CNN trained end to end (QPM's own model): images go into it, no frozen backbone before it."
+        return getattr(self.model, 'kind', None) == 'cnn'
+
     @torch.inference_mode()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        "Backbone tokens `[B, N_p + 1, D]` (CLS last) for preprocessed images."
+        "Backbone tokens `[B, N_p + 1, D]` (CLS last) for preprocessed images (a frozen backbone's; a CNN trained end to end has none)."
+        if self.end_to_end: raise TypeError(f'{self.model_path} is a CNN trained end to end: it reads images, not tokens (use predict)')
         out = self.backbone(images.to(self.device))
         return torch.cat([out.patch, out.cls[:, None]], 1).float()
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor):
-        "The model's `ModelOutput` for preprocessed images `[B, 3, S, S]`."
+        "The model's `ModelOutput` for preprocessed images `[B, 3, S, S]` (through the frozen backbone, or into the CNN itself)."
+        if self.end_to_end: return self.model(images.to(self.device), self.model.grid)
         return self.model(self.tokens(images), self.backbone.grid)
 
 # %% ../../nbs/09a_share_inference.ipynb #c010
