@@ -288,7 +288,7 @@ def solve_qp_once(cfg: RunConfig, dense_model_path, train_cache, qp_dir, progres
     B = locality_bias(x['softmax_max'], x['on_edge'], x['features']) if q.locality_bias else None
     res = solve_qp(A, R, q.n_select, q.n_per_class, tau=q.tau, tau_rule=q.tau_rule, bias=B, solver=q.solver,
                    time_limit=q.time_limit, mip_gap=q.mip_gap, threads=q.threads, seed=cfg.seed, progress=progress,
-                   require_certified=q.require_certified)
+                   require_certified=q.require_certified, locality_bias=q.locality_bias)
     log.info('QP%s: %s', ' with the locality bias B' if B is not None else '', res.summary())
     qp_dir.mkdir(parents=True, exist_ok=True)
     for name, arr in (('A', A), ('R', R), ('B', B)):

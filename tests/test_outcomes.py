@@ -319,3 +319,32 @@ def test_linear_eval_picks_its_learning_rate_on_images_it_did_not_train_on(monke
     with torch.no_grad():
         Wm = res.model.head.linear.weight.T
         assert torch.equal(Wm, torch.cat([W[D:], W[:D]], 0) if best[1] else W)
+
+
+# ---------------------------------------------------------------- QPM on a CNN trained end to end
+def test_cnn_card_is_the_finetuned_cnn_on_the_unaugmented_training_images(cnn_qpm_run):
+    """The export of QPM on a CNN (the session's ResNet50 run): every feature's prototypes are the training images on which
+    the finetuned CNN, run here image by image on the unaugmented images (no loader, no batch), activates it most, largest
+    first, each with its pooled activation and its peak cell; every feature's classes and every class's features are
+    the saved head's non-zero entries."""
+    from dinoqpm.pipeline import load_run_data
+    from dinoqpm.train import load_model
+    card = json.loads((cnn_qpm_run.export / 'explanation.json').read_text())
+    model = load_model(cnn_qpm_run.run / 'finetune_model.pt')
+    train, _ = load_run_data(cnn_qpm_run.cfg)
+    with torch.no_grad(): maps = torch.cat([model(train.image(i)[None], model.grid).maps for i in range(len(train))]).numpy()
+    f, W, sel = maps.mean((2, 3)), model.head_weight().detach().numpy(), model.selection.numpy()
+    assert card['trained_end_to_end'] and card['n_features'] == 2048 and len(card['features']) == len(sel)
+    for j, feat in enumerate(card['features']):
+        assert feat['id'] == int(sel[j]) and feat['classes'] == [int(c) for c in np.flatnonzero(W[:, j])]
+        pos = {int(i): k for k, i in enumerate(train.image_ids)}
+        rows = [pos[p['image_id']] for p in feat['prototypes']]
+        acts = [float(f[k, j]) for k in rows]
+        assert all(a >= b - 1e-5 for a, b in zip(acts, acts[1:]))                       # largest first
+        assert min(acts) >= np.delete(f[:, j], rows).max(initial=-np.inf) - 1e-5        # no other image activates it more
+        for p, k in zip(feat['prototypes'], rows):
+            assert p['activation'] == pytest.approx(float(f[k, j]), rel=1e-4, abs=1e-5)
+            assert p['label'] == int(train.labels[k])
+            r, c = np.unravel_index(int(np.argmax(maps[k, j])), maps.shape[2:])
+            assert (p['peak']['row'], p['peak']['col']) == (r, c), (feat['id'], p['rank'])
+    assert [c['features'] for c in card['classes']] == [[int(sel[j]) for j in np.flatnonzero(W[c])] for c in range(W.shape[0])]

@@ -208,8 +208,8 @@ def _annotations(dataset: Optional[str], train_cache, test_cache, data_root, key
     return ann, skipped_ann
 
 def evaluate(model,                            # a `DinoQPMModel`, or the path of a saved one (loaded on `device`, else the CPU)
-             train_cache,                      # the training `FeatureCache`: pooled features for the feature metrics
-             test_cache,                       # the test `FeatureCache`: predictions and maps
+             train_cache,                      # the training `FeatureCache` (a CNN's: its `ImageSplit`, read unaugmented): pooled features for the feature metrics
+             test_cache,                       # the test `FeatureCache` (or `ImageSplit`): predictions, maps and masks at the maps' grid
              *,
              dataset: Optional[str] = None,    # the dataset's name (default: the one in the cache's key)
              data_root=None,                   # the data root that holds the dataset's annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .constants import (qp_constants, locality_statistics, mean_shift_labels, locality_bias, scaled_similarity,
                                   penalised_pairs)
 from .synthetic import synthetic_qp_features
-from .tau import TauChoice, choose_tau
+from .tau import TauChoice, choose_tau, LARGE_J
 from .search import best_unique_assignment, qp_objective, SelectionSearch
 from .result import QPResult, QP_RECORD_FIELDS, qp_record, QPNotCertifiedError
 from .mip_model import (SOLVER_NAMES, HIGHS_OPTIONS, require_solver, c_stdout_silenced, solver_gc_guard, MipModel,

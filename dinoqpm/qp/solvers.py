@@ -243,12 +243,18 @@ def _solve_qp(A, R, n_select: int, n_per_class: int, *, tau, tau_rule, bias, sol
 def solve_qp(A, R, n_select: int = 50, n_per_class: int = 5, *, tau: Optional[float] = None, tau_rule: str = 'reference',
              bias=None, solver: str = 'highs', time_limit: float = 120, mip_gap: float = 0.005, threads: Optional[int] = None,
              seed: int = 0, warm_start: bool = True, cliques: bool = True, heuristic_seconds: Optional[float] = None,
-             solver_options: Optional[dict] = None, progress: bool = False, require_certified: bool = False) -> QPResult:
+             solver_options: Optional[dict] = None, progress: bool = False, require_certified: bool = False,
+             locality_bias: bool = False) -> QPResult:
     """Solve the QPM program (method.md §4.5) to a certified relative gap `mip_gap` within `time_limit` seconds.
     `tau=None` applies the clique rule (`tau_rule` 'reference' | 'intended'); `bias` adds Σ b_j s_j; `cliques=False` drops
     the clique cuts and `warm_start=False` every heuristic (ablations); `solver_options` are raw HiGHS options (or python-mip
     Model attributes for CBC). A solution that misses `mip_gap` is logged as a WARNING, or raises `QPNotCertifiedError`
-    with `require_certified`."""
+    with `require_certified`. `locality_bias` (`qp.locality_bias`) says that `bias` is QPM's locality bias B, which the
+    caller computes from the maps (`dinoqpm.pipeline.solve_qp_once`): True without a `bias` is refused; the result
+    records whether a bias was in the objective."""
+    if locality_bias and bias is None:
+        raise ValueError('locality_bias=True (qp.locality_bias) needs the locality bias B as `bias`: compute it from the dense '
+                         "model's maps (dinoqpm.qp.locality_statistics, locality_bias), as dinoqpm.pipeline.solve_qp_once does")
     with solver_gc_guard():
         res = _solve_qp(A, R, n_select, n_per_class, tau=tau, tau_rule=tau_rule, bias=bias, solver=solver, time_limit=time_limit,
                         mip_gap=mip_gap, threads=threads, seed=seed, warm_start=warm_start, cliques=cliques,
