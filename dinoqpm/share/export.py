@@ -19,13 +19,13 @@ from .inference import Predictor
 from .format import (EXPORT_FORMAT, MODEL_FILE, CONFIG_FILE, NAMES_FILE, CARD_FILE, README_FILE, PAGE_FILE,
                                   MANIFEST_FILE, PENDING_FILE, ExportError, is_exported, read_export_json, export_manifest,
                                   pending_export, inside_folder, MODEL_KIND_FORMAT)
-from ..pipeline import LOCK_FILE, find_run_config, load_caches, load_run_data, run_method
+from ..pipeline import LOCK_FILE, find_run_config, load_caches, run_method
 from ..features import get_backbone_spec, weights_path, weights_fingerprint
 from ..evaluation import (ClassIndependence, Contrastiveness, Correlation, METRIC_DIRECTIONS, TABLE1_METRICS,
                                 feature_style, render_layers, compose, square_image, FeatureStyle, local_explanation)
 from ..data import load_dataset, dataset_kwargs, open_rgb
 from ..qp import QPResult, qp_record
-from ..train import extract_features, read_model_file, load_model, cache_fingerprint
+from ..train import extract_features, read_model_file, load_model, cache_fingerprint, load_image_splits
 from ..model import model_spec
 from .explorer import explorer_page
 
@@ -523,7 +523,7 @@ def _export_files(files: dict, cache_root, *, n_prototypes: int, n_examples: int
     model = load_model(files['model'], 'cpu').eval()
     if getattr(model.head, 'kind', None) != 'bldd':
         raise ExportError(f'{files["model"]} has a {model.head.kind!r} head; only QPM models (DINO-QPM, or QPM on a CNN: binary sparse head) are exported')
-    train_c, test_c = load_run_data(cfg, cache_root, progress)
+    train_c, test_c = load_image_splits(cfg) if cfg.backbone.trainable else load_caches(cfg, cache_root, progress)   # as load_run_data
     trained_on = (read_model_file(files['model'], 'model file').get('signature') or {}).get('train_cache')
     if trained_on is not None and trained_on != cache_fingerprint(train_c):
         raise ExportError(f'the training feature cache of {files["run_dir"]} differs from the one the model was trained on '
