@@ -224,7 +224,7 @@ def batch_norm_over(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, total=
 class _GlobalBatchNorm:
     "Mixed into the class of a `BatchNorm2d` by `use_global_batch_norm`: while training, the global batch's statistics."
     def forward(self, x):
-        if not (self.training and is_distributed()): return super().forward(x)
+        if not (self.training and (is_distributed() or self.everywhere)): return super().forward(x)
         y = batch_norm_over(self, x, sum_over_ranks)
         for name in ('drop', 'act'):                  # timm's BatchNormAct2d: its dropout and activation follow the norm
             m = getattr(self, name, None)
@@ -233,8 +233,9 @@ class _GlobalBatchNorm:
 
 _GLOBAL_BN_CLASSES: dict = {}
 
-def use_global_batch_norm(module: nn.Module) -> list:
-    "Give every `nn.BatchNorm2d` of `module` (timm's `BatchNormAct2d` too) the global batch's statistics while training."
+def use_global_batch_norm(module: nn.Module, everywhere: bool = False) -> list:
+    """Give every `nn.BatchNorm2d` of `module` (timm's `BatchNormAct2d` too) the global batch's statistics while training;
+    `everywhere`: compute them by `batch_norm_over` in one process too (the data-parallel run's arithmetic, to compare with)."""
     out = []
     for m in module.modules():
         if isinstance(m, nn.BatchNorm2d) and not isinstance(m, _GlobalBatchNorm):
@@ -242,12 +243,13 @@ def use_global_batch_norm(module: nn.Module) -> list:
             if base not in _GLOBAL_BN_CLASSES:
                 _GLOBAL_BN_CLASSES[base] = type(f'GlobalBatch{base.__name__}', (_GlobalBatchNorm, base), {'base_class': base})
             m.__class__ = _GLOBAL_BN_CLASSES[base]; out.append(m)
+        if isinstance(m, _GlobalBatchNorm): m.everywhere = everywhere
     return out
 
 def restore_batch_norm(module: nn.Module):
     "Undo `use_global_batch_norm`: every such BatchNorm gets its own class back."
     for m in module.modules():
-        if isinstance(m, _GlobalBatchNorm): m.__class__ = m.base_class
+        if isinstance(m, _GlobalBatchNorm): m.__class__ = m.base_class; del m.everywhere
 
 # %% ../nbs/00c_distributed.ipynb #c014
 class GlobalBatchDropout(nn.Module):

@@ -3,6 +3,7 @@
     python dist_worker.py extract CONFIG CACHE_ROOT [KILL_RANK KILL_AFTER_CHUNKS]
     python dist_worker.py train CONFIG CACHE_ROOT RUN_DIR WRITES_LOG
     python dist_worker.py decide OUT_DIR
+    python dist_worker.py images CONFIG OUT_FILE [everywhere]
 
 `extract` builds both caches in small chunks (batch 2, chunk 2) so that both ranks have several; with KILL_RANK the
 process of that rank kills itself (SIGKILL) after KILL_AFTER_CHUNKS of its chunks. `train` runs `dinoqpm train`; every
@@ -54,9 +55,28 @@ def decide(out: Path, rank: int):
     D.decide_on_rank0(fails(RuntimeError('the last straw')), 'the last decision')   # raised on every rank, caught by none
 
 
+def images(config: str, out: Path, everywhere: bool = False):
+    import torch
+    from dinoqpm import distributed as D
+    from dinoqpm.config import load_config
+    from dinoqpm.model import CNNQPMModel
+    from dinoqpm.train import load_image_splits, train_dense
+    if everywhere:
+        built = CNNQPMModel.__init__
+        def init(self, *a, **kw):
+            built(self, *a, **kw); D.use_global_batch_norm(self, everywhere=True)
+        CNNQPMModel.__init__ = init
+    D.init_distributed('cpu')
+    cfg = load_config(config)
+    model, history = train_dense(cfg, *load_image_splits(cfg), progress=False, eval_every=1)
+    if D.is_main(): torch.save({'state': model.state_dict(), 'history': history, 'processes': D.world_size()}, out)
+    D.shutdown()
+
+
 def main():
     rank = int(os.environ.get('RANK', 0))
     if sys.argv[1] == 'decide': return decide(Path(sys.argv[2]), rank)
+    if sys.argv[1] == 'images': return images(sys.argv[2], Path(sys.argv[3]), sys.argv[4:] == ['everywhere'])
     cmd, config, cache_root = sys.argv[1], sys.argv[2], sys.argv[3]
     if cmd == 'extract':
         from dinoqpm import distributed as D
