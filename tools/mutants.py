@@ -225,6 +225,11 @@ MUTANTS = {
     'datasets_group_of_the_first_dataset': ('10b_paper_notes', 'paper/notes', "    groups = {q.dataset_label: (q, tidy[tidy['dataset'] == q.dataset_label]) for q in p.per_dataset()}",
                                             "    groups = {q.dataset_label: (q, tidy[tidy['dataset'] == p.dataset_label]) for q in p.per_dataset()}",
                                             ['tests/test_paper.py::test_table1_cub_and_cars_groups_with_the_published_numbers']),
+    # QPM on a CNN trained end to end (issue 21): the locality bias B and its MeanShift
+    'locality_bias_dropped': ('07_pipeline', 'pipeline', "    B = locality_bias(x['softmax_max'], x['on_edge'], x['features']) if q.locality_bias else None\n",
+                              "    B = None\n", ['tests/test_cnn_qpm.py::test_every_stage_on_images_with_every_metric_on_both_models']),
+    'mean_shift_keeps_near_modes': ('04_qp_constants', 'qp/constants', "        if keep[i]: keep[np.abs(centers - c) <= bandwidth] = False; keep[i] = True\n",
+                                    "        pass\n", [f'{NB}[04_qp_constants]']),
 }
 
 
