@@ -6,7 +6,11 @@ as a dry run). Writes benchmarks/results/gpu_check.json:
   forward (random input on the device: 1.0 means the input pipeline keeps up), plus how far the bf16 tokens are from the
   fp32 ones;
 * the dense phase of DINO-QPM (the demo adapter) on the ViT-B tokens: seconds per epoch and peak memory;
-* the smoke Table 1 (`dinoqpm table1 --set mode=smoke`): wall seconds.
+* the smoke Table 1 (`dinoqpm table1 --set mode=smoke`): wall seconds;
+* QPM on a CNN trained end to end (issue 21): the package's loop (`train_dense` on an `ImageSplit`, bf16 autocast,
+  loader processes, pinned memory, channels_last) against a bare torch loop on the same model, batch, input size and
+  loader (`benchmarks/bench_train_images.py`, ratio >= 0.85 required), QPM's ResNet50 (random weights saved in
+  torchvision's layout) at 224 px on SynthBirds, bf16 and fp32; the first steps' losses of both precisions.
 """
 import argparse, json, os, shutil, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -53,6 +57,22 @@ def extraction(name, weights_dir, data_root, img_size, precision, dev, batch, tm
                 'images': len(ds), 'images_per_s': round(len(ds) / sec, 2), 'bare_forward_images_per_s': round(fwd, 2),
                 'extraction_over_bare_forward': round(len(ds) / sec / fwd, 3), 'peak_gpu_gb': peak_gb(dev),
                 'loader_workers': fc.manifest['extraction'].get('workers')}
+
+def images_loop(dev, data, tmp, a) -> list:
+    """The end-to-end loop on images against a bare loop (bench_train_images.loop_ratio), in bf16 and fp32: QPM's
+    ResNet50 at 224 px on CUDA; the demo's EfficientNet-Lite0 at 64 px, one epoch, in a CPU dry run."""
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    from bench_train_images import demo_cnn_config, loop_ratio
+    from dinoqpm.features import make_test_resnet_checkpoint
+    wd = tmp / 'resnet_weights'
+    make_test_resnet_checkpoint(wd)
+    cuda = dev.type == 'cuda'
+    over = ({'backbone.name': 'resnet50', 'backbone.weights_dir': str(wd), 'dense.batch_size': 16} if cuda else {'dense.batch_size': 8})
+    out = []
+    for precision in (('bf16', 'fp32') if cuda else ('fp32',)):
+        cfg = demo_cnn_config(data, 224 if cuda else 64, 0, str(dev), **over, **{'backbone.precision': precision})
+        out.append(loop_ratio(cfg, epochs=2 if cuda else 1, repeats=2 if cuda else 1, device=dev, progress=False))
+    return out
 
 def main():
     ap = argparse.ArgumentParser()
@@ -104,6 +124,7 @@ def main():
                             '--no-progress'], env=env, capture_output=True, text=True)
         res['smoke_table1'] = {'returncode': p.returncode, 'wall_seconds': round(time.perf_counter() - t, 2),
                                'stderr_tail': p.stderr[-500:] if p.returncode else ''}
+        res['images_loop'] = images_loop(dev, data, tmp, a)
         res['provenance'] = provenance()
         atomic_write_json(a.out, res)
         print(json.dumps({k: v for k, v in res.items() if k != 'provenance'}, indent=1))

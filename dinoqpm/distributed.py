@@ -205,7 +205,8 @@ def batch_norm_over(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, total=
     taken by `total` (`sum_over_ranks`: over the ranks; the identity: this process alone); updates the running statistics."""
     C, dims = x.shape[1], [0, *range(2, x.ndim)]
     shape = [1, C] + [1] * (x.ndim - 2)
-    tot = total(torch.cat([x.sum(dims), x.new_tensor([x.numel() // C])]))
+    acc = torch.promote_types(x.dtype, torch.float32)    # bf16 maps under autocast: the statistics in fp32
+    tot = total(torch.cat([x.sum(dims, dtype=acc), torch.tensor([x.numel() // C], dtype=acc, device=x.device)]))
     n = tot[C]
     mean = tot[:C] / n
     d = x - mean.view(shape)
