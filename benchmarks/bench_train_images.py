@@ -1,7 +1,7 @@
 """QPM on a CNN trained end to end (issue 21), measured. Writes benchmarks/results/train_images.json (not part of the
 test suite).
 
-    .venv/bin/python benchmarks/bench_train_images.py [--parts loop,sizes] [--sizes 64,96,128,160] [--seed 0] [--device auto]
+    .venv/bin/python benchmarks/bench_train_images.py [--parts loop,sizes,converged] [--sizes 64,96,128] [--seed 0] [--device auto]
 
 - loop: images/s of the package's loop (`train_dense` on an `ImageSplit`: its loader, epoch order, augmentation,
   progress bar, `log.csv`, checkpoints, convergence record and final model file, the per-epoch overhead included)
@@ -11,10 +11,12 @@ test suite).
   from the weights file to its last step; the ratio of the fastest repeats must reach 0.85 (the machine is shared: a
   slower repeat measured other processes, timeit's rule; the ratio of the medians is recorded beside it).
 - sizes: the demo CNN (EfficientNet-Lite0 at output stride 16, the 1280 maps after its last ReLU6, trained end to end)
-  on the default SynthBirds with the budget proposed for Table 1's demo rows (QPM's recipe with the batch and the
-  phases' caps below, every phase stopped at convergence), per input size: test accuracy of the dense model and of
-  the QPM model, optimizer steps, and the seconds of dense + QP + finetune (the per-seed cost the rows add to
-  `make table1`, evaluation of the metrics not included).
+  on the default SynthBirds with QPM's recipe at batch 8 and the step budget proposed for Table 1's demo rows (`BUDGETS`:
+  8 dense and 4 finetune epochs), per input size: test accuracy of the dense model and of the QPM model, optimizer
+  steps, and the seconds of dense + QP + finetune of one seed (what each seed of the rows adds to `make table1`; the
+  metrics' evaluation not included).
+- converged: the same at one input size with every phase stopped by the convergence rule instead (caps of 20 and 12
+  epochs): the steps the rule needs, and what they cost.
 """
 import dinoqpm  # noqa: F401  (pins the numerics before torch is imported)
 import argparse, json, os, statistics, sys, tempfile, time
@@ -32,17 +34,20 @@ from dinoqpm.train import (load_image_splits, train_dense, finetune, extract_fea
                            ImageLoader, autocast_for)
 
 DEMO_BACKBONE = 'efficientnet_lite0_os16_act'
-# the budget proposed for Table 1's demo rows: QPM's recipe (qpm_config) at batch 8, each phase stopped at convergence
-# (the 'adapter' rule: at least 300 steps) under these caps, the QP with the demo's 20 features, 5 per class
-DEMO_BUDGET = {'dense.batch_size': 8, 'finetune.batch_size': 8, 'dense.epochs': 20, 'finetune.epochs': 12,
-               'dense.stop_at_convergence': True, 'finetune.stop_at_convergence': True, 'qp.n_select': 20, 'qp.n_per_class': 5,
-               'qp.time_limit': 60.0}
+# QPM's recipe (qpm_config) at batch 8 with the demo's QP (20 features, 5 per class), and two step budgets:
+# 'proposed': fixed epochs that fit three seeds into the 5 minutes Table 1 may grow by (8 dense and 4 finetune epochs of
+#   the 295 training images: 296 + 148 steps); 'converged': each phase stopped by the convergence rule (at least 300
+#   steps), under caps of 20 and 12 epochs
+DEMO_RECIPE = {'dense.batch_size': 8, 'finetune.batch_size': 8, 'qp.n_select': 20, 'qp.n_per_class': 5, 'qp.time_limit': 30.0}
+BUDGETS = {'proposed': {'dense.epochs': 8, 'finetune.epochs': 4},
+           'converged': {'dense.epochs': 20, 'finetune.epochs': 12, 'dense.stop_at_convergence': True,
+                         'finetune.stop_at_convergence': True}}
 
 
-def demo_cnn_config(data_root, img_size, seed, device, **over):
-    "QPM's recipe on the default SynthBirds with the demo CNN at `img_size` and the proposed budget."
+def demo_cnn_config(data_root, img_size, seed, device, budget='proposed', **over):
+    "QPM's recipe on the default SynthBirds with the demo CNN at `img_size` and the step budget `budget` (`BUDGETS`)."
     return qpm_config(**{'seed': seed, 'device': device, 'data.dataset': 'SynthBirds', 'data.root': str(data_root),
-                         'data.img_size': img_size, 'backbone.name': DEMO_BACKBONE, **DEMO_BUDGET, **over})
+                         'data.img_size': img_size, 'backbone.name': DEMO_BACKBONE, **DEMO_RECIPE, **BUDGETS[budget], **over})
 
 
 class PlainImages(torch.utils.data.Dataset):
@@ -145,23 +150,24 @@ def one_seed(cfg, run_dir):
             'seconds': {'dense': round(t1 - t0, 1), 'qp': round(t2 - t1, 1), 'finetune': round(t3 - t2, 1), 'total': round(t3 - t0, 1)}}
 
 
-def part_sizes(data_root, args, device):
-    out = {'backbone': DEMO_BACKBONE, 'budget': DEMO_BUDGET, 'seed': args.seed, 'per_size': {}}
+def part_sizes(data_root, args, device, budget='proposed', sizes=None):
+    "Per input size, one seed of the demo CNN rows (dense, QP, finetune) under `budget`."
+    from dinoqpm.features import cnn_grid
+    out = {'backbone': DEMO_BACKBONE, 'recipe': DEMO_RECIPE, 'budget': budget, 'budget_settings': BUDGETS[budget],
+           'seed': args.seed, 'per_size': {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for s in map(int, args.sizes.split(',')):
-            cfg = demo_cnn_config(data_root, s, args.seed, str(device))
-            rec = one_seed(cfg, Path(tmp) / f's{s}')
-            from dinoqpm.features import cnn_grid
-            rec['grid'] = list(cnn_grid(DEMO_BACKBONE, s))
-            out['per_size'][s] = rec
-            print('size', s, json.dumps(rec), flush=True)
+        for s in map(int, (sizes or args.sizes).split(',')):
+            rec = one_seed(demo_cnn_config(data_root, s, args.seed, str(device), budget), Path(tmp) / f's{s}')
+            out['per_size'][s] = {**rec, 'grid': list(cnn_grid(DEMO_BACKBONE, s))}
+            print(budget, s, json.dumps(rec), flush=True)
     return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--parts', default='loop,sizes')
-    ap.add_argument('--sizes', default='64,96,128,160')
+    ap.add_argument('--parts', default='loop,sizes,converged')
+    ap.add_argument('--sizes', default='64,96,128')
+    ap.add_argument('--converged-size', default='64')
     ap.add_argument('--loop-size', type=int, default=128)
     ap.add_argument('--loop-epochs', type=int, default=1)
     ap.add_argument('--repeats', type=int, default=6)
@@ -182,7 +188,8 @@ def main():
     for part in args.parts.split(','):
         t0 = time.perf_counter()
         load0 = os.getloadavg()
-        rec = {'loop': part_loop, 'sizes': part_sizes}[part](data_root, args, device)
+        rec = {'loop': part_loop, 'sizes': part_sizes,
+               'converged': lambda *a: part_sizes(*a, budget='converged', sizes=args.converged_size)}[part](data_root, args, device)
         rec.update(bench_seconds=round(time.perf_counter() - t0, 1), load_average_before_after=[load0[0], os.getloadavg()[0]],
                    provenance=provenance(seed=args.seed, part=part, device=str(device)))
         result[part] = rec
