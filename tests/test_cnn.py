@@ -214,3 +214,19 @@ def test_data_parallel_images_match_one_process(cnn_world, tmp_path):
     loss = {k: [h['train_loss'] for h in g['history']] for k, g in got.items()}
     assert np.allclose(loss['ddp'], loss['ours'], rtol=1e-3, atol=0) and np.allclose(loss['ddp'], loss['native'], rtol=3e-3, atol=0), loss
     assert loss['ddp'][0] == pytest.approx(loss['ours'][0], rel=1e-5)        # the first epoch: rounding only
+
+
+def test_grad_cam_on_the_maps_of_a_cnn_is_the_class_activation_map(cnn_world):
+    "Grad-CAM on a CNN's maps (average pooling, linear head): its channel weights are the class's head row / (h*w), a closed form."
+    from dinoqpm.evaluation import grad_cam
+    torch.manual_seed(0)
+    model = CNNQPMModel('efficientnet_lite0_os16_act', 4, img_size=64, weights_dir=cnn_world.weights, pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(): maps, _ = model.dense_features(x)
+    h, w = maps.shape[-2:]
+    W = model.head_weight().detach()
+    refs = [torch.relu((W[c][None, :, None, None] / (h * w) * maps).sum(1)).numpy() for c in range(4)]
+    c = int(np.argmax([r.max() for r in refs]))                # a class whose map is not all zero after the ReLU
+    cam, ref = grad_cam(model, x, target_class=c, layer='maps'), refs[c]
+    assert cam.shape == (2, h, w) and np.abs(ref).max() > 0
+    np.testing.assert_allclose(cam, ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())

@@ -113,7 +113,7 @@ def grad_cam(model, tokens, target_class=None, layer: str = 'maps', grid=None) -
                 sel = getattr(model, 'selection', None)
                 maps = (maps_all[:, sel] if sel is not None else maps_all).detach().requires_grad_(True)
                 f0 = (f_all[:, sel] if sel is not None else f_all).detach()
-                kind = model.cfg.feat_vec_type
+                kind = model.feat_vec_type
                 if kind == 'avg_pooling': f = maps.mean((2, 3))
                 elif kind == 'max_pooling': f = maps.amax((2, 3))
                 elif kind == 'mean_avg_pooling': f = f0 + 0.5 * (maps.mean((2, 3)) - maps.mean((2, 3)).detach())

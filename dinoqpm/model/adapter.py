@@ -285,6 +285,8 @@ class DinoQPMModel(QPMModel):
     def features_fixed(self) -> bool: return self.cfg.n_layers == 0      # the identity adapter: f is fixed
 
     def feature_parameters(self): return self.adapter.parameters()
+    @property
+    def feat_vec_type(self) -> str: return self.cfg.feat_vec_type   # how the maps become f
 
     def _grid(self, n_patches, grid):
         g = tuple(grid) if grid is not None else self.grid or infer_grid(n_patches)

@@ -26,6 +26,7 @@ class CNNQPMModel(QPMModel):
         self.head = DenseHead(self.n_features, self.n_classes, self.head_dropout)
 
     def feature_parameters(self): return self.backbone.parameters()
+    feat_vec_type = 'avg_pooling'                                      # how the maps become f (QPM: average pooling)
 
     def dense_features(self, images: torch.Tensor, grid=None):
         "All `J` maps `[B, J, h, w]` of the CNN and their spatial mean `f [B, J]` (no selection, no head)."

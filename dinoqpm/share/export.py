@@ -324,15 +324,19 @@ def build_card(files: dict,              # the files of the finished run, as `ex
 # %% ../../nbs/09c_share_export.ipynb #c016
 def _pct(v) -> str: return f'{100 * v:.1f}'
 
+def _demo_warning(card: dict, bb: dict, stands_in_for, is_paper_backbone: bool) -> list:
+    "The model card's demo warning (none for a model that is not a demo): the data, and the backbone standing in for the paper's."
+    if not card['demo']: return []
+    data = (f"It was trained on {card['dataset']}, the synthetic bird dataset that dinoqpm generates, "
+            if card['dataset'] == 'SynthBirds' else f"It was trained on {card['dataset']} ")
+    stand_in = f"with {bb['name']} standing in for {stands_in_for} ({bb['description']}). " if not is_paper_backbone else ''
+    return ['> **Demo model, not the paper\'s.** ' + data + stand_in + 'Its numbers say nothing about the method on real data.', '']
+
 def _adapter_intro(config: dict, card: dict) -> list:
     "The model card's title, demo warning, description and model table of DINO-QPM (an adapter on a frozen backbone)."
     bb = config['backbone']
     lines = [f"# DINO-QPM on {card['dataset']} ({bb['name']} backbone)", '']
-    if card['demo']:
-        lines += ['> **Demo model, not the paper\'s.** ' + (f"It was trained on {card['dataset']}, the synthetic bird dataset "
-                  'that dinoqpm generates, ' if card['dataset'] == 'SynthBirds' else f"It was trained on {card['dataset']} ")
-                  + (f"with {bb['name']} standing in for DINOv2 ({bb['description']}). " if not bb['is_paper_backbone'] else '')
-                  + 'Its numbers say nothing about the method on real data.', '']
+    lines += _demo_warning(card, bb, 'DINOv2', bb['is_paper_backbone'])
     lines += [f"A globally interpretable image classifier (DINO-QPM: Zimmermann, Norrenbrock, Rosenhahn, CVPRW 2026): a strictly "
               f"frozen {bb['name']} backbone, a token-wise MLP adapter that turns its patch tokens into {card['n_features']} "
               f"feature maps, average pooling, and a sparse binary head in which every one of the {card['n_classes']} classes "
@@ -353,11 +357,7 @@ def _cnn_intro(config: dict, card: dict) -> list:
     "The model card's title, demo warning, description and model table of QPM on a CNN trained end to end."
     bb = config['backbone']
     lines = [f"# QPM on {card['dataset']} ({bb['name']}, trained end to end)", '']
-    if card['demo']:
-        lines += ['> **Demo model, not the paper\'s.** ' + (f"It was trained on {card['dataset']}, the synthetic bird dataset "
-                  'that dinoqpm generates, ' if card['dataset'] == 'SynthBirds' else f"It was trained on {card['dataset']} ")
-                  + (f"with {bb['name']} standing in for {card.get('stands_in_for')} ({bb['description']}). " if not card['is_paper_backbone'] else '')
-                  + 'Its numbers say nothing about the method on real data.', '']
+    lines += _demo_warning(card, bb, card.get('stands_in_for'), card['is_paper_backbone'])
     lines += [f"A globally interpretable image classifier (QPM: Norrenbrock, Hahn, Rosenhahn, ICLR 2025): the CNN {bb['name']}, "
               f"trained end to end, whose {card['n_features']} feature maps after its final activation are averaged into a "
               f"feature vector, and a sparse binary head in which every one of the {card['n_classes']} classes uses exactly "
