@@ -1,22 +1,24 @@
 """QPM on a CNN trained end to end (issue 21), measured. Writes benchmarks/results/train_images.json (not part of the
 test suite).
 
-    .venv/bin/python benchmarks/bench_train_images.py [--parts loop,sizes,converged] [--sizes 64,96,128] [--seed 0] [--device auto]
+    .venv/bin/python benchmarks/bench_train_images.py [--parts loop,steps,sizes,table1] [--sizes 64,96,128] [--seed 0]
 
 - loop: images/s of the package's loop (`train_dense` on an `ImageSplit`: its loader, epoch order, augmentation,
   progress bar, `log.csv`, checkpoints, convergence record and final model file, the per-epoch overhead included)
-  against a bare torch loop on the same model, batch, input size and DataLoader settings (the same augmented images
-  through a plain `torch.utils.data.DataLoader` with as many workers, forward + CE + L_div + backward + SGD step),
-  in one process, alternating (bare, loop, loop, bare, ...), `--repeats` times each, each timed from building its model
-  from the weights file to its last step; the ratio of the fastest repeats must reach 0.85 (the machine is shared: a
-  slower repeat measured other processes, timeit's rule; the ratio of the medians is recorded beside it).
-- sizes: the demo CNN (EfficientNet-Lite0 at output stride 16, the 1280 maps after its last ReLU6, trained end to end)
-  on the default SynthBirds with QPM's recipe at batch 8 and the step budget proposed for Table 1's demo rows (`BUDGETS`:
-  8 dense and 4 finetune epochs), per input size: test accuracy of the dense model and of the QPM model, optimizer
-  steps, and the seconds of dense + QP + finetune of one seed (what each seed of the rows adds to `make table1`; the
-  metrics' evaluation not included).
-- converged: the same at one input size with every phase stopped by the convergence rule instead (caps of 20 and 12
-  epochs): the steps the rule needs, and what they cost.
+  against a bare torch loop on the same model, batch, input size and DataLoader settings (the same augmented images,
+  read as the split reads them, through a plain `torch.utils.data.DataLoader` with as many workers, forward + CE + L_div
+  + backward + SGD step), in one process, alternating (bare, loop, loop, bare, ...), `--repeats` times each, each timed
+  from building its model from the weights file to its last step; the ratio of the fastest repeats must reach 0.85
+  (timeit's rule: a slower repeat measured other processes; the ratio of the medians is recorded beside it).
+- steps: milliseconds per SGD step of the demo CNN (forward, CE, backward, step; no loader) on one thread, as a Table 1
+  cell runs, at 64 px for batches 4, 8 and 16, with its last stage dilated (timm's `output_stride=16`) and not (QPM's
+  stride 1, what `efficientnet_lite0_os16_act` builds): what chose the batch and the undilated stride.
+- sizes: one Table 1 CNN cell (`dinoqpm.paper.demo_cnn_config`: quick mode's `QUICK_CNN`, stopped at convergence) per
+  input size, two at a time, each on one thread in its own process as `make table1` runs them: test accuracy of the
+  dense and of the QPM model, whether each phase converged and after how many steps, the QP's certificate, and the
+  cell's seconds (training, QP, both evaluations). The input size of the rows is chosen from this table.
+- table1: `run_table1` of quick mode from scratch (fresh data, caches and runs; the cells in two processes, as
+  `make table1`), with every row and without the CNN rows: the seconds the CNN rows add, against the 5 minutes allowed.
 """
 import dinoqpm  # noqa: F401  (pins the numerics before torch is imported)
 import argparse, json, os, statistics, sys, tempfile, time
@@ -34,20 +36,13 @@ from dinoqpm.train import (load_image_splits, train_dense, finetune, extract_fea
                            ImageLoader, autocast_for)
 
 DEMO_BACKBONE = 'efficientnet_lite0_os16_act'
-# QPM's recipe (qpm_config) at batch 8 with the demo's QP (20 features, 5 per class), and two step budgets:
-# 'proposed': fixed epochs that fit three seeds into the 5 minutes Table 1 may grow by (8 dense and 4 finetune epochs of
-#   the 295 training images: 296 + 148 steps); 'converged': each phase stopped by the convergence rule (at least 300
-#   steps), under caps of 20 and 12 epochs
-DEMO_RECIPE = {'dense.batch_size': 8, 'finetune.batch_size': 8, 'qp.n_select': 20, 'qp.n_per_class': 5, 'qp.time_limit': 30.0}
-BUDGETS = {'proposed': {'dense.epochs': 8, 'finetune.epochs': 4},
-           'converged': {'dense.epochs': 20, 'finetune.epochs': 12, 'dense.stop_at_convergence': True,
-                         'finetune.stop_at_convergence': True}}
+BUDGET_SECONDS = 300            # what the CNN rows may add to `make table1` on 2 cores (issue 21)
 
 
-def demo_cnn_config(data_root, img_size, seed, device, budget='proposed', **over):
-    "QPM's recipe on the default SynthBirds with the demo CNN at `img_size` and the step budget `budget` (`BUDGETS`)."
-    return qpm_config(**{'seed': seed, 'device': device, 'data.dataset': 'SynthBirds', 'data.root': str(data_root),
-                         'data.img_size': img_size, 'backbone.name': DEMO_BACKBONE, **DEMO_RECIPE, **BUDGETS[budget], **over})
+def demo_cnn_config(data_root, img_size, seed, device, **over):
+    "Table 1's quick CNN cell (`dinoqpm.paper.demo_cnn_config`) on the SynthBirds in `data_root`, at `img_size`."
+    from dinoqpm.paper import demo_cnn_config as table1_cnn_config
+    return table1_cnn_config(**{'seed': seed, 'device': device, 'data.root': str(data_root), 'data.img_size': img_size, **over})
 
 
 class PlainImages(torch.utils.data.Dataset):
@@ -55,7 +50,7 @@ class PlainImages(torch.utils.data.Dataset):
     def __init__(self, split): self.split = split
     def __len__(self): return len(self.split)
     def __getitem__(self, i):
-        img = self.split.dataset.load_image(i)
+        img = self.split._read(i)                      # read as the split reads it (in memory when it fits)
         aug = self.split.augmentation or self.split.transform
         return aug(img), int(self.split.labels[i])
 
@@ -124,50 +119,112 @@ def loop_ratio(cfg, epochs: int, repeats: int, device, progress: bool = True) ->
 
 
 def part_loop(data_root, args, device):
-    cfg = demo_cnn_config(data_root, args.loop_size, args.seed, str(device), **{'dense.batch_size': 16})
+    cfg = demo_cnn_config(data_root, args.loop_size, args.seed, str(device), **{'dense.batch_size': 16, 'data.workers': None})
     return loop_ratio(cfg, args.loop_epochs, args.repeats, device)
 
 
-def one_seed(cfg, run_dir):
-    "Dense, QP and finetune of one seed, timed: `{accuracy, steps, seconds}` (evaluation of the metrics not included)."
-    from dinoqpm.qp import qp_constants, solve_qp
-    train, test = load_image_splits(cfg)
+def step_ms(batch: int, dilate: bool, img_size: int = 64, repeats: int = 12) -> float:
+    "Median milliseconds per SGD step of the demo CNN with its head (forward, CE, backward, step) on one thread."
+    import dataclasses
+    from dinoqpm.features import get_backbone_spec
+    from dinoqpm.features.backbone import BACKBONES
+    spec = get_backbone_spec(DEMO_BACKBONE)
+    BACKBONES[DEMO_BACKBONE] = dataclasses.replace(spec, dilate=dilate)
+    try:
+        model = CNNQPMModel(DEMO_BACKBONE, 25, 0.2, img_size).train()
+    finally: BACKBONES[DEMO_BACKBONE] = spec
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, img_size, img_size, generator=g), torch.randint(0, 25, (batch,), generator=g)
+    times = []
+    for r in range(repeats + 2):
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x).logits, y); opt.zero_grad(); loss.backward(); opt.step()
+        if r >= 2: times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 1)
+
+
+def part_steps(data_root, args, device):
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ms = {f'batch {b}, {"dilated" if d else "undilated"}': step_ms(b, d) for b in (4, 8, 16) for d in (True, False)}
+    finally: torch.set_num_threads(old)
+    per_image = {k: round(v / int(k.split(',')[0].split()[1]), 2) for k, v in ms.items()}
+    return {'img_size': 64, 'threads': 1, 'ms_per_step': ms, 'ms_per_image': per_image,
+            'undilated_over_dilated_batch8': round(ms['batch 8, undilated'] / ms['batch 8, dilated'], 3)}
+
+
+def one_cell(img_size: int, seed: int, data_root: str, run_dir: str) -> dict:
+    "One Table 1 CNN cell at `img_size` as `make table1` runs it (one thread), timed; what the table reports of it."
+    from dinoqpm.paper.table1 import one_thread_per_cell
+    from dinoqpm.pipeline import run_qpm
+    cfg = demo_cnn_config(data_root, img_size, seed, 'cpu')
     t0 = time.perf_counter()
-    dense, dh = train_dense(cfg, train, test, run_dir=run_dir, progress=False, eval_every=10**6)
-    t1 = time.perf_counter()
-    out = extract_features(dense, train)
-    A, R = qp_constants(out['features'].numpy(), out['labels'].numpy(), train.n_classes)
-    q = cfg.qp
-    qp = solve_qp(A, R, q.n_select, q.n_per_class, solver=q.solver, time_limit=q.time_limit, mip_gap=q.mip_gap, seed=cfg.seed)
-    t2 = time.perf_counter()
-    ft, fh = finetune(cfg, dense, train_cache=train, test_cache=test, run_dir=run_dir, qp_result=qp, progress=False,
-                      eval_every=10**6)
-    t3 = time.perf_counter()
-    acc = {k: round(eval_accuracy(m, test)['acc'], 4) for k, m in (('dense', dense), ('qpm', ft))}
-    return {'test_accuracy': acc, 'dense_steps': dense.convergence['steps'], 'finetune_steps': ft.convergence['steps'],
-            'dense_converged': dense.convergence['converged'], 'finetune_converged': ft.convergence['converged'],
-            'qp_certified': bool(qp.certified), 'qp_gap': qp.gap,
-            'seconds': {'dense': round(t1 - t0, 1), 'qp': round(t2 - t1, 1), 'finetune': round(t3 - t2, 1), 'total': round(t3 - t0, 1)}}
-
-
-def part_sizes(data_root, args, device, budget='proposed', sizes=None):
-    "Per input size, one seed of the demo CNN rows (dense, QP, finetune) under `budget`."
+    with one_thread_per_cell(): run_qpm(cfg, run_dir, progress=False)
+    seconds = time.perf_counter() - t0
     from dinoqpm.features import cnn_grid
-    out = {'backbone': DEMO_BACKBONE, 'recipe': DEMO_RECIPE, 'budget': budget, 'budget_settings': BUDGETS[budget],
-           'seed': args.seed, 'per_size': {}}
+    rec = {'grid': list(cnn_grid(DEMO_BACKBONE, img_size)), 'seconds': round(seconds, 1)}
+    for k, f in (('dense', 'results_dense.json'), ('qpm', 'results_finetune.json')):
+        res = json.loads((Path(run_dir) / f).read_text())
+        rec[k] = {'test_accuracy': round(res['Accuracy'], 4), 'Plausibility': round(res['Plausibility'], 4),
+                  'converged': res['converged'],
+                  **{ph: {c: v.get(c) for c in ('steps', 'budget_steps', 'converged', 'stopped_at_convergence', 'wall_seconds')}
+                     for ph, v in res['convergence'].items()}}
+    qp = json.loads((Path(run_dir) / 'qp' / 'qp_result.json').read_text())
+    rec['qp'] = {k: qp.get(k) for k in ('status', 'gap', 'seconds', 'locality_bias')}
+    return rec
+
+
+def part_sizes(data_root, args, device):
+    "Per input size, one Table 1 CNN cell (seed `--seed`), two at a time in processes of their own."
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from dinoqpm.paper import QUICK_CNN
+    sizes = [int(s) for s in args.sizes.split(',')]
+    with tempfile.TemporaryDirectory() as tmp, \
+            ProcessPoolExecutor(2, mp_context=multiprocessing.get_context('spawn')) as ex:
+        futures = {s: ex.submit(one_cell, s, args.seed, str(data_root), str(Path(tmp) / f's{s}')) for s in sorted(sizes, reverse=True)}
+        per_size = {s: futures[s].result() for s in sizes}
+    for s, rec in per_size.items(): print('size', s, json.dumps(rec), flush=True)
+    return {'backbone': DEMO_BACKBONE, 'quick_cnn': QUICK_CNN, 'seed': args.seed, 'per_size': per_size,
+            'note': 'the cells ran two at a time on the 2 cores, one thread each, as make table1 runs its cells'}
+
+
+def timed_table1(work: Path, rows) -> float:
+    "Seconds of `run_table1` (quick mode, seeds 0-2, two processes) of `rows` from scratch in `work`, in a fresh process."
+    code = ('import dinoqpm, json, sys, time; from dinoqpm.paper import paper_params, run_table1, list_table1_rows; '
+            'from dinoqpm.core import setup_logging; setup_logging("WARNING"); '
+            f'p = paper_params(runs_root={str(work / "runs")!r}, data_root={str(work / "data")!r}, out_dir={str(work / "figures")!r}); '
+            f'rows = {rows!r}; t0 = time.perf_counter(); '
+            'run_table1(p, rows=[r for r in list_table1_rows() if rows is None or r in rows], progress=False); '
+            'print("SECONDS", time.perf_counter() - t0)')
+    import subprocess
+    r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, HF_HUB_OFFLINE='1', TQDM_DISABLE='1'))
+    if r.returncode: raise SystemExit(f'run_table1 failed:\n{r.stderr[-4000:]}')
+    return float(r.stdout.split('SECONDS')[-1])
+
+
+def part_table1(data_root, args, device):
+    from dinoqpm.paper import list_table1_rows
+    from dinoqpm.paper.table1 import TABLE1_ROW_REGISTRY
+    without = [r for r in list_table1_rows() if TABLE1_ROW_REGISTRY[r].cell != 'cnn_qpm']
     with tempfile.TemporaryDirectory() as tmp:
-        for s in map(int, (sizes or args.sizes).split(',')):
-            rec = one_seed(demo_cnn_config(data_root, s, args.seed, str(device), budget), Path(tmp) / f's{s}')
-            out['per_size'][s] = {**rec, 'grid': list(cnn_grid(DEMO_BACKBONE, s))}
-            print(budget, s, json.dumps(rec), flush=True)
-    return out
+        t_without = timed_table1(Path(tmp) / 'without', without)
+        t_with = timed_table1(Path(tmp) / 'with', None)
+    added = t_with - t_without
+    return {'seconds_without_cnn_rows': round(t_without, 1), 'seconds_with_cnn_rows': round(t_with, 1),
+            'added_seconds': round(added, 1), 'budget_seconds': BUDGET_SECONDS, 'within_budget': added <= BUDGET_SECONDS,
+            'ratio_with_over_without': round(t_with / t_without, 3), 'rows_without': without,
+            'what': 'run_table1 of quick mode (seeds 0,1,2, the cells in two processes) from scratch, each in a fresh '
+                    'process and folder; the notebooks after it (figures, export) do not train the CNN rows'}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--parts', default='loop,sizes,converged')
+    ap.add_argument('--parts', default='loop,steps,sizes,table1')
     ap.add_argument('--sizes', default='64,96,128')
-    ap.add_argument('--converged-size', default='64')
     ap.add_argument('--loop-size', type=int, default=128)
     ap.add_argument('--loop-epochs', type=int, default=1)
     ap.add_argument('--repeats', type=int, default=6)
@@ -188,8 +245,7 @@ def main():
     for part in args.parts.split(','):
         t0 = time.perf_counter()
         load0 = os.getloadavg()
-        rec = {'loop': part_loop, 'sizes': part_sizes,
-               'converged': lambda *a: part_sizes(*a, budget='converged', sizes=args.converged_size)}[part](data_root, args, device)
+        rec = {'loop': part_loop, 'steps': part_steps, 'sizes': part_sizes, 'table1': part_table1}[part](data_root, args, device)
         rec.update(bench_seconds=round(time.perf_counter() - t0, 1), load_average_before_after=[load0[0], os.getloadavg()[0]],
                    provenance=provenance(seed=args.seed, part=part, device=str(device)))
         result[part] = rec

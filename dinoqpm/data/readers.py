@@ -563,7 +563,7 @@ DATASET_STATS = {
 PREPROCESSING = ('paper', 'imagenet', 'dataset')
 
 def _to_tensor(img: Image.Image, size: int) -> torch.Tensor:
-    img = img.convert('RGB').resize((size, size), Image.BILINEAR)
+    img = img.convert('RGB').resize((size, size), Image.BILINEAR)    # an S×S RGB image passes unchanged (PIL copies it)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
 
 @dataclass(frozen=True)
@@ -573,6 +573,10 @@ class Preprocess:
     mean: tuple
     std: tuple
     img_size: int = 224
+
+    def resize(self, img: Image.Image) -> Image.Image:
+        "The first step: RGB at `img_size`×`img_size` (what a loader may keep in memory; the rest of the steps leave it as it is)."
+        return img.convert('RGB').resize((self.img_size, self.img_size), Image.BILINEAR)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         x = _to_tensor(img, self.img_size)
@@ -617,7 +621,7 @@ class Augment:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         from torchvision import transforms as T        # imported when first used: `import dinoqpm.data` stays cheap
         S = self.pre.img_size
-        img = img.convert('RGB').resize((S, S), Image.BILINEAR)          # make_transform's resize
+        img = self.pre.resize(img)                                        # make_transform's resize
         img = T.Compose([T.RandomCrop(S, padding=4), T.RandomHorizontalFlip(), T.ColorJitter(0.1, 0.1, 0.1),
                          T.TrivialAugmentWide()])(img)
         return self.pre(img)                                              # already S×S: only the tensor and normalisation

@@ -21,7 +21,7 @@ __all__ = ['log', 'PAPER_DEFAULT_BACKBONE', 'DINOV2_URL', 'DINO_URL', 'DINOV3_UR
            'FAMILIES', 'TIMM_PREFIX', 'BackboneSpec', 'BackboneFamily', 'register_backbone', 'list_backbones',
            'get_backbone_spec', 'timm_backbone_spec', 'TokenOutput', 'FrozenBackbone', 'meta_state_dict',
            'save_meta_checkpoint', 'resample_pos_embed_reference', 'WeightsError', 'load_efficientnet_weights',
-           'weights_path', 'missing_weights_error', 'build_timm_model', 'build_model', 'check_weights',
+           'weights_path', 'missing_weights_error', 'build_timm_model', 'undilate', 'build_model', 'check_weights',
            'build_pretrained', 'create_backbone', 'randomize_', 'make_test_checkpoint']
 
 # %% ../../nbs/02_features_backbone.ipynb #c005
@@ -52,6 +52,7 @@ class BackboneSpec:
     cnn_head: bool = True         # CNNs: tokens from the final 1x1 head convolution (True) or the last stage before it
     alt_weights_files: tuple = () # other names of a file that fits as well (e.g. a later release), looked for after weights_file
     end_to_end: bool = False      # a CNN for QPM trained end to end (backbone.trainable): listed by list_backbones(trainable=True)
+    dilate: bool = True           # a CNN at a timm `output_stride`: its stride-1 stages dilated (timm's way), or not (QPM's ResNet50)
 
     @property
     def is_vit(self) -> bool: return self.vit if self.vit is not None else self.family in ('dinov2', 'dino', 'dinov3')
@@ -431,8 +432,20 @@ def build_timm_model(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> 
     elif spec.family == 'timm': kwargs.update(num_classes=0)
     kwargs.update(kw)
     if on_meta:
-        with torch.device('meta'): return timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
-    return timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
+        with torch.device('meta'): model = timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
+    else: model = timm.create_model(spec.timm_arch, pretrained=False, **kwargs)
+    return model if spec.dilate else undilate(model)
+
+def undilate(model: nn.Module) -> nn.Module:
+    """`model` with every dilated convolution made an ordinary one (dilation 1, 'same' padding for its odd kernel): what
+    remains of a timm `output_stride` is the stride 1 alone, as QPM reduces its ResNet50's strides (no dilation). The
+    weights and the maps' grid are unchanged; the receptive field is smaller, and a dilated depthwise convolution's
+    backward pass is ~1.4x slower on the CPU (`benchmarks/bench_train_images.py`)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and max(m.dilation) > 1:
+            m.dilation = (1, 1)
+            if not isinstance(m.padding, str): m.padding = tuple((k - 1) // 2 for k in m.kernel_size)
+    return model
 
 def build_model(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> nn.Module:
     "The architecture of backbone `spec` without its weights: its family's `build` (`FAMILIES`), else `build_timm_model`."

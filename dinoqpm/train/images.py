@@ -20,11 +20,12 @@ from .tokens import derive_seed
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'IMAGE_SPLIT_FORMAT', 'AUGMENT_RNG', 'ImageSplit', 'image_split_key', 'load_image_splits', 'ImageLoader',
-           'image_batches']
+__all__ = ['log', 'IMAGE_SPLIT_FORMAT', 'IMAGE_MEMORY_BYTES', 'AUGMENT_RNG', 'ImageSplit', 'image_split_key', 'load_image_splits',
+           'ImageLoader', 'image_batches']
 
 # %% ../../nbs/05f_train_images.ipynb #c005
 IMAGE_SPLIT_FORMAT = 1
+IMAGE_MEMORY_BYTES = 256 * 2 ** 20    # a split whose images, resized, fit into this many bytes keeps them in memory
 AUGMENT_RNG = "torch.manual_seed(derive_seed(seed, phase, 'augment', epoch, index)) before each training image's augmentation"
 
 class ImageSplit:
@@ -38,6 +39,8 @@ class ImageSplit:
         self.n_classes, self.class_names = int(dataset.n_classes), list(dataset.class_names)
         self.key, self.manifest = key, {'key': key}
         self.has_masks, self.path = bool(getattr(dataset, 'has_masks', False)), None
+        self.in_memory = len(self.labels) * 3 * self.img_size ** 2 <= IMAGE_MEMORY_BYTES
+        self._resized = {}                 # image index -> the image read and resized (shared with `unaugmented()`)
 
     def __len__(self): return len(self.labels)
     def __repr__(self):
@@ -65,11 +68,17 @@ class ImageSplit:
 
     def image(self, i: int, seed: Optional[int] = None) -> torch.Tensor:
         "Image `i` as a `[3, S, S]` tensor: augmented from `seed` (when the split augments and a seed is given), else unaugmented."
-        img = self.dataset.load_image(int(i))
+        img = self._read(int(i))
         if seed is None or self.augmentation is None: return self.transform(img)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             return self.augmentation(img)
+
+    def _read(self, i: int):
+        "Image `i` from the dataset; with `in_memory`, as the transforms' first step makes it (`Preprocess.resize`), read once."
+        if not self.in_memory: return self.dataset.load_image(i)
+        if i not in self._resized: self._resized[i] = self.transform.resize(self.dataset.load_image(i))
+        return self._resized[i]
 
     def augment_record(self) -> Optional[dict]:
         "How the training images are augmented and seeded (what a checkpoint records), or `None` without augmentation."
