@@ -439,8 +439,8 @@ def build_timm_model(spec: BackboneSpec, img_size: int, on_meta: bool, **kw) -> 
 def undilate(model: nn.Module) -> nn.Module:
     """`model` with every dilated convolution made an ordinary one (dilation 1, 'same' padding for its odd kernel): what
     remains of a timm `output_stride` is the stride 1 alone, as QPM reduces its ResNet50's strides (no dilation). The
-    weights and the maps' grid are unchanged; the receptive field is smaller, and a dilated depthwise convolution's
-    backward pass is ~1.4x slower on the CPU (`benchmarks/bench_train_images.py`)."""
+    weights and the maps' grid are unchanged; the receptive field is smaller, and a training step cheaper on the CPU
+    (0.87x for the demo CNN at 64 px: `benchmarks/bench_train_images.py`, part `steps`)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and max(m.dilation) > 1:
             m.dilation = (1, 1)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from ..features.cnn import create_trainable_cnn
+from ..features.backbone import get_backbone_spec
 from .adapter import QPMModel, ModelOutput, DenseHead, register_model
 
 # %% auto #0
@@ -42,9 +43,16 @@ class CNNQPMModel(QPMModel):
     def spec(self) -> dict:
         "Plain-type constructor arguments (see `model_spec`): the backbone by name; its weights are in the state dict."
         return {'kind': self.kind, 'backbone': self.backbone_name, 'n_classes': self.n_classes, 'head_dropout': self.head_dropout,
-                'img_size': self.img_size, 'grid': list(self.grid), 'n_features': self.n_features}
+                'img_size': self.img_size, 'grid': list(self.grid), 'n_features': self.n_features,
+                'dilate': self.backbone.spec.dilate}
 
     @classmethod
     def from_spec(cls, spec: dict) -> 'CNNQPMModel':
-        "The architecture of `spec`, without reading any weights file (the state dict to load brings every weight)."
+        """The architecture of `spec`, without reading any weights file (the state dict to load brings every weight); a
+        spec of another dilation than the registry's builds (files without `dilate` were dilated) is refused: the same
+        weights would give other maps."""
+        built, dilate = get_backbone_spec(spec['backbone']).dilate, spec.get('dilate', True)
+        if built != dilate:
+            raise ValueError(f"this model's {spec['backbone']} was trained with dilate={dilate}, but the package now builds it "
+                             f"with dilate={built} (the same weights would give other maps): train it again")
         return cls(spec['backbone'], spec['n_classes'], spec.get('head_dropout', 0.2), spec['img_size'], pretrained=False)

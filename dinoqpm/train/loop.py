@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'make_optimizer', 'step_schedule', 'model_device', 'set_optimizer_mode', 'training_data', 'data_batches',
            'autocast_for', 'recompute_bn_stats', 'eval_accuracy', 'NonFiniteLossError', 'trains_head_only',
-           'train_phase']
+           'test_every', 'train_phase']
 
 # %% ../../nbs/05c_train_loop.ipynb #c005
 def make_optimizer(pcfg: PhaseConfig, params, head_params=()) -> torch.optim.Optimizer:
@@ -273,6 +273,10 @@ def _history_row(epoch: int, steps: int, sums, correct: int, n: int) -> dict:
             'test_loss': None, 'test_acc': None}
 
 # %% ../../nbs/05c_train_loop.ipynb #c013
+def test_every(train_ds) -> int:
+    "How often a phase tests by default (`eval_every=None`): every 5 epochs on tokens, only at its end (0) on images."
+    return 0 if isinstance(train_ds, ImageSplit) else 5
+
 class _PhaseLoop:
     """The steps of one phase's training loop, which `train_phase` runs: resume from the checkpoint, train an epoch,
     evaluate, checkpoint, decide to stop, finish."""
@@ -303,14 +307,15 @@ class _PhaseLoop:
         "A resumed phase that had already stopped at convergence."
         return self.pcfg.stop_at_convergence and stop_epoch(self.history, rule_for(self.model)) is not None
 
-    def epoch(self, epoch: int, bar, on_epoch_end: Sequence[Callable], eval_every: int) -> bool:
+    def epoch(self, epoch: int, bar, on_epoch_end: Sequence[Callable], eval_every: Optional[int]) -> bool:
         "Epoch `epoch` (0-based) from training to `on_epoch_end`; True when the phase stops at convergence after it."
         t0 = time.time()
         order_gen = self.train_epoch(epoch, bar)
         step_schedule(self.opt)                              # QPM's StepLR steps after every epoch (main.py:46)
         row = self.history[-1]
         stopped = self.stops_after(epoch)
-        if self.test_ds is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == self.pcfg.epochs or stopped):
+        every = test_every(self.train_ds) if eval_every is None else eval_every
+        if self.test_ds is not None and ((every and (epoch + 1) % every == 0) or epoch + 1 == self.pcfg.epochs or stopped):
             self.evaluate(row)
         row['seconds'] = time.time() - t0
         log.info("%s epoch %d/%d: %s", self.phase, epoch + 1, self.pcfg.epochs,
@@ -403,9 +408,9 @@ class _PhaseLoop:
         return final
 
 def train_phase(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: QPMModel, params, train_cache, test_cache,
-                run_dir, signature: dict, progress: bool, on_epoch_end: Sequence[Callable], eval_every: int, device):
+                run_dir, signature: dict, progress: bool, on_epoch_end: Sequence[Callable], eval_every: Optional[int], device):
     """Train `params` of `model` as the phase `phase` (settings `pcfg`) on `train_cache` (tokens, or an `ImageSplit`),
-    testing on `test_cache` (or `None`) every `eval_every` epochs and at the end; with `run_dir`, resumed from and checkpointed to `run_dir/<phase>/`
+    testing on `test_cache` (or `None`) every `eval_every` epochs (0: never; `None`: `test_every`) and at the end; with `run_dir`, resumed from and checkpointed to `run_dir/<phase>/`
     (`signature`: what a checkpoint must match). `on_epoch_end` callbacks get `{'phase', 'epoch', 'model', 'history',
     'checkpoint'}`. Returns `(final model, history)`."""
     t_begin = time.time()

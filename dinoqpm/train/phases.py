@@ -6,7 +6,7 @@
 from __future__ import annotations
 import copy, math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 from ..config import RunConfig, ConfigError, check_config, config_to_dict
@@ -51,7 +51,7 @@ def _dense_model(cfg: RunConfig, train) -> QPMModel:
                         grid=tuple(train.grid))
 
 def train_dense(cfg: RunConfig, train_cache, test_cache=None, run_dir=None, progress: bool = True,
-                on_epoch_end: Sequence[Callable] = (), eval_every: int = 5):
+                on_epoch_end: Sequence[Callable] = (), eval_every: Optional[int] = None):
     """Train the dense model on `train_cache` (a feature cache, or with `backbone.trainable` an `ImageSplit`: a CNN
     trained end to end); returns `(model, history)`. With `run_dir`, checkpoints every epoch to `run_dir/dense/`
     (resumed when present), logs to `run_dir/dense/log.csv` and writes `run_dir/dense_model.pt`."""
@@ -119,7 +119,7 @@ def _sparse_head_signature(h) -> dict:
 
 def finetune(cfg: RunConfig, model: QPMModel, selection=None, weight=None, mean=None, std=None, train_cache=None,
              test_cache=None, run_dir=None, progress: bool = True, qp_result=None, head=None, phase: str = 'finetune',
-             on_epoch_end: Sequence[Callable] = (), eval_every: int = 5):
+             on_epoch_end: Sequence[Callable] = (), eval_every: Optional[int] = None):
     """Finetune a copy of the dense `model` under a frozen sparse head (the adapter, or a CNN's every weight, keeps
     learning); returns `(model, history)`. With `run_dir`, checkpoints go to `run_dir/<phase>/` and the result to
     `run_dir/<phase>_model.pt`."""
