@@ -71,8 +71,8 @@ class ImageSplit:
         img = self._read(int(i))
         if seed is None or self.augmentation is None: return self.transform(img)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            return self.augmentation(img)
+            torch.default_generator.manual_seed(int(seed))   # torch.manual_seed's CPU part, without its ~1 ms of lazy
+            return self.augmentation(img)                    # CUDA/XPU/MTIA seeding calls (each records a stack trace)
 
     def _read(self, i: int):
         "Image `i` from the dataset; with `in_memory`, as the transforms' first step makes it (`Preprocess.resize`), read once."
