@@ -51,6 +51,8 @@ def test_every_stage_on_images_with_every_metric_on_both_models(cnn_qpm_run):
     assert q.z_b == pytest.approx(float(np.load(r / 'qp' / 'B.npy')[q.selection].sum()))   # B is in the objective
     model = load_model(r / 'finetune_model.pt')
     assert model.kind == 'cnn' and model.grid == (4, 4) and model.selection.tolist() == q.selection.tolist()
+    for phase in ('dense', 'finetune'):             # images are not tested during training (test_every): the evaluation does it
+        assert all(row['test_acc'] is None for row in load_model(r / f'{phase}_model.pt').history)
 
 
 def test_rerun_reuses_every_stage(cnn_qpm_run, tmp_path):

@@ -273,9 +273,10 @@ def _history_row(epoch: int, steps: int, sums, correct: int, n: int) -> dict:
             'test_loss': None, 'test_acc': None}
 
 # %% ../../nbs/05c_train_loop.ipynb #c013
-def test_every(train_ds) -> int:
-    "How often a phase tests by default (`eval_every=None`): every 5 epochs on tokens, only at its end (0) on images."
-    return 0 if isinstance(train_ds, ImageSplit) else 5
+def test_every(train_ds) -> Optional[int]:
+    """How often a phase tests by default (`eval_every=None`): every 5 epochs and at its end on tokens; never on images
+    (`None`: a pass over the test images costs a third of a CNN's epoch, and the run's evaluation tests the final model)."""
+    return None if isinstance(train_ds, ImageSplit) else 5
 
 class _PhaseLoop:
     """The steps of one phase's training loop, which `train_phase` runs: resume from the checkpoint, train an epoch,
@@ -315,7 +316,7 @@ class _PhaseLoop:
         row = self.history[-1]
         stopped = self.stops_after(epoch)
         every = test_every(self.train_ds) if eval_every is None else eval_every
-        if self.test_ds is not None and ((every and (epoch + 1) % every == 0) or epoch + 1 == self.pcfg.epochs or stopped):
+        if self.test_ds is not None and every and ((epoch + 1) % every == 0 or epoch + 1 == self.pcfg.epochs or stopped):
             self.evaluate(row)
         row['seconds'] = time.time() - t0
         log.info("%s epoch %d/%d: %s", self.phase, epoch + 1, self.pcfg.epochs,
@@ -413,7 +414,7 @@ class _PhaseLoop:
 def train_phase(phase: str, pcfg: PhaseConfig, cfg: RunConfig, model: QPMModel, params, train_cache, test_cache,
                 run_dir, signature: dict, progress: bool, on_epoch_end: Sequence[Callable], eval_every: Optional[int], device):
     """Train `params` of `model` as the phase `phase` (settings `pcfg`) on `train_cache` (tokens, or an `ImageSplit`),
-    testing on `test_cache` (or `None`) every `eval_every` epochs (0: never; `None`: `test_every`) and at the end; with `run_dir`, resumed from and checkpointed to `run_dir/<phase>/`
+    testing on `test_cache` (or `None`) every `eval_every` epochs and at the end (0: never; `None`: `test_every`); with `run_dir`, resumed from and checkpointed to `run_dir/<phase>/`
     (`signature`: what a checkpoint must match). `on_epoch_end` callbacks get `{'phase', 'epoch', 'model', 'history',
     'checkpoint'}`. Returns `(final model, history)`."""
     t_begin = time.time()
