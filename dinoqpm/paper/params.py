@@ -179,7 +179,7 @@ def quick_budget(cfg: RunConfig) -> RunConfig:
                                'finetune.epochs': steps_to_epochs(QUICK_STEPS['finetune'], n, cfg.finetune.batch_size)})
 
 # %% ../../nbs/10_paper_params.ipynb #c009d
-QUICK_CNN = {'img_size': 64, 'batch_size': 8, 'dense': 600, 'finetune': 450}   # quick mode's CNN rows: input side (px), batch, step caps
+QUICK_CNN = {'img_size': 64, 'batch_size': 8, 'dense': 440, 'finetune': 450}   # quick mode's CNN rows: input side (px), batch, step caps
 DEMO_CNN, QPM_CNN = 'efficientnet_lite0_os16_act', 'resnet50'    # the CNN trained end to end on the demo, and QPM's own
 
 def cnn_is_stand_in(p: PaperParams) -> bool:
