@@ -248,6 +248,8 @@ def main():
         rec = {'loop': part_loop, 'steps': part_steps, 'sizes': part_sizes, 'table1': part_table1}[part](data_root, args, device)
         rec.update(bench_seconds=round(time.perf_counter() - t0, 1), load_average_before_after=[load0[0], os.getloadavg()[0]],
                    provenance=provenance(seed=args.seed, part=part, device=str(device)))
+        if part in result:                                               # earlier runs of the part are kept, newest last
+            result[f'{part}_earlier'] = result.get(f'{part}_earlier', []) + [result[part]]
         result[part] = rec
         atomic_write_json(out, result)
         print(part, json.dumps({k: v for k, v in rec.items() if not isinstance(v, dict)}), flush=True)

@@ -129,7 +129,8 @@ def _cnn_size(cfg, p: PaperParams) -> str:
     "How the CNN rows were sized in mode `p.mode`: input side and steps (quick), epochs (smoke), QPM's (full)."
     if p.mode == 'quick':
         return (f" at {cfg.data.img_size} px, at most {QUICK_CNN['dense']:,} dense and {QUICK_CNN['finetune']:,} finetune steps of "
-                f"batch {cfg.dense.batch_size} (quick mode, dinoqpm.paper.QUICK_CNN; QPM trains 150 + 40 epochs at 224 px)")
+                f"batch {cfg.dense.batch_size}, the lr x{cfg.dense.lr_gamma:g} every {cfg.dense.lr_step} and {cfg.finetune.lr_step} epochs "
+                f"(quick mode, dinoqpm.paper.QUICK_CNN; QPM trains 150 + 40 epochs at 224 px, x0.4 every 30 and 10)")
     if p.mode == 'smoke': return f' at {cfg.data.img_size} px for {cfg.dense.epochs} + {cfg.finetune.epochs} epochs (smoke mode)'
     return f' at {cfg.data.img_size} px for {cfg.dense.epochs} + {cfg.finetune.epochs} epochs'
 

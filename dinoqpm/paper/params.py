@@ -179,7 +179,8 @@ def quick_budget(cfg: RunConfig) -> RunConfig:
                                'finetune.epochs': steps_to_epochs(QUICK_STEPS['finetune'], n, cfg.finetune.batch_size)})
 
 # %% ../../nbs/10_paper_params.ipynb #c009d
-QUICK_CNN = {'img_size': 64, 'batch_size': 8, 'dense': 440, 'finetune': 450}   # quick mode's CNN rows: input side (px), batch, step caps
+QUICK_CNN = {'img_size': 64, 'batch_size': 8, 'dense': 600, 'finetune': 450,   # quick mode's CNN rows: input side (px), batch, step caps,
+             'dense_lr_step': 2, 'finetune_lr_step': 3}                        # and StepLR's step in epochs (see above)
 DEMO_CNN, QPM_CNN = 'efficientnet_lite0_os16_act', 'resnet50'    # the CNN trained end to end on the demo, and QPM's own
 
 def cnn_is_stand_in(p: PaperParams) -> bool:
@@ -189,7 +190,7 @@ def cnn_is_stand_in(p: PaperParams) -> bool:
     return p.dataset == 'SynthBirds' or not get_backbone_spec(dino).is_paper_backbone
 
 def _cnn_budget(cfg: RunConfig, p: PaperParams) -> dict:
-    "The settings of a mode for the CNN rows: quick mode's `QUICK_CNN` (QPM's StepLR scaled to the epochs), smoke mode's seconds."
+    "The settings of a mode for the CNN rows: quick mode's `QUICK_CNN` (its StepLR steps), smoke mode's seconds."
     if p.mode == 'smoke':
         return {'data.img_size': 64, 'dense.epochs': 2, 'dense.batch_size': 8, 'finetune.epochs': 1, 'finetune.batch_size': 8,
                 'qp.n_select': 6, 'qp.n_per_class': 2, 'qp.tau': 1.0, 'qp.time_limit': 20.0, 'data.workers': 0}   # τ: see cnn_smoke_config
@@ -198,8 +199,8 @@ def _cnn_budget(cfg: RunConfig, p: PaperParams) -> dict:
     dense, ft = steps_to_epochs(QUICK_CNN['dense'], n, bs), steps_to_epochs(QUICK_CNN['finetune'], n, bs)
     return {'data.img_size': QUICK_CNN['img_size'], 'data.workers': 0,          # one thread per cell: images read in it
             'dense.batch_size': bs, 'finetune.batch_size': bs,
-            'dense.epochs': dense, 'dense.lr_step': max(1, round(dense * cfg.dense.lr_step / cfg.dense.epochs)),
-            'finetune.epochs': ft, 'finetune.lr_step': max(1, round(ft * cfg.finetune.lr_step / cfg.finetune.epochs))}
+            'dense.epochs': dense, 'dense.lr_step': QUICK_CNN['dense_lr_step'],
+            'finetune.epochs': ft, 'finetune.lr_step': QUICK_CNN['finetune_lr_step']}
 
 def paper_cnn_config(p: PaperParams, seed: int) -> RunConfig:
     """The QPM run of one seed behind Table 1's CNN rows (`paper_config`'s counterpart): QPM's recipe (`qpm_config`) on
