@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PROBE_CHECK_POINTS', 'PUBLISHED_DATASETS', 'stop_summary', 'row_notes', 'table1_notes', 'cnn_notes',
-           'compact_notes', 'write_table1_compactness', 'table1_summary', 'write_table1', 'dataset_groups',
+           'table1_summary', 'write_table1', 'compact_notes', 'write_table1_compactness', 'dataset_groups',
            'plausibility_missing', 'datasets_table', 'published_side_by_side', 'datasets_notes',
            'write_table1_datasets']
 
@@ -159,6 +159,52 @@ def cnn_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
         lines.append(f'QP ({q["method"].iloc[0]}): ' + '; '.join(f'seed {int(r.seed)}: {r.qp_certificate}{bias(r)}' for r in q.itertuples()))
     return lines
 
+# %% ../../nbs/10b_paper_notes.ipynb #c008
+PUBLISHED_DATASETS = ('CUB2011', 'StanfordCars')     # the datasets of the paper's Table 1 (`published_table1`)
+
+def table1_summary(tidy: pd.DataFrame, p: PaperParams) -> pd.DataFrame:
+    "Table 1 of one dataset: mean ± std over seeds of every row, with its backbone, dataset, note and converged seeds."
+    summary = summarise_runs(tidy)
+    own = tidy.groupby('method', sort=False)['backbone'].first() if 'backbone' in tidy else {}   # the CNN rows' is their CNN
+    summary.insert(0, 'backbone', [own.get(m, None) or run_backbone(p) for m in summary.index])
+    summary.insert(1, 'dataset', p.dataset_label)
+    notes = row_notes(tidy, is_demo(p))
+    summary.insert(3, 'note', [notes.get(m, '') for m in summary.index])
+    if 'converged' in tidy:
+        conv = tidy.groupby('method', sort=False)['converged'].agg(lambda v: f'{int(v.astype(bool).sum())}/{len(v)}')
+        summary.insert(4, 'converged', [conv.get(m, '') for m in summary.index])
+    return summary
+
+def _provenance_fields(p: PaperParams, tidy: pd.DataFrame) -> dict:
+    "The provenance of one dataset's table: demo or not, seeds, every seed's configuration, quick steps, QP certificates."
+    qcols = [c for c in ('seed', *(f'qp_{f}' for f in CNN_QP_FIELDS)) if c in tidy]
+    qp = lambda row: tidy[tidy['row'] == row][qcols].dropna(axis=1, how='all').to_dict('records') if 'qp_status' in tidy else []
+    cnn = 'row' in tidy and tidy['row'].isin(CNN_ROWS).any()
+    return dict(demo=is_demo(p), seeds=p.seed_list, configs={s: config_to_dict(paper_config(p, s)) for s in p.seed_list},
+                quick_steps=QUICK_STEPS if p.mode == 'quick' else None, qp=qp('qpm'), compact=_compact_rule(tidy),
+                **({'cnn_configs': {s: config_to_dict(paper_cnn_config(p, s)) for s in p.seed_list}, 'cnn_quick': QUICK_CNN
+                    if p.mode == 'quick' else None, 'cnn_qp': qp('cnn_qpm')} if cnn else {}))
+
+def _write_records(tidy: pd.DataFrame, path) -> Path:
+    "The tidy per-seed records as a CSV, written atomically."
+    import io
+    buf = io.StringIO(); tidy.to_csv(buf, index=False)
+    return atomic_write_text(path, buf.getvalue())
+
+def write_table1(tidy: pd.DataFrame, p: PaperParams, name='table1') -> dict:
+    """Write `figures/<name>.{csv,md,tex}`, the tidy per-seed CSV and the provenance JSON; several datasets
+    (`PaperParams.datasets`) side by side, in the paper's layout (`write_table1_datasets`)."""
+    if p.datasets: return write_table1_datasets(tidy, p, name)
+    out = p.out_path
+    published = published_table1(p.dataset) if p.dataset in PUBLISHED_DATASETS else None
+    prov = provenance(params=dataclasses.asdict(p), **_provenance_fields(p, tidy))
+    title = 'Table 1' + (' (DEMO: synthetic data / stand-in backbone — not the paper\'s numbers)' if is_demo(p) else '')
+    paths = write_table(table1_summary(tidy, p), name, out, caption=title, notes=table1_notes(p, tidy), provenance_record=prov,
+                        published=published)
+    paths['tidy'] = _write_records(tidy.assign(demo=is_demo(p)), out / f'{name}_per_seed.csv')
+    return paths
+
+
 # %% ../../nbs/10b_paper_notes.ipynb #c006e
 def _compact_rule(tidy: pd.DataFrame) -> Optional[dict]:
     "The Compact row's rule record (`resolve_compact`'s `compact_rule`), or None without the row."
@@ -206,52 +252,6 @@ def write_table1_compactness(p: PaperParams, name: str = 'compactness') -> list:
     choice = compact_choice(pts)
     title = 'DEMO (synthetic data / stand-in backbone): ' if is_demo(p) else ''
     return write_compactness(pts, choice, p.out_path, choice['n_classes'], title=f'{title}{p.dataset_label}, ', name=name)
-
-# %% ../../nbs/10b_paper_notes.ipynb #c008
-PUBLISHED_DATASETS = ('CUB2011', 'StanfordCars')     # the datasets of the paper's Table 1 (`published_table1`)
-
-def table1_summary(tidy: pd.DataFrame, p: PaperParams) -> pd.DataFrame:
-    "Table 1 of one dataset: mean ± std over seeds of every row, with its backbone, dataset, note and converged seeds."
-    summary = summarise_runs(tidy)
-    own = tidy.groupby('method', sort=False)['backbone'].first() if 'backbone' in tidy else {}   # the CNN rows' is their CNN
-    summary.insert(0, 'backbone', [own.get(m, None) or run_backbone(p) for m in summary.index])
-    summary.insert(1, 'dataset', p.dataset_label)
-    notes = row_notes(tidy, is_demo(p))
-    summary.insert(3, 'note', [notes.get(m, '') for m in summary.index])
-    if 'converged' in tidy:
-        conv = tidy.groupby('method', sort=False)['converged'].agg(lambda v: f'{int(v.astype(bool).sum())}/{len(v)}')
-        summary.insert(4, 'converged', [conv.get(m, '') for m in summary.index])
-    return summary
-
-def _provenance_fields(p: PaperParams, tidy: pd.DataFrame) -> dict:
-    "The provenance of one dataset's table: demo or not, seeds, every seed's configuration, quick steps, QP certificates."
-    qcols = [c for c in ('seed', *(f'qp_{f}' for f in CNN_QP_FIELDS)) if c in tidy]
-    qp = lambda row: tidy[tidy['row'] == row][qcols].dropna(axis=1, how='all').to_dict('records') if 'qp_status' in tidy else []
-    cnn = 'row' in tidy and tidy['row'].isin(CNN_ROWS).any()
-    return dict(demo=is_demo(p), seeds=p.seed_list, configs={s: config_to_dict(paper_config(p, s)) for s in p.seed_list},
-                quick_steps=QUICK_STEPS if p.mode == 'quick' else None, qp=qp('qpm'), compact=_compact_rule(tidy),
-                **({'cnn_configs': {s: config_to_dict(paper_cnn_config(p, s)) for s in p.seed_list}, 'cnn_quick': QUICK_CNN
-                    if p.mode == 'quick' else None, 'cnn_qp': qp('cnn_qpm')} if cnn else {}))
-
-def _write_records(tidy: pd.DataFrame, path) -> Path:
-    "The tidy per-seed records as a CSV, written atomically."
-    import io
-    buf = io.StringIO(); tidy.to_csv(buf, index=False)
-    return atomic_write_text(path, buf.getvalue())
-
-def write_table1(tidy: pd.DataFrame, p: PaperParams, name='table1') -> dict:
-    """Write `figures/<name>.{csv,md,tex}`, the tidy per-seed CSV and the provenance JSON; several datasets
-    (`PaperParams.datasets`) side by side, in the paper's layout (`write_table1_datasets`)."""
-    if p.datasets: return write_table1_datasets(tidy, p, name)
-    out = p.out_path
-    published = published_table1(p.dataset) if p.dataset in PUBLISHED_DATASETS else None
-    prov = provenance(params=dataclasses.asdict(p), **_provenance_fields(p, tidy))
-    title = 'Table 1' + (' (DEMO: synthetic data / stand-in backbone — not the paper\'s numbers)' if is_demo(p) else '')
-    paths = write_table(table1_summary(tidy, p), name, out, caption=title, notes=table1_notes(p, tidy), provenance_record=prov,
-                        published=published)
-    paths['tidy'] = _write_records(tidy.assign(demo=is_demo(p)), out / f'{name}_per_seed.csv')
-    return paths
-
 
 # %% ../../nbs/10b_paper_notes.ipynb #c010
 def dataset_groups(tidy: pd.DataFrame, p: PaperParams) -> dict:
