@@ -11,7 +11,9 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 
+from ..core import atomic_write_text
 from ..config import RunConfig, ConfigError, update_config
+from ..evaluation import save_figure
 from ..qp import qp_infeasible_reason
 from ..pipeline import run_qpm
 
@@ -194,8 +196,6 @@ def write_compactness(points: pd.DataFrame, choice: dict, out_dir, n_classes: in
     trade-off of accuracy against the class-feature links (classes x N_f^c) and against N_f*, the DINO-QPM default and
     the Compact point (`choice`, from `choose_compact` on the same `points`) marked. Returns the paths."""
     import matplotlib.pyplot as plt
-    from dinoqpm.core import atomic_write_text
-    from dinoqpm.evaluation.viz import save_figure
     summ = grid_summary(points)
     is_pick = lambda d: (d['n_select'] == choice['n_select']) & (d['n_per_class'] == choice['n_per_class'])
     rows = points.assign(compact=is_pick(points))
