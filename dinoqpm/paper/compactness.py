@@ -111,12 +111,13 @@ def is_reference(cfg: RunConfig, pt: GridPoint) -> bool:
 def point_record(cfg: RunConfig, pt: GridPoint, n_classes: int, results: Optional[dict] = None, run_dir=None) -> dict:
     """One grid point of one seed as a flat record: the point, its links, why it was skipped (or None), whether it is the
     reference, its run directory, and the scalar fields of its run's final results (metrics, `qp_*`, `converged`) with
-    its `convergence` record."""
+    its `convergence` record and why Plausibility was skipped (`plausibility_skipped`, None if it was not)."""
     rec = {'seed': cfg.seed, 'n_select': pt.n_select, 'n_per_class': pt.n_per_class, 'links': pt.links(n_classes),
            'point': pt.label, 'skipped': pt.reason, 'reference': is_reference(cfg, pt),
            'run_dir': None if run_dir is None else str(run_dir)}
     for k, v in (results or {}).items():
         if k not in rec and (k == 'convergence' or v is None or isinstance(v, (bool, int, float, str))): rec[k] = v
+    if results is not None: rec['plausibility_skipped'] = (results.get('skipped') or {}).get('plausibility')
     return rec
 
 def run_grid(cfg: RunConfig, grid: dict, reference_dir, point_dir: Callable, *, n_classes: int, run: Optional[Callable] = None,

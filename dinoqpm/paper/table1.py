@@ -238,6 +238,7 @@ def resolve_compact(p: PaperParams, recs: list) -> list:
                    **{k: v for k, v in pt.items() if k.startswith('qp_')})
         new.update(method=f"{r['method']} ({c['label']})", compact_point=c['label'], n_select=c['n_select'],
                    n_per_class=c['n_per_class'], n_links=pt['links'], compact_rule=rule,
+                   plausibility_skipped=pt.get('plausibility_skipped'),
                    model_file=_under(Path(pt['run_dir']) / 'finetune_model.pt', p.runs_path))
         out.append(new)
     return out
