@@ -75,6 +75,18 @@ def test_table1_notebook(shared):
     assert not per_seed['converged'].any() and per_seed['not_converged'].str.contains('epoch').all()
 
 
+def test_compactness_notebook(shared):
+    """`nbs/paper/run_compactness.ipynb` (`make compactness`) with `compact_grid=full`: its own cell files (never those of
+    `make table1`), DINO-QPM and DINO-QPM Compact on the same runs, and the sweep's figure and table files."""
+    _run(ROOT / 'nbs' / 'paper' / 'run_compactness.ipynb', shared, seeds='0')
+    fig = shared / 'figures'
+    assert all((fig / f'compactness_full.{ext}').stat().st_size > 0 for ext in ('csv', 'png', 'pdf'))
+    t = pd.read_csv(fig / 'compactness_full_table1.csv', index_col=0)
+    assert list(t.index)[0] == 'DINO-QPM' and list(t.index)[-1].startswith('DINO-QPM Compact (N_f*=6, N_f^c=')
+    assert next((shared / 'runs').rglob('table1_qpm_full.json')).exists()
+    assert 'PaperParams.compact_grid=full' in (fig / 'compactness_full_table1.md').read_text()
+
+
 def _dinoqpm(*args, cwd):
     import os
     env = dict(os.environ, HF_HUB_OFFLINE='1', TQDM_DISABLE='1')
