@@ -181,7 +181,8 @@ def _tradeoff(ax, summ: pd.DataFrame, x: str, xlabel: str, choice: dict):
     done = summ[summ['Accuracy mean'].notna()]
     for k, sub in done.groupby('n_per_class'):
         sub = sub.sort_values(x)
-        ax.errorbar(sub[x], sub['Accuracy mean'], yerr=sub['Accuracy std'].fillna(0), marker='.', capsize=2, label=f'$N_f^c$={k}')
+        ax.errorbar(sub[x], sub['Accuracy mean'], yerr=sub['Accuracy std'].fillna(0), marker='.', capsize=2, label=f'$N_f^c$={k}',
+                    ls='-' if x == 'n_select' else 'none', alpha=0.8)              # one N_f^c: one number of links
     K, k = choice.get('reference') or (None, None)
     ref = done[(done['n_select'] == K) & (done['n_per_class'] == k)]
     pick = done[(done['n_select'] == choice['n_select']) & (done['n_per_class'] == choice['n_per_class'])]
