@@ -61,7 +61,7 @@ def _add_table1(sub):
     tb.add_argument('--set', dest='params', action='append', default=[], metavar='NAME=VALUE',
                     help='a parameter of nbs/paper/run_table1.ipynb: dataset, datasets (several, comma-separated, e.g. '
                          'datasets=CUB2011,StanfordCars: one table, a column group each), backbone, data_root, weights_dir, '
-                         'runs_root, out_dir, mode, seeds, device, probe_protocol, require_masks (repeatable)')
+                         'runs_root, out_dir, mode, seeds, device, probe_protocol, require_masks, compact_grid (repeatable)')
     tb.add_argument('--only', action='append', default=[], metavar='method=M,seed=S',
                     help='run only these cells (repeatable; e.g. one per SLURM array job), without writing the table')
     tb.add_argument('--merge', action='store_true', help='write the table from the finished cells; trains nothing')
@@ -168,7 +168,7 @@ def _paper_params(items):
 
 def cmd_table1(args) -> dict:
     from dinoqpm import distributed as D
-    from dinoqpm.paper import merge_table1, parse_cells, run_table1_datasets, write_table1
+    from dinoqpm.paper import merge_table1, parse_cells, run_table1_datasets, write_table1, write_table1_compactness
     p = _paper_params(args.params)
     if args.merge and args.only: raise ConfigError('--merge writes the table from finished cells; leave out --only')
     if not args.merge:
@@ -178,6 +178,7 @@ def cmd_table1(args) -> dict:
             return {}
     if not D.is_main(): return {}
     paths = write_table1(merge_table1(p), p)
+    paths.update({f.name: f for f in write_table1_compactness(p)})       # the sweep behind DINO-QPM Compact, same records
     log.info('Table 1 written: %s', ', '.join(str(v) for v in paths.values()))
     return {k: str(v) for k, v in paths.items()}
 

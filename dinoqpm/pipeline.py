@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_pipeline.ipynb #c002
 from __future__ import annotations
-import contextlib, datetime, json, logging, math, os, time
+import contextlib, datetime, json, logging, math, os, shutil, time
 from pathlib import Path
 from typing import Optional
 import numpy as np
@@ -22,7 +22,7 @@ from .features import (safe_name, get_feature_cache, get_backbone_spec, check_we
 from .model import check_adapter_config
 from .data import DATASETS, dataset_kwargs, load_dataset, make_transform, scan_folder, write_split_file
 from .evaluation import resolve_eval_mode, evaluate
-from .qp import (require_solver, QPResult, QPNotCertifiedError, qp_constants, solve_qp, qp_record,
+from .qp import (require_solver, qp_infeasible_reason, QPResult, QPNotCertifiedError, qp_constants, solve_qp, qp_record,
                         locality_statistics, locality_bias)
 from .train import (load_model, extract_features, train_dense, finetune, convergence_info, load_image_splits,
                            training_data, data_batches, autocast_for, model_device)
@@ -35,7 +35,7 @@ __all__ = ['log', 'CONFIG_FILE', 'NEUTRAL_KEYS', 'LOCK_FILE', 'LOCALITY_CHUNK', 
            'SMOKE_RUN_ENV', 'default_run_dir', 'dataset_label', 'init_run_dir', 'find_run_config', 'extract_caches',
            'load_caches', 'load_run_data', 'validate_run_config', 'run_dir_lock', 'results_for_model', 'saved_results',
            'evaluate_once', 'qp_inputs', 'solve_qp_once', 'write_class_names', 'write_split_provenance', 'qp_info',
-           'run_method', 'run_qpm', 'smoke_config', 'cnn_smoke_config', 'smoke_run']
+           'run_method', 'run_qpm', 'link_dense_phase', 'smoke_config', 'cnn_smoke_config', 'smoke_run']
 
 # %% ../nbs/07_pipeline.ipynb #c005
 CONFIG_FILE = 'config.json'
@@ -158,13 +158,9 @@ def validate_run_config(cfg: RunConfig, eval_mode='all') -> dict:
     for split in (ds, load_dataset(d.dataset, 'test', root=d.root, **dataset_kwargs(cfg))):
         split.check_images()                               # every image (and mask) opens and is whole
     C = ds.n_classes
-    if q.n_select > J:
-        made = f'feature maps of {b.name} (backbone.trainable)' if b.trainable else 'features the adapter makes (adapter.n_features)'
-        raise ConfigError(f'qp.n_select={q.n_select} exceeds the {J} {made}')
-    if math.comb(q.n_select, q.n_per_class) < C:
-        raise ConfigError(f'{C} classes cannot each get their own set of qp.n_per_class={q.n_per_class} out of qp.n_select='
-                          f'{q.n_select} features: there are only {math.comb(q.n_select, q.n_per_class)} such sets; '
-                          f'raise qp.n_select or qp.n_per_class')
+    made = f'feature maps of {b.name} (backbone.trainable)' if b.trainable else 'features the adapter makes (adapter.n_features)'
+    if why := qp_infeasible_reason(q.n_select, q.n_per_class, C, J, names=('qp.n_select', 'qp.n_per_class'), features=made):
+        raise ConfigError(why)                             # the QP's own feasibility check (`dinoqpm.qp.qp_infeasible_reason`)
     require_solver(q.solver)
     return {'n_classes': C, 'n_train': len(ds)}
 
@@ -327,16 +323,19 @@ def run_qpm(cfg: RunConfig,                    # the run configuration (`RunConf
             cache_root=None,                   # the feature cache folder (default `<data root>/dinoqpm_cache`)
             eval_mode='all',                   # the metrics of both evaluations: 'all', 'fast' or a list of metric ids
             progress=True,                     # progress bars (on rank 0)
-            stop_after: Optional[str] = None   # 'dense' or 'qp': stop after that stage; None: run every stage
+            stop_after: Optional[str] = None,  # 'dense' or 'qp': stop after that stage; None: run every stage
+            dense_from=None                    # a run directory whose dense phase (and its evaluation) this run reuses
            ) -> dict:
     """Train DINO-QPM end to end in `run_dir` (default `default_run_dir(cfg)`), or with `backbone.trainable` QPM on a CNN
     trained end to end on the images (no token cache); every finished stage is skipped on rerun. Returns the paths and
-    results: `run_dir`, `dense_model`, `results_dense`, `qp`, `model`, `results`."""
+    results: `run_dir`, `dense_model`, `results_dense`, `qp`, `model`, `results`. With `dense_from` the dense phase is
+    the one of that run directory (`link_dense_phase`: its model must have been trained with this `cfg`'s dense settings,
+    else the signature check refuses it), so a grid of QPs and finetunes shares one dense phase."""
     _validate_on_every_rank(cfg, eval_mode)                         # before anything is written
     run_dir = Path(run_dir or default_run_dir(cfg, 'qpm', runs_root))
     if run_dir.exists() and not run_dir.is_dir(): raise ConfigError(f'the run directory {run_dir} is a file, not a folder')
     with (run_dir_lock(run_dir) if D.is_main() else contextlib.nullcontext()):           # under torchrun rank 0 holds it
-        return _run_qpm(cfg, run_dir, cache_root, eval_mode, progress and D.is_main(), stop_after)
+        return _run_qpm(cfg, run_dir, cache_root, eval_mode, progress and D.is_main(), stop_after, dense_from)
 
 def _validate_on_every_rank(cfg: RunConfig, eval_mode):
     """`validate_run_config` on rank 0 first (it may generate SynthBirds), then on the others; any error on rank 0 stops
@@ -347,12 +346,32 @@ def _validate_on_every_rank(cfg: RunConfig, eval_mode):
 QPM_LATER_STAGES = {'qp': ['qp', 'finetune', 'finetune_model.pt', 'results_finetune.json'],
                     'finetune': ['finetune', 'finetune_model.pt', 'results_finetune.json']}
 
-def _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after) -> dict:
+def link_dense_phase(dense_from, run_dir) -> bool:
+    """Reuse the finished dense phase of the run directory `dense_from` in `run_dir`: its `dense_model.pt` hard-linked (a
+    copy where links fail) and its `results_dense.json` copied, unless `run_dir` already holds a dense model. `train_dense`
+    then checks the model's signature against the run's configuration, as for its own. True if it linked."""
+    src, dst = Path(dense_from), Path(run_dir)
+    if (dst / 'dense_model.pt').exists(): return False
+    if not (src / 'dense_model.pt').exists():
+        raise MissingFileError(f'dense_from={src} holds no dense_model.pt: finish that run\'s dense phase first')
+    for name, how in (('dense_model.pt', os.link), ('results_dense.json', shutil.copy2)):
+        if not (src / name).exists(): continue
+        tmp = dst / f'.{name}.tmp'
+        tmp.unlink(missing_ok=True)
+        try: how(src / name, tmp)
+        except OSError: shutil.copy2(src / name, tmp)
+        os.replace(tmp, dst / name)
+    log.info('%s: the dense phase of %s is reused', dst, src)
+    return True
+
+def _run_qpm(cfg, run_dir, cache_root, eval_mode, progress, stop_after, dense_from=None) -> dict:
     """The stages of `run_qpm`. Under torchrun every rank extracts its share of the tokens (or reads its share of the
     images) and trains its share of every batch; rank 0 alone writes the run directory, evaluates and solves the QP
     (whose solution it broadcasts)."""
     main = D.is_main()
-    if main: init_run_dir(cfg, run_dir, QPM_LATER_STAGES)
+    if main:
+        init_run_dir(cfg, run_dir, QPM_LATER_STAGES)
+        if dense_from is not None: link_dense_phase(dense_from, run_dir)
     D.barrier()
     method = run_method(cfg)
     info = {'method': method, 'run_dir': str(run_dir), 'seed': cfg.seed, 'backbone': cfg.backbone.name, 'dataset': cfg.data.dataset}

@@ -36,10 +36,13 @@ def test_table1_notebook(shared):
     _run(ROOT / 'nbs' / 'paper' / 'run_table1.ipynb', shared, seeds='0')
     fig = shared / 'figures'
     t = pd.read_csv(fig / 'table1.csv', index_col=0)
+    compact = t.index[-1]                 # the smoke grid is N_f^c = 1, 2 at N_f* = 6: the row names the point it picked
+    assert compact in ('DINO-QPM Compact (N_f*=6, N_f^c=1)', 'DINO-QPM Compact (N_f*=6, N_f^c=2)'), compact
     assert list(t.index) == ['CLS linear probe', 'Dense F^froz (avg-pooled frozen tokens)', 'Dense (DINO-QPM dense phase)',
                              'DINO-SLDD', 'DINO-QSENN', 'DINO-QPM', 'CNN baseline (EfficientNet-Lite0, end to end)',
-                             'CNN QPM (EfficientNet-Lite0, end to end)']
-    assert (t['backbone'] == ['dinov2_test_tiny'] * 6 + ['efficientnet_lite0_os16_act'] * 2).all()
+                             'CNN QPM (EfficientNet-Lite0, end to end)', compact]
+    assert (t['backbone'] == ['dinov2_test_tiny'] * 6 + ['efficientnet_lite0_os16_act'] * 2 + ['dinov2_test_tiny']).all()
+    assert t.loc[compact, 'SID@5'] == '–'                                 # N_f^c < 5, as the paper prints it
     assert {'Accuracy', 'Plausibility', 'SID@5', 'Class-Independence', 'Contrastiveness', 'converged'} <= set(t.columns)
     assert t['note'].str.startswith('demo: not the paper').all()
     # smoke runs train for 2-3 epochs: no row can be judged converged, and every table says so
@@ -53,15 +56,35 @@ def test_table1_notebook(shared):
     assert "CLS linear probe: the authors' recipe" in md and '1 seed (0)' in md
     assert 'Probe check: a converged scikit-learn LogisticRegression (C = 1) on the same cached CLS tokens the probe reads' in md
     assert 'On the tokens standardised per feature (which the authors\' recipe does not do) it reaches' in md
+    assert 'DINO-QPM Compact is our reading of the paper' in md and 'picked N_f*=6, N_f^c=' in md
+    assert "SID@5 of DINO-QPM Compact is '–' (as in the paper)" in md
+    # the compactness figure, from the same records as the row: the chosen point's mean accuracy is the row's
+    assert all((fig / f'compactness.{ext}').stat().st_size > 0 for ext in ('csv', 'png', 'pdf'))
+    grid = pd.read_csv(fig / 'compactness.csv')
+    pick = grid[grid['compact'].astype(bool) & grid['seed'].astype(str).str.startswith('mean')]
+    assert len(pick) == 1 and f"{pick['Accuracy mean'].iloc[0]:.1f}" == f"{float(t.loc[compact, 'Accuracy']):.1f}"
     assert 'demo' in (fig / 'table1.tex').read_text().lower()
     prov = json.loads((fig / 'table1_provenance.json').read_text())
     assert prov['demo'] is True and prov['seeds'] == [0] and prov['qp'][0]['qp_status'] in ('optimal', 'feasible')
     assert prov['cnn_qp'][0]['qp_locality_bias'] is True and prov['cnn_configs']['0']['backbone']['trainable'] is True
     assert prov['qp'][0]['qp_certificate'].startswith(('certified', 'not certified'))
+    assert prov['compact']['reference'] == [6, 2] and prov['compact']['grid'] == [[6, 1], [6, 2]]
     assert 'git_commit' in prov and prov['versions']['torch']
     per_seed = pd.read_csv(fig / 'table1_per_seed.csv')
-    assert len(per_seed) == 8 and per_seed['demo'].all() and per_seed['Accuracy'].between(0, 1).all()
+    assert len(per_seed) == 9 and per_seed['demo'].all() and per_seed['Accuracy'].between(0, 1).all()
     assert not per_seed['converged'].any() and per_seed['not_converged'].str.contains('epoch').all()
+
+
+def test_compactness_notebook(shared):
+    """`nbs/paper/run_compactness.ipynb` (`make compactness`) with `compact_grid=full`: its own cell files (never those of
+    `make table1`), DINO-QPM and DINO-QPM Compact on the same runs, and the sweep's figure and table files."""
+    _run(ROOT / 'nbs' / 'paper' / 'run_compactness.ipynb', shared, seeds='0')
+    fig = shared / 'figures'
+    assert all((fig / f'compactness_full.{ext}').stat().st_size > 0 for ext in ('csv', 'png', 'pdf'))
+    t = pd.read_csv(fig / 'compactness_full_table1.csv', index_col=0)
+    assert list(t.index)[0] == 'DINO-QPM' and list(t.index)[-1].startswith('DINO-QPM Compact (N_f*=6, N_f^c=')
+    assert next((shared / 'runs').rglob('table1_qpm_full.json')).exists()
+    assert 'PaperParams.compact_grid=full' in (fig / 'compactness_full_table1.md').read_text()
 
 
 def _dinoqpm(*args, cwd):
@@ -157,7 +180,7 @@ def test_table1_two_datasets_side_by_side(shared, smoke, tmp_path):
     number that of its dataset's own cell records, read here from the cell files; `dinoqpm table1 --merge` writes the same."""
     from dinoqpm.data import export_cub_as_folder, load_dataset
     from dinoqpm.evaluation import TABLE1_METRICS
-    from dinoqpm.paper import cell_file, list_table1_rows, paper_params, run_table1, table1_cells, write_table1
+    from dinoqpm.paper import cell_file, list_table1_rows, paper_params, run_table1, table1_cells, write_table1, resolve_compact
     birds = export_cub_as_folder(load_dataset('SynthBirds', 'train', root=smoke.data, generate=False), tmp_path / 'birds',
                                  masks=False, progress=False)
     sets = ('--set', 'mode=smoke', '--set', 'seeds=0', '--set', f'runs_root={shared / "runs"}', '--set', f'datasets=SynthBirds,folder:{birds}')
@@ -176,6 +199,7 @@ def test_table1_two_datasets_side_by_side(shared, smoke, tmp_path):
     for q in p.per_dataset():                       # every number: its dataset's own records, from its cells' files
         group = q.dataset_label
         recs = [r for cell, seed in table1_cells(q) for r in json.loads(cell_file(q, cell, seed).read_text())['records']]
+        recs = resolve_compact(q, recs)             # DINO-QPM Compact: the grid point picked across seeds, as the merge does
         assert len(recs) == len(list_table1_rows()) and {r['dataset'] for r in recs} == {group}
         for r in recs:
             assert table.loc[r['method'], (group, 'note')].startswith('demo: not the paper'), (group, r['method'])
@@ -300,7 +324,7 @@ def test_table1_feature_scores_are_those_of_the_features_each_model_uses(shared)
     assert unused['sldd'] > 0 and unused['qsenn'] > 0, unused        # the sparse rows leave features out: the check bites
     assert unused['qpm'] == 0 and unused['cnn_qpm'] == 0, unused
     assert kinds == {'linear_probe': 'dense', 'dense_frozen': 'dense', 'dense_qpm': 'dense', 'sldd': 'sparse', 'qsenn': 'sparse',
-                     'qpm': 'bldd', 'cnn_dense': 'dense', 'cnn_qpm': 'bldd'}, kinds   # each row's model file is that row's model
+                     'qpm': 'bldd', 'cnn_dense': 'dense', 'cnn_qpm': 'bldd', 'compact': 'bldd'}, kinds   # each row's model file is that row's model
 
 
 def test_global_figure_shows_each_features_most_activating_test_images(shared):

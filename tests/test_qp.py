@@ -149,8 +149,8 @@ def test_real_time_limit_reports_a_valid_certificate():
 
 
 @pytest.mark.parametrize('kw, message', [
-    (dict(n_select=9), 'exceeds the number of features'),
-    (dict(n_select=3, n_per_class=4), 'n_per_class = 4 exceeds n_select = 3'),
+    (dict(n_select=9), 'n_select=9 exceeds the 8 features'),
+    (dict(n_select=3, n_per_class=4), 'n_per_class=4 exceeds n_select=3'),
     (dict(n_select=3, n_per_class=2, C=4), 'only C(3, 2) = 3 sets'),
     (dict(nan='A'), 'A contains NaN'),
     (dict(nan='R'), 'R contains NaN or inf'),

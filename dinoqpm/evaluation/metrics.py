@@ -382,13 +382,21 @@ class Plausibility(Metric):
         return {**out, self.name: out[f'CUBSegmentationOverlap_{self.variant}']}, None, {}
 
 class SIDAtK(Metric):
-    "Per-image SID@k (NaN for images whose predicted class has fewer than k features)."
+    """Per-image SID@k (NaN for images whose predicted class has fewer than k features). Its results also hold `SID@k`
+    and `SID_k`: SID@k itself, or where every class has fewer than k features (a compact QPM head, N_f^c < 5) SID at
+    k = the most features a class has (= N_f^c), the authors' fallback (`qpm_metrics.py`: "SID@5 not available, using
+    SID@{k} instead"); Table 1 still prints "–" for SID@5 there, as the paper does."""
     evaluation_category, id, expensive, table1 = 'complexity', 'sid', True, 3
     def __init__(self, k: int = 5): self.k, self.name = k, f'SID@{k}'
     def __call__(self, maps, weight, preds) -> np.ndarray: return sid_per_image(maps, weight, preds, self.k)
     def compute(self, x):
         v = sid_at_k(x.maps_rel, x.W, x.preds, k=self.k)
-        return {self.name: v}, (f"no test image's predicted class has >= {self.k} non-zero weights" if math.isnan(v) else None), {}
+        if not math.isnan(v): return {self.name: v, 'SID@k': v, 'SID_k': self.k}, None, {}
+        kk = int(np.count_nonzero(as_numpy(x.W), axis=1).max()) if np.size(x.W) else 0
+        if 0 < kk < self.k:
+            return ({self.name: v, 'SID@k': sid_at_k(x.maps_rel, x.W, x.preds, k=kk), 'SID_k': kk},
+                    f'no class has >= {self.k} non-zero weights (at most k={kk}): {self.name} undefined; SID@k reported at k={kk}', {})
+        return {self.name: v}, f"no test image's predicted class has >= {self.k} non-zero weights", {}
 
 class ClassIndependence(Metric):
     "Per-feature class independence (1 - largest class share of the min-shifted mass)."

@@ -8,6 +8,9 @@ from .params import (MODES, PAPER_DATASETS, QUICK_STEPS, PaperParams, paper_para
                                   baseline_recipes, paper_config, quick_budget, run_backbone, is_demo,
                                   params_from_namespace)
 from .params import FOLDER_PREFIX, folder_of, paper_dataset_label, check_dataset_names    # several datasets
+from .compactness import (COMPACT_GRID, GRID_NAMES, GridPoint, plan_grid, compact_grid, compact_tolerance,
+                                       grid_means, choose_compact, point_config, is_reference, point_record, run_grid,
+                                       COMPACT_METRICS, grid_summary, write_compactness)
 from .table1 import (TABLE1_ROW_REGISTRY, TABLE1_QP_FIELDS, TABLE1_ROWS, ROW_METHOD, PUBLISHED_ROW,
                                   ROW_MODEL_FILE, TABLE1_CELLS, CELL_OF_ROW, CELL_COST, Table1Row, register_table1_row,
                                   list_table1_rows, get_table1_row, table1_cell_rows, table1_cell_cost, row_run_dir,
@@ -15,9 +18,11 @@ from .table1 import (TABLE1_ROW_REGISTRY, TABLE1_QP_FIELDS, TABLE1_ROWS, ROW_MET
                                   run_probe_row, run_table1_seed, parse_cells, table1_cells, cell_file,
                                   one_thread_per_cell, run_table1_cell, merge_table1, run_table1_cells, run_table1)
 from .table1 import run_table1_datasets
+from .table1 import (table1_compact_grid, compact_run_dir, run_compact_row, compact_choice, COMPACT_FIELDS,
+                                  resolve_compact)   # DINO-QPM Compact
 from .params import QUICK_CNN, DEMO_CNN, QPM_CNN, cnn_is_stand_in, paper_cnn_config, demo_cnn_config   # the CNN rows
 from .table1 import CNN_QP_FIELDS, CNN_ROWS, row_method, run_cnn_qpm_row, run_cnn_dense_row, needs_tokens
-from .notes import cnn_notes
+from .notes import cnn_notes, compact_notes, write_table1_compactness
 from .notes import (PROBE_CHECK_POINTS, stop_summary, row_notes, table1_notes, write_table1)
 from .notes import (PUBLISHED_DATASETS, table1_summary, dataset_groups, plausibility_missing, datasets_table,
                                  published_side_by_side, datasets_notes, write_table1_datasets)

@@ -15,17 +15,19 @@ from ..config import ConfigError, config_to_dict
 from ..baselines import DINOV2_PROBE_LABEL
 from ..features import get_backbone_spec
 from ..train import convergence_criterion
-from ..evaluation import TABLE1_METRICS, summarise_runs, write_table, published_table1
+from ..evaluation import TABLE1_METRICS, summarise_runs, write_table, published_table1, format_mean_std
 from .params import (PaperParams, QUICK_STEPS, QUICK_CNN, paper_config, paper_cnn_config, cnn_is_stand_in,
                                   run_backbone, is_demo)
-from .table1 import TABLE1_QP_FIELDS, CNN_QP_FIELDS, CNN_ROWS
+from .table1 import TABLE1_QP_FIELDS, CNN_QP_FIELDS, CNN_ROWS, merge_table1, compact_choice
+from .compactness import write_compactness
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PROBE_CHECK_POINTS', 'PUBLISHED_DATASETS', 'stop_summary', 'row_notes', 'table1_notes', 'cnn_notes',
-           'table1_summary', 'write_table1', 'dataset_groups', 'plausibility_missing', 'datasets_table',
-           'published_side_by_side', 'datasets_notes', 'write_table1_datasets']
+           'table1_summary', 'write_table1', 'compact_notes', 'write_table1_compactness', 'dataset_groups',
+           'plausibility_missing', 'datasets_table', 'published_side_by_side', 'datasets_notes',
+           'write_table1_datasets']
 
 # %% ../../nbs/10b_paper_notes.ipynb #c005
 def stop_summary(tidy: pd.DataFrame) -> list:
@@ -99,6 +101,7 @@ def table1_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
     if len(q) and 'qp_certificate' in q:
         notes.append('QP (DINO-QPM): ' + '; '.join(f'seed {int(r.seed)}: {r.qp_certificate}' for r in q.itertuples()))
     notes += cnn_notes(p, tidy)
+    notes += compact_notes(p, tidy)
     if 'plausibility_skipped' in tidy and tidy['plausibility_skipped'].notna().any():
         why = sorted(set(tidy['plausibility_skipped'].dropna()))
         notes.append('Plausibility skipped: ' + '; '.join(why))
@@ -179,7 +182,7 @@ def _provenance_fields(p: PaperParams, tidy: pd.DataFrame) -> dict:
     qp = lambda row: tidy[tidy['row'] == row][qcols].dropna(axis=1, how='all').to_dict('records') if 'qp_status' in tidy else []
     cnn = 'row' in tidy and tidy['row'].isin(CNN_ROWS).any()
     return dict(demo=is_demo(p), seeds=p.seed_list, configs={s: config_to_dict(paper_config(p, s)) for s in p.seed_list},
-                quick_steps=QUICK_STEPS if p.mode == 'quick' else None, qp=qp('qpm'),
+                quick_steps=QUICK_STEPS if p.mode == 'quick' else None, qp=qp('qpm'), compact=_compact_rule(tidy),
                 **({'cnn_configs': {s: config_to_dict(paper_cnn_config(p, s)) for s in p.seed_list}, 'cnn_quick': QUICK_CNN
                     if p.mode == 'quick' else None, 'cnn_qp': qp('cnn_qpm')} if cnn else {}))
 
@@ -202,6 +205,54 @@ def write_table1(tidy: pd.DataFrame, p: PaperParams, name='table1') -> dict:
     paths['tidy'] = _write_records(tidy.assign(demo=is_demo(p)), out / f'{name}_per_seed.csv')
     return paths
 
+
+# %% ../../nbs/10b_paper_notes.ipynb #c006e
+def _compact_rule(tidy: pd.DataFrame) -> Optional[dict]:
+    "The Compact row's rule record (`resolve_compact`'s `compact_rule`), or None without the row."
+    if 'compact_rule' not in tidy: return None
+    sub = tidy['compact_rule'].dropna()
+    return json.loads(sub.iloc[0]) if len(sub) else None
+
+def compact_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
+    """The lines under Table 1 about DINO-QPM Compact (none without it): the definition as our reading of the paper, the
+    rule's numbers, the grid that ran and its skipped points with their reasons, SID@k in place of SID@5, and the
+    published Compact numbers beside ours on CUB and Cars."""
+    rule = _compact_rule(tidy)
+    if rule is None: return []
+    sub = tidy[tidy['row'] == 'compact']
+    (K, k), pick = rule['reference'], sub.iloc[0]
+    ref_note = " (the demo's default; the paper's is (50, 5))" if is_demo(p) and (K, k) != (50, 5) else ''
+    kind = 'smoke grid' if p.mode == 'smoke' else {'column': f'the N_f^c column at N_f* = {K}', 'full': 'the full grid'}[p.compact_grid]
+    lines = [f"DINO-QPM Compact is our reading of the paper (it defines it nowhere public): the point of the compactness grid "
+             f"with the fewest features per class N_f^c (the fewest class-feature links, classes x N_f^c), then the fewest "
+             f"selected features N_f*, whose mean accuracy over the seeds is within {rule['min_points']:g} points of "
+             f"DINO-QPM's, or within one seed standard deviation where that is larger: here {rule['tolerance']:.2f} points "
+             f"below {rule['reference_mean']:.1f} (the threshold {rule['threshold']:.1f}).",
+             f"Compact grid ({kind}; PaperParams.compact_grid={p.compact_grid}): " + ', '.join(f'({a}, {b})' for a, b in rule['grid'])
+             + f"; the reference ({K}, {k}) is DINO-QPM's own run{ref_note}; picked {pick['compact_point']} "
+             f"({int(pick['n_links'])} class-feature links, one dense phase per seed shared by every point)."]
+    if rule['skipped']: lines.append('Compact grid, skipped (no QP solution): ' + '; '.join(f'{a}: {b}' for a, b in rule['skipped'].items()))
+    if sub['SID@5'].isna().all() and 'SID@k' in sub and sub['SID@k'].notna().any():
+        kk = int(sub['SID_k'].max())
+        lines.append(f"SID@5 of DINO-QPM Compact is '–' (as in the paper): its N_f^c = {kk} < 5; SID@{kk} = "
+                     f"{format_mean_std([100 * v for v in sub['SID@k']])} (k = N_f^c, the authors' fallback in qpm_metrics.py).")
+    if p.dataset in PUBLISHED_DATASETS:
+        pub = published_table1(p.dataset).loc['DINO-QPM Compact'].dropna()
+        lines.append(f'Published DINO-QPM Compact ({p.dataset}): ' + ', '.join(f'{m} {v:.1f}' for m, v in pub.items())
+                     + ' (SID@5 –); its N_f* and N_f^c are not published.')
+    return lines
+
+def write_table1_compactness(p: PaperParams, name: str = 'compactness') -> list:
+    """`figures/<name>.{csv,png,pdf}` (`write_compactness`) from the same records as Table 1's Compact row: the raw grid
+    records of every seed (`merge_table1(..., resolve=False)`) and the same choice (`compact_choice`). Several datasets:
+    one `<name>_<dataset>` each. Returns the paths (none without Compact records)."""
+    if p.datasets: return [f for q in p.per_dataset() for f in write_table1_compactness(q, f'{name}_{q.dataset_label}')]
+    raw = merge_table1(p, ('compact',), resolve=False)
+    pts = pd.DataFrame([pt for r in raw.get('compact_points', pd.Series(dtype=object)).dropna() for pt in r])
+    if pts.empty: return []
+    choice = compact_choice(pts)
+    title = 'DEMO (synthetic data / stand-in backbone): ' if is_demo(p) else ''
+    return write_compactness(pts, choice, p.out_path, choice['n_classes'], title=f'{title}{p.dataset_label}, ', name=name)
 
 # %% ../../nbs/10b_paper_notes.ipynb #c010
 def dataset_groups(tidy: pd.DataFrame, p: PaperParams) -> dict:

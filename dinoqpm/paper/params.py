@@ -75,6 +75,7 @@ class PaperParams:
     require_masks: bool = True     # False: a CUB folder without segmentations/ runs (Plausibility skipped, and said so)
     stop: str = 'auto'             # stop every phase at convergence: auto (on in quick mode, off in full and smoke) | on | off
     workers: int = 0               # Table 1 cells trained at once, one thread each (0: the CPU cores, at most 4); no effect on the numbers
+    compact_grid: str = 'column'   # DINO-QPM Compact's grid: column (N_f^c = 1..5 at the default N_f*) | full (N_f* 10..60 x N_f^c 1..5)
 
     def __post_init__(self):
         if self.mode not in MODES: raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -82,6 +83,8 @@ class PaperParams:
             raise ConfigError(f"probe_protocol must be 'authors' or 'dinov2', got {self.probe_protocol!r}")
         if self.workers < 0: raise ConfigError(f"workers must be >= 0 (0: as many as CPU cores, at most 4), got {self.workers}")
         if self.stop not in ('auto', 'on', 'off'): raise ConfigError(f"stop must be auto, on or off, got {self.stop!r}")
+        if self.compact_grid not in ('column', 'full'):
+            raise ConfigError(f"compact_grid must be column or full, got {self.compact_grid!r}")
         dataset, datasets = _one_form(self.dataset, self.datasets)
         object.__setattr__(self, 'dataset', dataset); object.__setattr__(self, 'datasets', datasets)
         try: self.seed_list

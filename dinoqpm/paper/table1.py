@@ -19,15 +19,17 @@ from ..numerics import numerics_mode
 from .. import distributed as D
 from ..evaluation import TABLE1_METRICS
 from .params import PaperParams, paper_config, paper_cnn_config, cnn_is_stand_in, baseline_recipes
+from .compactness import GridPoint, compact_grid, run_grid, choose_compact
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TABLE1_ROW_REGISTRY', 'TABLE1_QP_FIELDS', 'CNN_QP_FIELDS', 'CNN_ROWS', 'TABLE1_ROWS', 'ROW_METHOD',
-           'PUBLISHED_ROW', 'ROW_MODEL_FILE', 'TABLE1_CELLS', 'CELL_OF_ROW', 'CELL_COST', 'Table1Row',
+__all__ = ['log', 'TABLE1_ROW_REGISTRY', 'TABLE1_QP_FIELDS', 'CNN_QP_FIELDS', 'CNN_ROWS', 'COMPACT_FIELDS', 'TABLE1_ROWS',
+           'ROW_METHOD', 'PUBLISHED_ROW', 'ROW_MODEL_FILE', 'TABLE1_CELLS', 'CELL_OF_ROW', 'CELL_COST', 'Table1Row',
            'register_table1_row', 'list_table1_rows', 'get_table1_row', 'table1_cell_rows', 'table1_cell_cost',
            'row_run_dir', 'row_method', 'SeedRun', 'run_qpm_row', 'run_qpm_dense_row', 'run_cnn_qpm_row',
-           'run_cnn_dense_row', 'run_baseline_row', 'run_qsenn_row', 'run_probe_row', 'needs_tokens', 'run_table1_seed',
+           'run_cnn_dense_row', 'run_baseline_row', 'run_qsenn_row', 'run_probe_row', 'table1_compact_grid',
+           'compact_run_dir', 'run_compact_row', 'compact_choice', 'resolve_compact', 'needs_tokens', 'run_table1_seed',
            'parse_cells', 'table1_cells', 'cell_file', 'one_thread_per_cell', 'run_table1_cell', 'merge_table1',
            'run_table1_cells', 'run_table1_datasets', 'run_table1']
 
@@ -44,6 +46,7 @@ class Table1Row:
     run: Callable               # run(seed_run, row) -> (metrics, model file, extra record fields): train (or reuse), evaluate
     demo_method: Optional[str] = None   # its name where it trains a demo stand-in (the CNN rows' EfficientNet-Lite0)
     config: Optional[Callable] = None   # config(p, seed): the configuration of its run, if not `paper_config`'s (the CNN rows')
+    resolve: Optional[Callable] = None  # resolve(p, records) -> records: decides the row across seeds when Table 1 is merged
 
 TABLE1_ROW_REGISTRY: dict = {}
 
@@ -182,6 +185,64 @@ register_table1_row(Table1Row('qsenn', 'DINO-QSENN', 'DINO-QSENN', cell='sldd_qs
 register_table1_row(Table1Row('qpm', 'DINO-QPM', 'DINO-QPM', cell='qpm', cost=1.0, model_file='finetune_model.pt',
                               run=run_qpm_row))
 
+# %% ../../nbs/10a_paper_table1.ipynb #c011y
+def table1_compact_grid(p: PaperParams, cfg: RunConfig) -> dict:
+    """The compactness grid of Table 1's Compact row around the seed's DINO-QPM point (`cfg`'s N_f*, N_f^c):
+    `p.compact_grid` (`compact_grid`: 'column' in `make table1`, 'full' in `nbs/paper/run_compactness.ipynb`); smoke mode
+    runs N_f^c = 1 and the reference only (seconds)."""
+    ref = (cfg.qp.n_select, cfg.qp.n_per_class)
+    if p.mode == 'smoke': return {'n_select': (ref[0],), 'n_per_class': tuple(sorted({1, ref[1]}))}
+    return compact_grid(p.compact_grid, ref)
+
+def compact_run_dir(p: PaperParams, cfg: RunConfig, pt: GridPoint) -> Path:
+    "The run directory of one grid point of one seed: `<runs>/<dataset>/<backbone>/compactness/K<N_f*>_k<N_f^c>/<seed>`."
+    return default_run_dir(cfg, f'compactness/{pt.key}', p.runs_path)
+
+def run_compact_row(s: SeedRun, row: Table1Row) -> tuple:
+    """DINO-QPM Compact, one seed: the compactness grid (`table1_compact_grid`) run on DINO-QPM's dense phase (`run_grid`;
+    the reference point is DINO-QPM's own run, `s.qpm()`), every point's record kept under `compact_points`. Which point
+    is Compact is decided across the seeds when the table is merged (`resolve_compact`)."""
+    ref, ref_dir = s.qpm(), row_run_dir(s.p, s.cfg, 'qpm')
+    run = lambda cfg, d, dense_from=None, **kw: ref if Path(d) == ref_dir else run_qpm(cfg, d, dense_from=dense_from, **kw)
+    pts = run_grid(s.cfg, table1_compact_grid(s.p, s.cfg), ref_dir, lambda pt: compact_run_dir(s.p, s.cfg, pt),
+                   n_classes=int(ref['qp'].weight.shape[0]), run=run, progress=s.progress)
+    return {}, ref['model'], {'compact_points': pts}
+
+def compact_choice(points: pd.DataFrame) -> dict:
+    "`choose_compact` on the grid records of every seed, the reference being the records flagged `reference` (DINO-QPM's runs)."
+    ref = points[points['reference'].astype(bool)].sort_values('seed')
+    choice = choose_compact(points, ref['Accuracy'].to_numpy(), reference=(int(ref['n_select'].iloc[0]), int(ref['n_per_class'].iloc[0])))
+    skipped = points[points['skipped'].notna()].drop_duplicates(['n_select', 'n_per_class'])
+    return {**choice, 'n_classes': int(points['links'].iloc[0] // points['n_per_class'].iloc[0]),
+            'grid': sorted({(int(r.n_select), int(r.n_per_class)) for r in points.itertuples()}),
+            'skipped': {GridPoint(int(r.n_select), int(r.n_per_class)).label: r.skipped for r in skipped.itertuples()}}
+
+COMPACT_FIELDS = ('SID@k', 'SID_k', 'NFfeatures', 'PerClass')   # the Compact row's fields beyond `_KEEP`
+
+def resolve_compact(p: PaperParams, recs: list) -> list:
+    """Table 1's Compact records, decided across seeds (`compact_choice`): each seed's placeholder replaced by the chosen
+    grid point's own record (metrics, convergence, QP certificate, model file), its method naming the point
+    (`DINO-QPM Compact (N_f*=.., N_f^c=..)`), the rule's numbers under `compact_rule` (JSON)."""
+    mine = [r for r in recs if r['row'] == 'compact' and r.get('compact_points')]
+    if not mine: return recs
+    ids = {id(r) for r in mine}
+    c = compact_choice(pd.DataFrame([pt for r in mine for pt in r['compact_points']]))
+    rule = json.dumps({k: c[k] for k in ('tolerance', 'min_points', 'reference_mean', 'reference_std', 'threshold', 'reference',
+                                         'n_classes', 'grid', 'skipped')}, default=_record_json)
+    out = []
+    for r in recs:
+        if id(r) not in ids: out.append(r); continue
+        pt = next(x for x in r['compact_points'] if (x['n_select'], x['n_per_class']) == (c['n_select'], c['n_per_class']))
+        new = {k: v for k, v in r.items() if k != 'compact_points'}
+        new.update({k: pt.get(k) for k in (*_KEEP, *COMPACT_FIELDS)}, **_convergence_fields(pt),
+                   **{k: v for k, v in pt.items() if k.startswith('qp_')})
+        new.update(method=f"{r['method']} ({c['label']})", compact_point=c['label'], n_select=c['n_select'],
+                   n_per_class=c['n_per_class'], n_links=pt['links'], compact_rule=rule,
+                   plausibility_skipped=pt.get('plausibility_skipped'),
+                   model_file=_under(Path(pt['run_dir']) / 'finetune_model.pt', p.runs_path))
+        out.append(new)
+    return out
+
 # %% ../../nbs/10a_paper_table1.ipynb #c011c
 register_table1_row(Table1Row('cnn_dense', 'ResNet50 Baseline', 'ResNet50 baseline (QPM paper)', cell='cnn_qpm', cost=3.0,
                               model_file='dense_model.pt', run=run_cnn_dense_row,
@@ -189,6 +250,8 @@ register_table1_row(Table1Row('cnn_dense', 'ResNet50 Baseline', 'ResNet50 baseli
 register_table1_row(Table1Row('cnn_qpm', 'ResNet50 QPM', 'ResNet50 QPM (QPM paper)', cell='cnn_qpm', cost=3.0,
                               model_file='finetune_model.pt', run=run_cnn_qpm_row,
                               demo_method='CNN QPM (EfficientNet-Lite0, end to end)', config=paper_cnn_config))
+register_table1_row(Table1Row('compact', 'DINO-QPM Compact', 'DINO-QPM Compact', cell='qpm', cost=1.0, model_file=None,
+                              run=run_compact_row, resolve=resolve_compact))
 
 # the tables read off the registry (its built-in rows)
 TABLE1_ROWS = tuple(TABLE1_ROW_REGISTRY)
@@ -286,8 +349,10 @@ def table1_cells(p: PaperParams, rows=None, only=()) -> list:
     return cells
 
 def cell_file(p: PaperParams, cell: str, seed: int) -> Path:
-    "Where a finished cell keeps its Table 1 records: `table1_<cell>.json` in its run directory."
-    return row_run_dir(p, paper_config(p, seed), table1_cell_rows()[cell][-1]) / f'table1_{cell}.json'
+    """Where a finished cell keeps its Table 1 records: `table1_<cell>.json` in its run directory (`table1_<cell>_full.json`
+    with the full compactness grid, `run_compactness.ipynb`: it never replaces `make table1`'s records)."""
+    suffix = '' if p.compact_grid == 'column' else f'_{p.compact_grid}'
+    return row_run_dir(p, paper_config(p, seed), table1_cell_rows()[cell][-1]) / f'table1_{cell}{suffix}.json'
 
 def _record_json(o):
     return o.item() if hasattr(o, 'item') else str(o)
@@ -318,11 +383,12 @@ def _one_after_the_other(tables) -> pd.DataFrame:
 
 _NOT_RESULTS = ('out_dir', 'datasets')     # where the table goes and which tables a cell joins: no part of its result
 
-def merge_table1(p: PaperParams, rows=None) -> pd.DataFrame:
+def merge_table1(p: PaperParams, rows=None, resolve: bool = True) -> pd.DataFrame:
     """The tidy Table 1 of `rows` (default: every registered row) from the cells' record files (trains nothing); a missing
-    cell or one made with other parameters is a `ConfigError` naming it and the command that makes it. Several datasets
-    (`PaperParams.datasets`): the records of each, one dataset after the other."""
-    if p.datasets: return _one_after_the_other([merge_table1(q, rows) for q in p.per_dataset()])
+    cell or one made with other parameters is a `ConfigError` naming it and the command that makes it. A row decided
+    across seeds (its `resolve`: DINO-QPM Compact) is decided here; `resolve=False` keeps its raw per-seed records (the
+    compactness figure reads them). Several datasets (`PaperParams.datasets`): the records of each, one after the other."""
+    if p.datasets: return _one_after_the_other([merge_table1(q, rows, resolve) for q in p.per_dataset()])
     rows = list_table1_rows() if rows is None else rows
     _check_rows(rows)
     recs, missing = [], []
@@ -345,6 +411,8 @@ def merge_table1(p: PaperParams, rows=None) -> pd.DataFrame:
     if missing:
         raise ConfigError(f'{len(missing)} Table 1 cell(s) are not finished: {"; ".join(missing[:8])}'
                           f'{" ..." if len(missing) > 8 else ""}; run them first, e.g. dinoqpm table1 --only {missing[0].split(" ")[0]}')
+    for key in rows if resolve else ():
+        if TABLE1_ROW_REGISTRY[key].resolve is not None: recs = TABLE1_ROW_REGISTRY[key].resolve(p, recs)
     return pd.DataFrame(recs)
 
 def run_table1_cells(p: PaperParams, cells, progress=True):

@@ -12,7 +12,7 @@ from .search import best_unique_assignment, qp_objective, SelectionSearch
 from .result import QPResult, QP_RECORD_FIELDS, qp_record, QPNotCertifiedError
 from .mip_model import (SOLVER_NAMES, HIGHS_OPTIONS, require_solver, c_stdout_silenced, solver_gc_guard, MipModel,
                                   TopKModel)
-from .solvers import check_qp_inputs, solve_qp, solve_qp_exhaustive, solve_qp_naive
+from .solvers import qp_infeasible_reason, check_qp_inputs, solve_qp, solve_qp_exhaustive, solve_qp_naive
 
 # %% auto #0
 __all__ = []

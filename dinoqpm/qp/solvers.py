@@ -16,9 +16,25 @@ from .mip_model import require_solver, solver_gc_guard, MipModel, TopKModel
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'check_qp_inputs', 'solve_qp', 'solve_qp_exhaustive', 'solve_qp_naive']
+__all__ = ['log', 'qp_infeasible_reason', 'check_qp_inputs', 'solve_qp', 'solve_qp_exhaustive', 'solve_qp_naive']
 
 # %% ../../nbs/04f_qp_solvers.ipynb #c027
+def qp_infeasible_reason(n_select: int, n_per_class: int, n_classes: int, n_features: Optional[int] = None, *,
+                         names: tuple = ('n_select', 'n_per_class'), features: str = 'features') -> Optional[str]:
+    """Why no QP solution exists for `n_select` (N_f*) of `n_features` (J) features with `n_per_class` (N_f^c) per class
+    and a distinct set for each of `n_classes` classes, or None when one does. The one feasibility check: `check_qp_inputs`,
+    `validate_run_config` and the compactness grid all ask it (`names`: how the two numbers are called in the message;
+    `features`: what the J features are). The QP has no "every selected feature used" constraint, so the test is exact."""
+    K, k, C = int(n_select), int(n_per_class), int(n_classes)
+    nK, nk = names
+    if k < 1: return f'{nk}={k} must be >= 1'
+    if n_features is not None and K > n_features: return f'{nK}={K} exceeds the {int(n_features)} {features}'
+    if k > K: return f'{nk}={k} exceeds {nK}={K}'
+    if (n := math.comb(K, k)) < C:
+        return (f'{C} classes cannot each get their own set of {nk}={k} out of {nK}={K} features: only C({K}, {k}) = {n} '
+                f'sets exist; raise {nK} or {nk}')
+    return None
+
 def check_qp_inputs(A, R, n_select: int, n_per_class: int, bias=None, tau=None):
     "Validate the QP's inputs; returns float64 copies `(A, R, bias)` or raises ValueError saying why."
     A = np.asarray(A, dtype=np.float64); R = np.asarray(R, dtype=np.float64)
@@ -28,12 +44,7 @@ def check_qp_inputs(A, R, n_select: int, n_per_class: int, bias=None, tau=None):
     if not np.isfinite(A).all(): raise ValueError('A contains NaN or inf')
     if not np.isfinite(R).all(): raise ValueError('R contains NaN or inf')
     if int(n_select) != n_select or int(n_per_class) != n_per_class: raise ValueError('n_select and n_per_class must be integers')
-    if n_per_class < 1: raise ValueError(f'n_per_class must be >= 1, got {n_per_class}')
-    if n_select > J: raise ValueError(f'n_select = {n_select} exceeds the number of features J = {J}')
-    if n_per_class > n_select: raise ValueError(f'n_per_class = {n_per_class} exceeds n_select = {n_select}')
-    if (n := math.comb(int(n_select), int(n_per_class))) < C:
-        raise ValueError(f'{C} classes cannot all get distinct sets: only C({n_select}, {n_per_class}) = {n} sets of '
-                         f'{n_per_class} out of {n_select} features exist; raise n_select or n_per_class')
+    if why := qp_infeasible_reason(n_select, n_per_class, C, J, features='features (rows of A)'): raise ValueError(why)
     if bias is not None:
         bias = np.asarray(bias, dtype=np.float64)
         if bias.shape != (J,): raise ValueError(f'bias must have shape ({J},), got {bias.shape}')
