@@ -10,7 +10,7 @@ from .backbone import (PAPER_DEFAULT_BACKBONE, DINOV2_URL, DINO_URL, DINOV3_URL,
                                        meta_state_dict, save_meta_checkpoint, resample_pos_embed_reference,
                                        WeightsError, load_efficientnet_weights, weights_path,
                                        check_weights, build_timm_model, create_backbone, randomize_, make_test_checkpoint,
-                                       missing_weights_error, BackboneFamily, FAMILIES, build_model, build_pretrained)
+                                       missing_weights_error, BackboneFamily, FAMILIES, build_model, build_pretrained, undilate)
 from .cache import (CACHE_FORMAT, PRECISIONS, ARRAY_NAMES, PROGRESS_FILE, CHUNKS_DIR, FREE_MARGIN, StaleCacheError,
                                     default_cache_root, sha256_file, weights_fingerprint, feature_cache_key, key_hash,
                                     cache_dir, safe_name, FeatureCache, save_feature_cache, open_feature_cache,

@@ -14,9 +14,9 @@ from .checkpoints import (CHECKPOINT_FORMAT, MODEL_FORMAT, LOG_COLUMNS, CHECKPOI
                                        checkpoint_interval, save_model, load_model, load_finished_phase)
 from .loop import (make_optimizer, step_schedule, model_device, set_optimizer_mode, training_data, data_batches,
                                 autocast_for, recompute_bn_stats, eval_accuracy, NonFiniteLossError, trains_head_only,
-                                train_phase)
+                                train_phase, test_every)
 from .phases import (check_training_data, train_dense, extract_features, compute_feature_stats, finetune)
-from .images import (IMAGE_SPLIT_FORMAT, AUGMENT_RNG, ImageSplit, image_split_key, load_image_splits,
+from .images import (IMAGE_SPLIT_FORMAT, IMAGE_MEMORY_BYTES, AUGMENT_RNG, ImageSplit, image_split_key, load_image_splits,
                                   ImageLoader, image_batches)
 
 # %% auto #0
