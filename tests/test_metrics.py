@@ -152,6 +152,43 @@ def test_contrastiveness_bimodal_vs_unimodal(rng):
     assert M.gmm_overlap(np.full(10, 2.5)) == 1.0
 
 
+def _sklearn_means_variances(x, seed):
+    import warnings
+    from sklearn.mixture import GaussianMixture
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        g = GaussianMixture(n_components=2, random_state=seed).fit(np.asarray(x, np.float64)[:, None])
+    return g.means_.ravel(), g.covariances_.ravel()
+
+
+@pytest.mark.parametrize('n,seed', [(2, 0), (7, 3), (295, 0), (600, 1)])
+def test_gaussian_pairs_are_sklearns_fits(rng, n, seed):
+    """`fit_gaussian_pairs` (many features at once) gives sklearn's own GaussianMixture(2, random_state=seed) means and
+    variances for every feature: Gaussian, ReLU'd, rounded (ties), rarely-on, heavy-tailed; more columns than one block
+    and more samples than one of sklearn's k-means chunks (256); a constant column gives NaN."""
+    X = np.concatenate([rng.normal(size=(n, 90)), np.maximum(rng.normal(size=(n, 90)) * rng.uniform(0.1, 3, 90), 0),
+                        np.round(rng.normal(size=(n, 60)) * 2), (rng.random((n, 40)) < 0.03) * 1.0,
+                        np.clip(rng.standard_t(3, size=(n, 40)) + (rng.random((n, 40)) < 0.3) * 4, 0, 6), np.ones((n, 1))], 1)
+    mu, var = M.fit_gaussian_pairs(X, seed, chunk=128)
+    for j in range(X.shape[1]):
+        if np.ptp(X[:, j]) == 0: assert np.isnan(mu[:, j]).all(); continue
+        m, v = _sklearn_means_variances(X[:, j], seed)
+        np.testing.assert_allclose(mu[:, j], m, rtol=1e-9, atol=1e-12, err_msg=f'feature {j}')
+        np.testing.assert_allclose(var[:, j], v, rtol=1e-9, atol=1e-12, err_msg=f'feature {j}')
+
+
+def test_gaussian_pairs_hand_a_column_to_sklearn_where_kmeans_empties_a_cluster(rng, monkeypatch):
+    """Where sklearn's k-means would relocate an empty cluster (not reproduced), that column is fitted by sklearn itself."""
+    X = rng.normal(size=(50, 3))
+    labels, ok = M._kmeans_labels(X, 0)
+    assert ok.all()
+    monkeypatch.setattr(M, '_kmeans_labels', lambda x, seed: (np.zeros(x.shape, np.int64), np.array([True, False, True])))
+    mu, var = M.fit_gaussian_pairs(X, 0)
+    m, v = _sklearn_means_variances(X[:, 1], 0)
+    np.testing.assert_allclose(mu[:, 1], m, rtol=1e-12)            # the fallback's own fit
+    assert not np.allclose(mu[:, 0], _sklearn_means_variances(X[:, 0], 0)[0])      # the others: from the (bad) labels given
+
+
 def test_structural_grounding_any_class_count(rng):
     for C in (3, 7, 25):
         A = rng.random((C, 10))

@@ -11,7 +11,7 @@ from .explain import (FEATURE_COLORS, hex_to_rgb, feature_colors, upsample_maps,
                                         grey_image, overlay_features, overlay_cam)
 from .metrics import (PLAUSIBILITY_VARIANTS, HIGHER, LOWER, METRIC_DIRECTIONS, as_numpy,
                                         predicted_classes, relevant_features, accuracy, sid_per_image, sid_at_k,
-                                        class_independence, gmm_overlap, contrastiveness, correlation, dependence,
+                                        class_independence, gmm_overlap, fit_gaussian_pairs, contrastiveness, correlation, dependence,
                                         structural_grounding, alignment, resize_mask, dilate_mask, plausibility_scores,
                                         plausibility, pooling_baseline, part_cells, part_faithfulness, MASKS,
                                         CLASS_ATTRIBUTES, IMAGE_ATTRIBUTES, PART_MAPS, REQUIREMENTS, Metric, Accuracy,

@@ -16,11 +16,11 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'PLAUSIBILITY_VARIANTS', 'HIGHER', 'LOWER', 'MASKS', 'CLASS_ATTRIBUTES', 'IMAGE_ATTRIBUTES', 'PART_MAPS',
            'REQUIREMENTS', 'METRICS', 'METRIC_DIRECTIONS', 'as_numpy', 'predicted_classes', 'relevant_features',
-           'accuracy', 'sid_per_image', 'sid_at_k', 'class_independence', 'gmm_overlap', 'contrastiveness',
-           'correlation', 'dependence', 'structural_grounding', 'alignment', 'resize_mask', 'plausibility_scores',
-           'plausibility', 'pooling_baseline', 'part_cells', 'part_faithfulness', 'Metric', 'Accuracy', 'Plausibility',
-           'SIDAtK', 'ClassIndependence', 'Contrastiveness', 'Correlation', 'StructuralGrounding', 'Alignment',
-           'PoolingBaseline', 'Dependence', 'PartFaithfulness', 'dilate_mask']
+           'accuracy', 'sid_per_image', 'sid_at_k', 'class_independence', 'fit_gaussian_pairs', 'gmm_overlap',
+           'contrastiveness', 'correlation', 'dependence', 'structural_grounding', 'alignment', 'resize_mask',
+           'plausibility_scores', 'plausibility', 'pooling_baseline', 'part_cells', 'part_faithfulness', 'Metric',
+           'Accuracy', 'Plausibility', 'SIDAtK', 'ClassIndependence', 'Contrastiveness', 'Correlation',
+           'StructuralGrounding', 'Alignment', 'PoolingBaseline', 'Dependence', 'PartFaithfulness', 'dilate_mask']
 
 # %% ../../nbs/06_evaluation_metrics.ipynb #c006
 def as_numpy(x, dtype=None) -> np.ndarray:
@@ -101,29 +101,118 @@ def class_independence(features, labels, n_classes: Optional[int] = None, return
     return per_feature if return_per_feature else float(per_feature.mean())
 
 # %% ../../nbs/06_evaluation_metrics.ipynb #c021
-def gmm_overlap(x, seed: int = 0) -> float:
-    "Overlap coefficient of the two Gaussians of a seeded 2-component GMM fitted to the 1-D sample `x` (1.0 for a constant sample)."
+def _kmeans_plus_plus(xc, seed: int):
+    """sklearn's greedy k-means++ start of `KMeans(2, random_state=seed)` for every centred column of `xc` `[N, J]`: the
+    first centre and the two candidate draws come from `RandomState(seed)` without looking at the data, so they are the
+    same for every column; returns the two centres `[2, J]`."""
+    n, J = xc.shape
+    rs, w = np.random.RandomState(seed), np.ones(n)
+    first, u = rs.choice(n, p=w / w.sum()), rs.uniform(size=2)
+    c0 = xc[first]
+    closest = np.maximum(-2 * (c0 * xc) + c0 * c0 + xc * xc, 0)        # sklearn's squared distances, in its order
+    cand = np.minimum((np.cumsum(closest, 0)[:, None] < u[:, None] * closest.sum(0)).sum(0), n - 1)   # searchsorted, [2, J]
+    cc = np.take_along_axis(xc, cand, 0)
+    pot = np.minimum(closest[None], -2 * (cc[:, None] * xc[None]) + (cc * cc)[:, None] + xc * xc).sum(1)
+    return np.stack([c0, cc[pot.argmin(0), np.arange(J)]])
+
+def _nearest(xc, c):
+    "Lloyd's assignment as sklearn computes it (|c|² - 2·x·c, the lower index on ties): 0 or 1 per sample `[N, J]`."
+    return (c[1] * c[1] - 2 * (xc * c[1]) < c[0] * c[0] - 2 * (xc * c[0])).astype(np.int64)
+
+def _kmeans_labels(x, seed: int, max_iter: int = 300, tol: float = 1e-4):
+    """The labels `[N, J]` of sklearn's `KMeans(2, n_init=1, random_state=seed)` of every column of `x` (Lloyd from
+    `_kmeans_plus_plus`, its tolerance and strict-convergence rule), and which columns never left a cluster empty (the
+    others need sklearn's relocation of empty clusters)."""
+    xc = x - x.mean(0)
+    c, n = _kmeans_plus_plus(xc, seed), len(x)
+    labels, old = np.zeros(x.shape, np.int64), np.full(x.shape, -1)
+    active, strict, ok = np.ones(x.shape[1], bool), np.zeros(x.shape[1], bool), c[0] != c[1]
+    tol_j = xc.var(0) * tol
+    for _ in range(max_iter):
+        a = np.flatnonzero(active)
+        if not len(a): break
+        lab = _nearest(xc[:, a], c[:, a])
+        n1 = lab.sum(0)
+        ok[a] &= (n1 > 0) & (n1 < n)
+        new = np.stack([(xc[:, a] * (1 - lab)).sum(0) / np.maximum(n - n1, 1), (xc[:, a] * lab).sum(0) / np.maximum(n1, 1)])
+        shift, c[:, a] = ((new - c[:, a]) ** 2).sum(0), new
+        same = (lab == old[:, a]).all(0)
+        labels[:, a] = old[:, a] = lab
+        strict[a[same]] = True
+        active[a[same | (shift <= tol_j[a])]] = False
+    redo = ~strict
+    labels[:, redo] = _nearest(xc[:, redo], c[:, redo])                 # sklearn's final assignment to the final centres
+    return labels, ok
+
+def _gaussians(x, resp, reg_covar: float = 1e-6):
+    "sklearn's M step: component masses (+10 eps), means and variances (+`reg_covar`) `[2, J]` from responsibilities `[2, N, J]`."
+    nk = resp.sum(1) + 10 * np.finfo(np.float64).eps
+    mu = (resp * x).sum(1) / nk
+    return nk, mu, (resp * (x[None] - mu[:, None]) ** 2).sum(1) / nk + reg_covar
+
+def _gmm_em(x, labels, max_iter: int = 100, tol: float = 1e-3):
+    """sklearn's EM of `GaussianMixture(2)` (full covariance, started from the k-means `labels`) on every column of `x`:
+    E step, M step, stop when the mean log-likelihood changes by less than `tol`; the means and variances `[2, J]`."""
+    nk, mu, var = _gaussians(x, np.stack([1.0 - labels, labels.astype(np.float64)]))
+    w, lb, active = nk / len(x), np.full(x.shape[1], -np.inf), np.ones(x.shape[1], bool)
+    for _ in range(max_iter):
+        a = np.flatnonzero(active)
+        if not len(a): break
+        prec = 1.0 / np.sqrt(var[:, a])
+        y = x[:, a][None] * prec[:, None] - (mu[:, a] * prec)[:, None]
+        lp = -.5 * (math.log(2 * math.pi) + y * y) + np.log(prec)[:, None] + np.log(w[:, a])[:, None]
+        top = lp.max(0)
+        norm = np.log(np.exp(lp - top).sum(0)) + top
+        with np.errstate(under='ignore'): resp = np.exp(lp - norm)
+        nk, mu[:, a], var[:, a] = _gaussians(x[:, a], resp)
+        w[:, a] = nk / nk.sum(0)
+        change, lb[a] = norm.mean(0) - lb[a], norm.mean(0)
+        active[a[np.abs(change) < tol]] = False
+    return mu, var
+
+def fit_gaussian_pairs(features, seed: int = 0, chunk: int = 256, progress: bool = False):
+    """The means and variances `[2, J]` of a seeded 2-component `sklearn.mixture.GaussianMixture` fitted to every column of
+    `features` `[N, J]` (k-means start, EM), reproduced column by column but computed for `chunk` columns at once; a
+    constant column gets NaN, a column whose k-means empties a cluster is fitted by sklearn itself."""
+    from tqdm.auto import tqdm
+    f = as_numpy(features, np.float64)
+    mu, var = np.full((2, f.shape[1]), np.nan), np.full((2, f.shape[1]), np.nan)
+    live = np.flatnonzero(np.ptp(f, 0) > 0) if len(f) >= 2 else np.array([], np.int64)
+    for i in tqdm(range(0, len(live), chunk), desc='GMM per feature', disable=not progress):
+        cols = live[i:i + chunk]
+        labels, ok = _kmeans_labels(f[:, cols], seed)
+        mu[:, cols], var[:, cols] = _gmm_em(f[:, cols], labels)
+        for j in cols[~ok]: mu[:, j], var[:, j] = _sklearn_gmm(f[:, j], seed)
+    return mu, var
+
+def _sklearn_gmm(x, seed: int):
+    "The means and variances `[2]` of sklearn's `GaussianMixture(2, random_state=seed)` fitted to the 1-D sample `x`."
     from sklearn.mixture import GaussianMixture
     from sklearn.exceptions import ConvergenceWarning
-    x = as_numpy(x, np.float64).reshape(-1, 1)
-    if len(x) < 2 or np.ptp(x) == 0: return 1.0
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', ConvergenceWarning)
-        gmm = GaussianMixture(n_components=2, random_state=seed).fit(x)
-    mu, var = gmm.means_.ravel(), gmm.covariances_.ravel()
-    return float(statistics.NormalDist(float(mu[0]), float(math.sqrt(var[0]))).overlap(
-                 statistics.NormalDist(float(mu[1]), float(math.sqrt(var[1])))))
+        g = GaussianMixture(n_components=2, random_state=seed).fit(np.asarray(x, np.float64).reshape(-1, 1))
+    return g.means_.ravel(), g.covariances_.ravel()
+
+def _overlap(mu, var) -> float:
+    "Overlap coefficient of N(mu[0], var[0]) and N(mu[1], var[1]) (1.0 where `mu` is NaN: a constant feature)."
+    if np.isnan(mu).any(): return 1.0
+    return float(statistics.NormalDist(float(mu[0]), math.sqrt(float(var[0]))).overlap(
+                 statistics.NormalDist(float(mu[1]), math.sqrt(float(var[1])))))
+
+def gmm_overlap(x, seed: int = 0) -> float:
+    "Overlap coefficient of the two Gaussians of a seeded 2-component GMM fitted to the 1-D sample `x` (1.0 for a constant sample)."
+    mu, var = fit_gaussian_pairs(as_numpy(x, np.float64).reshape(-1, 1), seed)
+    return _overlap(mu[:, 0], var[:, 0])
 
 def contrastiveness(features, seed: int = 0, return_per_feature: bool = False, progress: bool = False):
-    "Contrastiveness of train features `[N, J]`: 1 - mean over features of the GMM overlap (seeded sklearn GaussianMixture(2))."
-    from tqdm.auto import tqdm
-    from threadpoolctl import threadpool_limits
+    "Contrastiveness of train features `[N, J]`: 1 - mean over features of the GMM overlap (seeded, as sklearn's GaussianMixture(2))."
     f = as_numpy(features, np.float64)
     if f.ndim != 2: raise ValueError(f'features must be [N, J], got shape {f.shape}')
-    with threadpool_limits(1):        # 1-D fits: OpenMP threads only add overhead (14x slower here), results are identical
-        ovl = np.array([gmm_overlap(f[:, j], seed) for j in tqdm(range(f.shape[1]), desc='GMM per feature', disable=not progress)])
-    per_feature = 1.0 - ovl
+    mu, var = fit_gaussian_pairs(f, seed, progress=progress)
+    per_feature = 1.0 - np.array([_overlap(mu[:, j], var[:, j]) for j in range(f.shape[1])])
     return per_feature if return_per_feature else float(per_feature.mean())
+
 
 # %% ../../nbs/06_evaluation_metrics.ipynb #c024
 def correlation(features, return_per_feature: bool = False):
