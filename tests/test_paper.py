@@ -61,6 +61,7 @@ def test_table1_notebook(shared):
     # the compactness figure, from the same records as the row: the chosen point's mean accuracy is the row's
     assert all((fig / f'compactness.{ext}').stat().st_size > 0 for ext in ('csv', 'png', 'pdf'))
     grid = pd.read_csv(fig / 'compactness.csv')
+    assert grid['run_dir'].notna().any() and not grid['run_dir'].dropna().str.startswith('/').any()   # below the runs folder
     pick = grid[grid['compact'].astype(bool) & grid['seed'].astype(str).str.startswith('mean')]
     assert len(pick) == 1 and f"{pick['Accuracy mean'].iloc[0]:.1f}" == f"{float(t.loc[compact, 'Accuracy']):.1f}"
     assert 'demo' in (fig / 'table1.tex').read_text().lower()

@@ -18,7 +18,7 @@ from ..train import convergence_criterion
 from ..evaluation import TABLE1_METRICS, summarise_runs, write_table, published_table1, format_mean_std
 from .params import (PaperParams, QUICK_STEPS, QUICK_CNN, paper_config, paper_cnn_config, cnn_is_stand_in,
                                   run_backbone, is_demo)
-from .table1 import TABLE1_QP_FIELDS, CNN_QP_FIELDS, CNN_ROWS, merge_table1, compact_choice
+from .table1 import TABLE1_QP_FIELDS, CNN_QP_FIELDS, CNN_ROWS, merge_table1, compact_choice, _under
 from .compactness import write_compactness
 
 log = logging.getLogger(__name__)
@@ -244,13 +244,16 @@ def compact_notes(p: PaperParams, tidy: pd.DataFrame) -> list:
 
 def write_table1_compactness(p: PaperParams, name: str = 'compactness') -> list:
     """`figures/<name>.{csv,png,pdf}` (`write_compactness`) from the same records as Table 1's Compact row: the raw grid
-    records of every seed (`merge_table1(..., resolve=False)`) and the same choice (`compact_choice`). Several datasets:
+    records of every seed (`merge_table1(..., resolve=False)`) and the same choice (`compact_choice`), their run folders
+    and model files relative to the runs folder (as in Table 1's files: the same on every machine). Several datasets:
     one `<name>_<dataset>` each. Returns the paths (none without Compact records)."""
     if p.datasets: return [f for q in p.per_dataset() for f in write_table1_compactness(q, f'{name}_{q.dataset_label}')]
     raw = merge_table1(p, ('compact',), resolve=False)
     pts = pd.DataFrame([pt for r in raw.get('compact_points', pd.Series(dtype=object)).dropna() for pt in r])
     if pts.empty: return []
     choice = compact_choice(pts)
+    pts = pts.assign(**{c: pts[c].map(lambda v: _under(v, p.runs_path) if isinstance(v, str) else v)
+                        for c in ('run_dir', 'model', 'model_path') if c in pts})
     title = 'DEMO (synthetic data / stand-in backbone): ' if is_demo(p) else ''
     return write_compactness(pts, choice, p.out_path, choice['n_classes'], title=f'{title}{p.dataset_label}, ', name=name)
 
