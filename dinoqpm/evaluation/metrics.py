@@ -213,7 +213,6 @@ def contrastiveness(features, seed: int = 0, return_per_feature: bool = False, p
     per_feature = 1.0 - np.array([_overlap(mu[:, j], var[:, j]) for j in range(f.shape[1])])
     return per_feature if return_per_feature else float(per_feature.mean())
 
-
 # %% ../../nbs/06_evaluation_metrics.ipynb #c024
 def correlation(features, return_per_feature: bool = False):
     "Correlation of train features `[N, J]`: mean_j max_{i != j} cos(f_i, f_j) (uncentred, diagonal 0)."
