@@ -158,3 +158,17 @@ def test_command_line_evaluate_export_inference(cnn_qpm_run, tmp_path):
     code, err = _in_process('inference', '--model-path', tmp_path / 'ex', '--image-path', cnn_qpm_run.images,
                             '--output-json', tmp_path / 'p.json', '--no-visualize-feature-maps', cwd=tmp_path)
     assert code == 0 and json.loads((tmp_path / 'p.json').read_text())['num_images'] == 4, err
+
+
+def test_model_file_of_another_dilation_is_one_line_naming_the_file(cnn_qpm_run, tmp_path):
+    """A CNN model file whose recorded dilation is not what the package builds (a file of the dilated stand-in from before
+    it was undilated) is refused by `load_model` and by the command line with one line naming the file, not a traceback."""
+    from dinoqpm.core import save_checked
+    ck = read_model_file(cnn_qpm_run.run / 'finetune_model.pt', 'model file')
+    ck['spec'] = {**ck['spec'], 'dilate': not ck['spec']['dilate']}
+    run = tmp_path / 'run'
+    shutil.copytree(cnn_qpm_run.run, run)
+    bad = save_checked(ck, run / 'finetune_model.pt')
+    with pytest.raises(ConfigError, match=f'{bad}: .*was trained with dilate='): load_model(bad)
+    code, err = _in_process('evaluate', '--model-path', bad, '--eval-mode', 'accuracy', cwd=tmp_path)
+    assert code == 2 and err.count('\n') == 1 and str(bad) in err and 'train it again' in err, err

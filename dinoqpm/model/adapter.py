@@ -333,7 +333,7 @@ def model_from_spec(spec: dict, state_dict=None) -> QPMModel:
     """Build the model of a `model_spec` (a `DinoQPMModel` for a spec without `kind`, as every file written before there
     were other kinds) and optionally load a state dict (head included)."""
     kind = spec.get('kind', DinoQPMModel.kind)
-    if kind not in MODEL_KINDS: raise ValueError(f"unknown model kind {kind!r} in a model spec; known: {', '.join(sorted(MODEL_KINDS))}")
+    if kind not in MODEL_KINDS: raise ConfigError(f"unknown model kind {kind!r} in a model spec; known: {', '.join(sorted(MODEL_KINDS))}")
     m = MODEL_KINDS[kind].from_spec(spec)
     if state_dict is not None: m.load_state_dict(state_dict)
     return m

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from ..features.cnn import create_trainable_cnn
+from ..config import ConfigError
 from ..features.backbone import get_backbone_spec
 from .adapter import QPMModel, ModelOutput, DenseHead, register_model
 
@@ -53,6 +54,6 @@ class CNNQPMModel(QPMModel):
         weights would give other maps."""
         built, dilate = get_backbone_spec(spec['backbone']).dilate, spec.get('dilate', True)
         if built != dilate:
-            raise ValueError(f"this model's {spec['backbone']} was trained with dilate={dilate}, but the package now builds it "
+            raise ConfigError(f"this model's {spec['backbone']} was trained with dilate={dilate}, but the package now builds it "
                              f"with dilate={built} (the same weights would give other maps): train it again")
         return cls(spec['backbone'], spec['n_classes'], spec.get('head_dropout', 0.2), spec['img_size'], pretrained=False)

@@ -169,8 +169,16 @@ def save_model(model: DinoQPMModel, path, **extra) -> Path:
 def load_model(path, device='cpu') -> DinoQPMModel:
     "Rebuild a `DinoQPMModel` (eval mode) from a final model file or a checkpoint; `.history`, `.run_config` and `.convergence` are attached."
     ck = read_model_file(path, 'model file')
-    model = model_from_spec(ck['spec'], ck['model']).to(get_device(device)).eval()
-    model.history, model.run_config = ck.get('history', []), ck.get('config')
+    model = _rebuild(path, ck, get_device(device))
+    model.run_config = ck.get('config')
+    return model
+
+def _rebuild(path, ck: dict, device) -> DinoQPMModel:
+    """The model of the file `path` (read as `ck`), in eval mode on `device`, with `.history` and `.convergence`; an
+    architecture the package cannot build (a `ConfigError` of `model_from_spec`) is one naming the file."""
+    try: model = model_from_spec(ck['spec'], ck['model']).to(device).eval()
+    except ConfigError as e: raise ConfigError(f'{path}: {e}') from None
+    model.history = ck.get('history', [])
     model.convergence = _judged(model.history, ck.get('convergence'), rule_for(model))
     return model
 
@@ -188,7 +196,5 @@ def load_finished_phase(path, signature: dict, device) -> Optional[tuple]:
     ck = read_model_file(path, 'model file')
     _refuse_mismatch(path, ck.get('signature', {}), signature)
     log.info("%s exists: returning it without training", path)
-    model = model_from_spec(ck['spec'], ck['model']).to(device).eval()
-    model.history = ck.get('history', [])
-    model.convergence = _judged(model.history, ck.get('convergence'), rule_for(model))
+    model = _rebuild(path, ck, device)
     return model, model.history
